@@ -18,6 +18,7 @@ Usage:
   python benchmarks/train_step.py --host_devices 2,8    # sharded over 2 and 8
   python benchmarks/train_step.py --explore             # + XLA flag / dtype study
   python benchmarks/train_step.py --only jax-1dev,torch-channels_last
+  python benchmarks/train_step.py --ref 74a52ac       # + the same rows for an older revision
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Config:
   dtype: str = "float32"           # jax computation dtype
   donate: bool = True              # jax: donate the train state buffers
   memory_format: str = "nchw"      # torch: "nchw" | "channels_last"
+  repo: str = ""                   # jax: import jaxrobust from this checkout (--ref)
   note: str = ""
 
 
@@ -106,61 +108,101 @@ def explore_configs(n: int) -> list[Config]:
 # Worker side: builds one configuration and answers "RUN <steps>" on stdin.
 # ----------------------------------------------------------------------------
 
-def _jax_worker(cfg: Config, batch: int):
-  """Returns (run(steps) -> seconds, info dict)."""
+def _use_checkout(repo: str) -> None:
+  """Imports jaxrobust from ``repo`` (another revision) in this worker."""
+  for name in [m for m in sys.modules if m == "jaxrobust" or m.startswith("jaxrobust.")]:
+    del sys.modules[name]
+  sys.path.insert(0, repo)
+
+
+def _jaxrobust_step(cfg: Config, mesh):
+  """jaxrobust's own train step: the trainer's loss composition
+  (cross-entropy), optimizer (SGD Nesterov 0.9, L2 5e-4 before momentum, cosine
+  lr 0.1) and input handling (uint8 -> [0, 1] -> normalised inside the model;
+  no augmentation, as in the PyTorch rows). Returns (step, state, state
+  shardings, extra step arguments).
+
+  Revisions up to 74a52ac (before the method architecture) had another step
+  API; it is built here too so that ``--ref`` can time them side by side.
+  """
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  sys.path.insert(0, REPO)
   from jaxrobust import losses, optim
   from jaxrobust import sharding as sharding_lib
   from jaxrobust import train_state as state_lib
   from jaxrobust import train_step as step_lib
   from jaxrobust.config import base_config
-  from jaxrobust.data import augment
   from jaxrobust.models import get_model
+
+  model = get_model("wrn_40_2", num_classes=NUM_CLASSES, dtype=jnp.dtype(cfg.dtype))
+  config = base_config()
+  mean = std = (0.5, 0.5, 0.5)
+  schedule = optim.learning_rate_schedule(config.optimizer, 10_000, 390)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  if hasattr(state_lib, "ModuleState"):  # the current API
+    from jaxrobust.modules import Module
+    module = Module(name="classifier", model=model, num_classes=NUM_CLASSES,
+                    input_shape=(32, 32, 3), mean=mean, std=std, tx=tx, schedule=schedule)
+    spec = step_lib.StepSpec(
+        modules={"classifier": module}, streams={"train": step_lib.StreamStep("train")},
+        updates=[step_lib.Update("classifier", "classifier",
+                                 losses.build_loss(config.losses), ("train",))],
+        num_classes=NUM_CLASSES)
+    step = step_lib.make_train_step(spec)
+    abstract = state_lib.abstract_state({"classifier": module})
+    create = lambda r: state_lib.create_state({"classifier": module}, r)
+    extra = ({},)
+  else:  # 74a52ac and older
+    from jaxrobust.data import augment
+    preprocess = {"train": lambda im, r, train: augment.preprocess(
+        im, r, train=False, flip=False, crop_padding=0, mean=mean, std=std)}
+    step = step_lib.make_train_step(model, tx, losses.build_loss(config.losses),
+                                    num_classes=NUM_CLASSES, preprocess=preprocess,
+                                    learning_rate=schedule)
+    abstract = state_lib.abstract_state(model, tx, (1, 32, 32, 3))
+    create = functools.partial(state_lib.create_state, model, tx, input_shape=(1, 32, 32, 3))
+    extra = ()
+  state_sh = sharding_lib.tree_shardings(abstract, mesh, ((".*", "replicate"),))
+  state = jax.jit(create, out_shardings=state_sh)(jax.random.PRNGKey(0))
+  return step, state, state_sh, extra
+
+
+def _jax_worker(cfg: Config, batch: int):
+  """Returns (run(steps) -> seconds, info dict)."""
+  if cfg.repo:
+    _use_checkout(cfg.repo)
+  else:
+    sys.path.insert(0, REPO)
+  import jax
+  import numpy as np
+
+  from jaxrobust import sharding as sharding_lib
 
   if jax.device_count() < cfg.devices:
     raise RuntimeError(f"{cfg.name}: {jax.device_count()} devices, need {cfg.devices}")
   if batch % cfg.devices:
     raise ValueError(f"batch {batch} is not divisible by {cfg.devices} devices")
-  model = get_model("wrn_40_2", num_classes=NUM_CLASSES, dtype=jnp.dtype(cfg.dtype))
-  # jaxrobust's own step: the trainer's loss composition (cross-entropy),
-  # optimizer (SGD Nesterov 0.9, L2 5e-4 before momentum, cosine lr 0.1) and
-  # on-device preprocessing (uint8 -> normalised floats; no augmentation, as
-  # in the PyTorch rows).
-  config = base_config()
-  config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-  schedule = optim.learning_rate_schedule(config.optimizer, 10_000, 390)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-  preprocess = {"train": lambda im, r, train: augment.preprocess(
-      im, r, train=False, flip=False, crop_padding=0, mean=config.data.mean, std=config.data.std)}
-  step = step_lib.make_train_step(model, tx, losses.build_loss(config.losses),
-                                  num_classes=NUM_CLASSES, preprocess=preprocess,
-                                  learning_rate=schedule)
+  mesh = sharding_lib.make_mesh((("data", cfg.devices),), devices=jax.devices()[:cfg.devices])
+  step, state, state_sh, extra = _jaxrobust_step(cfg, mesh)
   rng = np.random.RandomState(0)
   batch_np = {"train": {"image": rng.randint(0, 256, (batch, 32, 32, 3)).astype(np.uint8),
                         "label": rng.randint(0, NUM_CLASSES, batch).astype(np.int32),
+                        "index": np.arange(batch, dtype=np.int32),
                         "mask": np.ones(batch, bool)}}
-  input_shape = (1, 32, 32, 3)
-  mesh = sharding_lib.make_mesh((("data", cfg.devices),), devices=jax.devices()[:cfg.devices])
-  abstract = state_lib.abstract_state(model, tx, input_shape)
-  state_sh = sharding_lib.tree_shardings(abstract, mesh, ((".*", "replicate"),))
+  if not extra:
+    del batch_np["train"]["index"]
   data_sh = sharding_lib.data_sharding(mesh, ("data",))
-  state = jax.jit(functools.partial(state_lib.create_state, model, tx, input_shape=input_shape),
-                  out_shardings=state_sh)(jax.random.PRNGKey(0))
+  replicated = sharding_lib.replicated(mesh)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   batch_arrays = jax.device_put(batch_np, data_sh)
-  root_rng = jax.device_put(np.asarray(jax.device_get(state.rng)), sharding_lib.replicated(mesh))
-  if cfg.donate:
-    step_fn = step_lib.jit_train_step(step, state_sh, data_sh, sharding_lib.replicated(mesh))
-  else:
-    step_fn = jax.jit(step, in_shardings=(state_sh, data_sh, sharding_lib.replicated(mesh)),
-                      out_shardings=(state_sh, sharding_lib.replicated(mesh)))
+  root_rng = jax.device_put(np.asarray(jax.device_get(state.rng)), replicated)
+  shardings = (state_sh, data_sh, replicated) + (replicated,) * len(extra)
+  step_fn = jax.jit(step, in_shardings=shardings, out_shardings=(state_sh, replicated),
+                    donate_argnums=(0,) if cfg.donate else ())
 
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch_arrays, root_rng).compile()
+  compiled = step_fn.lower(state, batch_arrays, root_rng, *extra).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -171,7 +213,7 @@ def _jax_worker(cfg: Config, batch: int):
   def run(steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
-      holder["state"], metrics = compiled(holder["state"], batch_arrays, root_rng)
+      holder["state"], metrics = compiled(holder["state"], batch_arrays, root_rng, *extra)
       # One step in flight, as in the trainer (XLA:CPU host-device collectives
       # deadlock when dozens of programs are queued).
       metrics["loss"].block_until_ready()
@@ -321,12 +363,6 @@ def torch_check_main() -> None:
   import torch
 
   sys.path.insert(0, REPO)
-  from jaxrobust import losses, optim
-  from jaxrobust import sharding as sharding_lib
-  from jaxrobust import train_state as state_lib
-  from jaxrobust import train_step as step_lib
-  from jaxrobust.config import base_config
-  from jaxrobust.data import augment
   from jaxrobust.models import get_model
 
   torch.set_num_threads(1)
@@ -481,6 +517,9 @@ def main() -> None:
   parser.add_argument("--only", default="", help="comma-separated config names to run")
   parser.add_argument("--no_check", action="store_true",
                       help="skip the Flax-vs-PyTorch numerical check")
+  parser.add_argument("--ref", default="",
+                      help="a git revision of jaxrobust whose jax rows are timed too, side by "
+                           "side (e.g. the commit before a refactor)")
   args = parser.parse_args()
   if args.worker:
     return worker_main(args.worker)
@@ -494,6 +533,11 @@ def main() -> None:
   if args.only:
     wanted = set(args.only.split(","))
     configs = [c for c in configs if c.name in wanted]
+  if args.ref:
+    checkout = _export(args.ref)
+    configs += [dataclasses.replace(c, name=f"{c.name}@{args.ref[:7]}", repo=checkout,
+                                    note=f"{c.note}; jaxrobust at {args.ref}")
+                for c in configs if c.framework == "jax"]
   have_torch = _has_module("torch")
   if not have_torch:
     print("torch is not installed (pip install 'jaxrobust[bench]'): PyTorch rows skipped.")
@@ -550,6 +594,15 @@ def _print_table(workers: list[Worker], batch: int) -> None:
     r_best = f"{batch / best / ref_best:.2f}x" if ref_best else "n/a"
     print(f"{w.cfg.name:26s} {batch / med:6.1f} {med:6.2f} {r_med:>7s} {batch / best:6.1f} "
           f"{r_best:>7s} {gflops:7.1f} {100 * gflops * 1e9 / peak:4.0f}%  {w.cfg.note}")
+
+
+def _export(ref: str) -> str:
+  """``git archive`` of revision ``ref`` into a temporary directory."""
+  import tempfile
+  out = tempfile.mkdtemp(prefix="jaxrobust-ref-")
+  archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True)
+  subprocess.run(["tar", "-x", "-C", out], input=archive.stdout, check=True)
+  return out
 
 
 def _has_module(name: str) -> bool:

@@ -6,7 +6,8 @@ A checkpoint of step ``s`` lives in ``<workdir>/checkpoints/<s>/`` with items
   restored straight into the run's shardings, so a run can resume on a
   different mesh),
 * ``data_<stream>`` -- each grain input iterator's position (per process),
-* ``meta`` -- JSON: model name, number of classes, dataset, parameter shapes.
+* ``meta`` -- JSON: dataset, and per module its model name, number of classes
+  and parameter shapes.
 
 Saves are asynchronous and atomic: orbax writes into a temporary directory and
 renames it when every item is committed, so a run killed at any moment leaves
@@ -16,6 +17,8 @@ this module small means moving to orbax's V1 API touches only this file.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Mapping
 
@@ -74,16 +77,24 @@ class Checkpointer:
     """Raises :class:`CheckpointMismatchError` naming what differs."""
     meta = self.read_meta(step)
     problems = []
-    for key in ("model", "num_classes"):
-      if key in meta and meta[key] != expected[key]:
-        problems.append(f"{key}: checkpoint has {meta[key]!r}, the config asks for {expected[key]!r}")
-    got, want = meta.get("param_shapes", {}), expected["param_shapes"]
-    for name in sorted(set(got) | set(want)):
-      if got.get(name) != want.get(name):
-        problems.append(f"param {name}: checkpoint {got.get(name)}, model {want.get(name)}")
-        if len(problems) > 8:
-          problems.append("...")
-          break
+    got_modules, want_modules = meta.get("modules", {}), expected["modules"]
+    if sorted(got_modules) != sorted(want_modules):
+      problems.append(f"modules: checkpoint has {sorted(got_modules)}, the config asks for "
+                      f"{sorted(want_modules)}")
+    for mod in sorted(set(got_modules) & set(want_modules)):
+      got, want = got_modules[mod], want_modules[mod]
+      for key in ("model", "num_classes"):
+        if got.get(key) != want[key]:
+          problems.append(f"{mod} {key}: checkpoint has {got.get(key)!r}, the config asks for "
+                          f"{want[key]!r}")
+      shapes_got, shapes_want = got.get("param_shapes", {}), want["param_shapes"]
+      for name in sorted(set(shapes_got) | set(shapes_want)):
+        if shapes_got.get(name) != shapes_want.get(name):
+          problems.append(f"{mod} param {name}: checkpoint {shapes_got.get(name)}, model "
+                          f"{shapes_want.get(name)}")
+          if len(problems) > 8:
+            problems.append("...")
+            break
     if problems:
       raise CheckpointMismatchError(
           f"the checkpoint at {self.directory}/{step} does not match this run:\n  "
@@ -97,35 +108,59 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **dict(data))
     return self.manager.restore(int(step), args=args)["state"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
 
 
-def load_pretrained(path: str, step: int = -1) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads ``(params, batch_stats)`` as host numpy arrays from a run's
-  checkpoint (``step=-1``: the latest), for fine-tuning."""
+def load_pretrained(path: str, step: int = -1, *, module: str = "classifier",
+                    where: str = "config.init_from") -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads ``(params, batch_stats)`` of ``module`` as host numpy arrays from a
+  run's checkpoint (``step=-1``: the latest), for fine-tuning. ``path`` is a
+  run's workdir or its ``checkpoints/`` directory."""
   directory = resolve_directory(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.init_from.path: no checkpoint directory at {path!r}.")
+    raise FileNotFoundError(f"{where}.path: no checkpoint directory at {path!r}.")
+  with _orbax_quiet():
+    return _load_module(directory, step, module, where)
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Hides orbax's warnings about the items a partial read leaves out (the
+  data iterators) and about opening a directory read-only."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _load_module(directory: str, step: int, module: str, where: str
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   steps = list(manager.all_steps())
   if not steps:
-    raise FileNotFoundError(f"config.init_from.path: no checkpoint in {directory!r}.")
+    raise FileNotFoundError(f"{where}.path: no checkpoint in {directory!r}.")
   if step < 0:
     step = max(steps)
   elif step not in steps:
-    raise FileNotFoundError(f"config.init_from.step={step}: not in {directory!r} (has {sorted(steps)}).")
+    raise FileNotFoundError(f"{where}.step={step}: not in {directory!r} (has {sorted(steps)}).")
   tree = manager.item_metadata(step)["state"].tree
-  wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+  modules = tree.get("modules", {})
+  if module not in modules:
+    manager.close()
+    raise CheckpointMismatchError(f"{where}: the checkpoint {directory}/{step} has no module "
+                                  f"{module!r} (it has {sorted(modules)}).")
+  wanted = {"modules": {module: {k: modules[module][k] for k in ("params", "batch_stats")
+                                 if k in modules[module]}}}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(wanted, restore_args=restore_args, partial_restore=True)))
   manager.close()
-  state = restored["state"]
+  state = restored["state"]["modules"][module]
   return state["params"], state.get("batch_stats", {})

@@ -3,9 +3,11 @@
 Every config file in ``configs/`` starts from :func:`base_config` and overrides
 fields; :func:`validate` then rejects any key the schema does not know (with a
 close-match suggestion), so a typo such as ``config.optimiser`` fails loudly
-instead of being silently ignored. Free-form sub-dicts (``model.kwargs`` and the
-kwargs of each loss term) are checked against the signatures of the functions
-they are passed to, when those are built.
+instead of being silently ignored, and checks values and cross-references
+(streams, modules, updates, constants) before anything is read or compiled.
+Free-form sub-dicts (``model.kwargs``, loss terms, streams, evaluators, stages)
+are checked against the stream schema and the signatures of the registered
+functions they name, when those are built (:mod:`jaxrobust.registry`).
 
 Config files define ``get_config(arg=None)``; ``arg`` is the string after ``:``
 on the command line (``--config configs/default.py:cifar10`` or
@@ -16,14 +18,19 @@ on the command line (``--config configs/default.py:cifar10`` or
 from __future__ import annotations
 
 import ast
-import difflib
 from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-# Sub-dicts whose keys are not fixed by the schema (validated elsewhere).
-FREE_FORM = ("model.kwargs", "losses", "streams", "eval.ood")
+from jaxrobust.data import streams
+from jaxrobust.registry import suggest
+
+# Sub-dicts whose keys are not fixed by the schema; each is checked where it
+# is built (streams against the stream schema, loss terms, evaluators and
+# stage tasks against their registered signatures).
+FREE_FORM = ("model.kwargs", "modules", "losses", "updates", "streams", "constants",
+             "evaluators", "stages")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,38 +38,45 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  # The task: the labelled dataset whose classes the classifier predicts, and
+  # how its images are read. Training inputs are streams (below).
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # tfds name; embedded sets are prepared offline
   c.data.data_dir = config_dict.placeholder(str)  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.train_split = "train"
-  c.data.eval_splits = ("validation", "test")
   c.data.num_classes = config_dict.placeholder(int)  # default: from the dataset
   c.data.image_size = 0  # > 0: resize shorter side + center crop (needed for varying sizes)
-  # Per-channel normalisation applied to pixels scaled to [0, 1]. (0.5, 0.5)
-  # maps to [-1, 1] as in Hendrycks et al. (2019).
+  # Per-channel normalisation of pixels in [0, 1], applied inside the model
+  # call. (0.5, 0.5) maps to [-1, 1] as in Hendrycks et al. (2019).
   c.data.mean = (0.5,)
   c.data.std = (0.5,)
-  c.data.worker_count = 0  # grain worker processes for the train stream
   c.data.cache = "auto"  # 'auto' | 'memory' | 'none': keep small splits in RAM
 
-  c.augment = ml_collections.ConfigDict()
-  c.augment.flip = False  # random horizontal flip (on for CIFAR, off for digits)
-  c.augment.crop_padding = 0  # random crop after zero padding by this many pixels
-
-  # Extra input streams (auxiliary outliers, unlabeled data) for the method
-  # issues: name -> ConfigDict(data=..., split=..., batch_size=..., ...).
+  # Training streams (jaxrobust.data.streams): name -> spec. `train` is the
+  # main stream; methods add more (auxiliary outliers, unlabelled data).
   c.streams = ml_collections.ConfigDict()
+  c.streams.train = ml_collections.ConfigDict(streams.stream_defaults())
 
+  # The default module, `classifier` (jaxrobust.modules).
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
   c.model.kwargs = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # computation dtype; params stay float32
+  c.model.trainable = ".*"  # regex over parameter paths that train ('head/.*': last layer)
+  c.model.freeze_bn = False  # True: eval-mode BatchNorm (running statistics kept) while training
+  # More modules: name -> {model: {name, kwargs, dtype, trainable, freeze_bn},
+  # optimizer: {overrides of config.optimizer}, input_shape, num_classes}.
+  c.modules = ml_collections.ConfigDict()
 
-  # Loss terms: key -> kwargs of the registered term (see jaxrobust.losses).
+  # Loss terms: key -> options of the registered term (jaxrobust.losses),
+  # plus weight / name / normalize_by.
   c.losses = ml_collections.ConfigDict()
   c.losses.cross_entropy = ml_collections.ConfigDict(
       {"weight": 1.0, "label_smoothing": 0.0,
        "class_weights": config_dict.placeholder(tuple)})
+  # Updates of one step: name -> {module, losses (keys), streams, after}; an
+  # update runs after those named in its `after`. Empty: one update of the
+  # classifier on every loss term and stream.
+  c.updates = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # sgd | adam | adamw | rmsprop
@@ -81,13 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.step_factor = 0.1
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
 
-  c.batch_size = 128  # global, over all processes and devices
   c.eval_batch_size = 256
-  c.num_epochs = 10.0
+  c.num_epochs = 10.0  # epochs of the `train` stream
   c.num_steps = -1  # > 0 overrides num_epochs
 
   c.log_every_steps = 50
-  c.eval_every_steps = -1  # <= 0: only at the end
+  c.eval_every_steps = -1  # <= 0: only at the end (default of every evaluator)
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
@@ -100,21 +113,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_axes = ("data",)
   c.sharding_rules = ((".*", "replicate"),)
 
-  # Fine-tuning: load params (and batch stats) from a pre-trained run.
+  # Fine-tuning: load the classifier's params (and batch stats) from a run.
   c.init_from = ml_collections.ConfigDict()
-  c.init_from.path = ""  # workdir or checkpoint directory of the source run
+  c.init_from.path = ""  # workdir, checkpoint directory, or 'artifact:<stage>/checkpoint'
   c.init_from.step = -1  # -1: latest
   c.init_from.reset_head = "auto"  # 'auto' (when shapes differ) | 'always' | 'never'
+  c.init_from.skip = ""  # regex: parameters left freshly initialised (e.g. a projection head)
   c.init_from.load_batch_stats = True
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.calibration_bin_size = 100  # Hendrycks adaptive bins
-  c.eval.ece_bins = 15
-  c.eval.ood = ml_collections.ConfigDict()  # name -> dataset[/config]:split
-  c.eval.ood_preset = "hendrycks"  # hendrycks | energy | openood | lee (jaxrobust.metrics.ood)
-  c.eval.ood_fraction = 0.0  # > 0: OOD examples per draw = fraction x in-dist. count (HPT: 0.2)
-  c.eval.ood_draws = 1  # draws averaged when ood_fraction > 0 (HPT: 5, energy paper: 10)
-  c.eval.plots = True
+  # Arrays from earlier stages for loss terms: name -> 'artifact:<stage>/<name>[:key]'.
+  c.constants = ml_collections.ConfigDict()
+
+  # Evaluators (jaxrobust.evaluators): key -> {type, every_steps, module, options}.
+  c.evaluators = ml_collections.ConfigDict()
+  c.evaluators.classification = ml_collections.ConfigDict(
+      {"type": "classification", "splits": ("validation", "test"),
+       "calibration_bin_size": 100, "ece_bins": 15})
+  c.evaluators.ood = ml_collections.ConfigDict(
+      {"type": "ood", "sets": ml_collections.ConfigDict(), "scores": ("msp", "energy"),
+       "split": "test", "preset": "hendrycks", "fraction": 0.2, "draws": 5})
+  c.plots = True
+
+  # A recipe: stage name -> {task, config (overrides of this config), after,
+  # options}, run in <workdir>/<stage> after the stages it takes artifacts from
+  # or names in `after` (jaxrobust.stages). Empty: one training run.
+  c.stages = ml_collections.ConfigDict()
 
   c.progress_bar = True
   return c
@@ -146,7 +169,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     if key not in defaults:
       raise ValueError(
           f"unknown config arg {key!r}; known: {sorted(defaults)}"
-          + _suggest(key, defaults))
+          + suggest(key, defaults))
     try:
       parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -157,12 +180,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
-def _suggest(key: str, choices) -> str:
-  close = difflib.get_close_matches(key, list(choices), n=3)
-  return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'optimizer.learning_rate': 0.1, ...}; free-form sub-dicts stay whole."""
   out = {}
   for k, v in d.items():
     path = f"{prefix}{k}"
@@ -175,20 +194,76 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _keys(d: Any) -> list[str]:
+  return list(d.keys()) if hasattr(d, "keys") else []
+
+
+def _check_keys(d: Any, allowed: Any, where: str) -> None:
+  if not hasattr(d, "keys"):
+    raise ValueError(f"{where} must be a mapping, got {d!r}.")
+  bad = [k for k in d.keys() if k not in allowed]
+  if bad:
+    raise ValueError(f"{where} has unknown key(s) {bad}{suggest(bad[0], allowed)}; known: "
+                     f"{', '.join(allowed)}.")
+
+
+MODULE_KEYS = ("model", "optimizer", "input_shape", "num_classes", "init_from")
+UPDATE_KEYS = ("module", "losses", "streams", "after")
+
+
+def order(entries: Mapping[str, Any], where: str, *,
+          implicit: Mapping[str, Any] | None = None, total: bool = False) -> list[str]:
+  """The names of ``entries`` (updates, stages) in dependency order.
+
+  ``ConfigDict`` sorts its keys, so order is never taken from how a config
+  lists them: an entry runs after the names in its ``after`` tuple (and, for
+  stages, after every stage it takes an artifact from: ``implicit``). Ties are
+  broken by name. With ``total=True`` (the updates of one step) the order
+  must be fully determined: any two entries must be ordered by ``after``.
+  """
+  names = list(entries.keys())
+  deps = {}
+  for n in names:
+    after = entries[n].get("after", ()) if hasattr(entries[n], "get") else ()
+    after = (after,) if isinstance(after, str) else tuple(after or ())
+    for a in after:
+      if a not in names:
+        raise ValueError(f"{where}.{n}.after: no {a!r}{suggest(a, names)}; "
+                         f"known: {', '.join(names)}.")
+    deps[n] = set(after) | set((implicit or {}).get(n, ()))
+  out: list[str] = []
+  while len(out) < len(names):
+    ready = sorted(n for n in names if n not in out and deps[n] <= set(out))
+    if not ready:
+      cycle = sorted(n for n in names if n not in out)
+      raise ValueError(f"{where}: {', '.join(cycle)} depend on each other (a cycle in 'after' "
+                       "or artifact references).")
+    if total and len(ready) > 1:
+      raise ValueError(
+          f"{where}: the order of {', '.join(repr(r) for r in ready)} is not determined "
+          f"(config dicts are unordered); set e.g. {where}.{ready[1]}.after=({ready[0]!r},).")
+    out.append(ready[0])
+  return out
+
+
+def module_names(config: ml_collections.ConfigDict) -> list[str]:
+  return ["classifier"] + _keys(config.modules)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on keys the schema does not know and on bad values."""
-  known = _flatten(base_config())
+  """Raises ValueError on keys the schema does not know and on bad values,
+  naming the config key; nothing is compiled or read before this passes."""
+  base = base_config()
+  known = _flatten(base)
   given = _flatten(config)
-  unknown = [k for k in given if k not in known
-             and not any(k.startswith(f + ".") for f in FREE_FORM)]
+  unknown = [k for k in given if k not in known]
   if unknown:
-    lines = [f"  {k}{_suggest(k, known)}" for k in sorted(unknown)]
+    lines = [f"  {k}{suggest(k, known)}" for k in sorted(unknown)]
     raise ValueError("unknown config key(s):\n" + "\n".join(lines))
   if config.parallelism not in ("jit", "pmap"):
     raise ValueError(f"config.parallelism must be 'jit' or 'pmap', got {config.parallelism!r}.")
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] <= 0:
-      raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  if config.eval_batch_size <= 0:
+    raise ValueError(f"config.eval_batch_size must be positive, got {config.eval_batch_size}.")
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_steps > 0.")
   if len(config.data.mean) != len(config.data.std):
@@ -203,14 +278,84 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{config.init_from.reset_head!r}.")
   if config.data.cache not in ("auto", "memory", "none"):
     raise ValueError(f"config.data.cache must be 'auto', 'memory' or 'none', got {config.data.cache!r}.")
+  _check_optimizer(config.optimizer, "config.optimizer")
+  _check_streams(config)
+  _check_modules_and_updates(config)
+  for key, value in config.constants.items():
+    if not (isinstance(value, str) and value.startswith("artifact:")):
+      raise ValueError(f"config.constants.{key}={value!r}: constants are artifact references "
+                       "'artifact:<stage>/<name>[:<key>]'.")
+  for key, ev in config.evaluators.items():
+    if not hasattr(ev, "keys") or "type" not in ev:
+      raise ValueError(f"config.evaluators.{key} needs a 'type' (classification, ood, "
+                       "robust, ...).")
+
+
+def _check_optimizer(opt: Any, where: str) -> None:
+  if opt.learning_rate < 0:
+    raise ValueError(f"{where}.learning_rate must be >= 0, got {opt.learning_rate}.")
+  if opt.weight_decay < 0:
+    raise ValueError(f"{where}.weight_decay must be >= 0, got {opt.weight_decay}.")
+
+
+def _check_streams(config: ml_collections.ConfigDict) -> None:
+  defaults = streams.stream_defaults()
+  if "train" not in config.streams:
+    raise ValueError("config.streams.train (the main training stream) is missing.")
   for name, stream in config.streams.items():
-    if name == "train":
-      raise ValueError("config.streams may not be named 'train' (that is the main stream).")
-    missing = {"data", "split", "batch_size"} - set(stream.keys())
-    if missing:
-      raise ValueError(f"config.streams.{name} lacks {sorted(missing)}.")
-    extra = set(stream.keys()) - {"data", "split", "batch_size", "through_model", "augment"}
-    if extra:
-      raise ValueError(
-          f"config.streams.{name} has unknown key(s) {sorted(extra)}; known: data, split, "
-          "batch_size, through_model, augment.")
+    where = f"config.streams.{name}"
+    _check_keys(stream, list(defaults), where)
+    if stream.get("batch_size", defaults["batch_size"]) <= 0:
+      raise ValueError(f"{where}.batch_size must be positive, got {stream['batch_size']}.")
+    if stream.get("views", 1) < 1:
+      raise ValueError(f"{where}.views must be >= 1, got {stream['views']}.")
+    if name != "train" and not stream.get("data"):
+      raise ValueError(f"{where}.data: name the dataset of this stream.")
+
+
+def _check_modules_and_updates(config: ml_collections.ConfigDict) -> None:
+  base = base_config()
+  for name, m in config.modules.items():
+    where = f"config.modules.{name}"
+    if name == "classifier":
+      raise ValueError(f"{where}: 'classifier' is the default module (config.model); give "
+                       "extra modules other names.")
+    _check_keys(m, MODULE_KEYS, where)
+    if "model" not in m:
+      raise ValueError(f"{where}.model is missing (model=dict(name=..., kwargs=...)).")
+    _check_keys(m["model"], [k for k in base.model.keys()], f"{where}.model")
+    if "optimizer" in m:
+      _check_keys(m["optimizer"], list(base.optimizer.keys()), f"{where}.optimizer")
+  modules = module_names(config)
+  losses = _keys(config.losses)
+  stream_names = _keys(config.streams)
+  used = set()
+  for name, u in config.updates.items():
+    where = f"config.updates.{name}"
+    _check_keys(u, UPDATE_KEYS, where)
+    module = u.get("module", "classifier")
+    if module not in modules:
+      raise ValueError(f"{where}.module={module!r}: no such module{suggest(module, modules)}; "
+                       f"modules: {', '.join(modules)} (add one in config.modules).")
+    for key in u.get("losses", ()):
+      if key not in losses:
+        raise ValueError(f"{where}.losses: {key!r} is not a loss term of config.losses"
+                         f"{suggest(key, losses)} ({', '.join(losses)}).")
+      used.add(key)
+    for s in u.get("streams", ()):
+      if s not in stream_names:
+        raise ValueError(f"{where}.streams: no stream {s!r}{suggest(s, stream_names)}; "
+                         f"streams: {', '.join(stream_names)}.")
+  if len(config.updates):
+    order(config.updates, "config.updates", total=True)
+    unused = [k for k in losses if k not in used]
+    if unused:
+      raise ValueError(f"config.losses {unused} are not used by any of config.updates "
+                       f"({', '.join(config.updates.keys())}).")
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Flat ``{'optimizer.learning_rate': 0.1, ...}`` for TensorBoard hparams
+  (free-form sub-dicts as one JSON-ish string each)."""
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(
+      v.to_dict() if hasattr(v, "to_dict") else v) for k, v in _flatten(config).items()}

@@ -170,3 +170,29 @@ def reliability_diagram(confidences, correct, *, num_bins: int = 15, mask=None,
   bottom.set_xlabel("Confidence")
   bottom.set_ylabel("Count")
   return _finish(fig, path)
+
+
+def ood_summary(in_scores, out_scores: "dict[str, np.ndarray]", *, score: str = "score",
+                in_label: str = "in-distribution", positive: str = "out", bins: int = 50,
+                path: Optional[str] = None, title: Optional[str] = None):
+  """One figure per OOD score: the ROC curves of every OOD set (left) and,
+  for each set, the in- vs out-of-distribution score histograms.
+
+  ``score`` names the score on the axes (higher = more in-distribution);
+  ``positive`` is the class counted as positive in the ROC curves.
+  """
+  from matplotlib.figure import Figure
+  sets = list(out_scores)
+  if not sets:
+    raise ValueError("out_scores is empty: no OOD set to plot.")
+  cols = 1 + len(sets)
+  fig = Figure(figsize=(3.6 * cols, 3.6), layout="constrained")
+  axes = fig.subplots(1, cols, squeeze=False)[0]
+  for name in sets:
+    roc_curve_plot(in_scores, out_scores[name], positive=positive, label=name, ax=axes[0],
+                   title=f"ROC ({positive}-distribution positive)")
+  for ax, name in zip(axes[1:], sets):
+    score_histograms(in_scores, out_scores[name], bins=bins, labels=(in_label, name),
+                     xlabel=f"{score} (higher = in-dist.)", ax=ax, title=f"{score}: {name}")
+  fig.suptitle(title if title is not None else f"OOD detection by {score}")
+  return _finish(fig, path)

@@ -5,12 +5,15 @@ ImageNet by replacing its classifier with a fresh ``Linear(features, K)`` and
 training all layers. Every jaxrobust model names its classifier ``head``, so
 the rule is: copy every parameter whose path and shape match; the ``head``
 subtree keeps its fresh initialisation when its shapes differ (new number of
-classes) or when ``reset_head='always'``. Any other difference is an error that
-names the parameter, never a silent partial load.
+classes) or when ``reset_head='always'``. Parameters matching ``skip`` (a
+regex over the full '/'-joined path, e.g. a SimCLR projection head) also keep
+their fresh values. Any other difference is an error that names the parameter,
+never a silent partial load.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -31,10 +34,11 @@ def _is_head(path: str) -> bool:
 
 
 def merge_pretrained(params: Any, batch_stats: Any, src_params: Any, src_stats: Any,
-                     *, reset_head: str = "auto", load_batch_stats: bool = True
-                     ) -> tuple[Any, Any, list[str]]:
+                     *, reset_head: str = "auto", load_batch_stats: bool = True,
+                     skip: str = "") -> tuple[Any, Any, list[str]]:
   """Returns ``(params, batch_stats, reset)``: the model's fresh variables with
-  the pre-trained values copied in, and the list of head paths left fresh."""
+  the pre-trained values copied in, and the list of paths left fresh."""
+  skipped = re.compile(skip).fullmatch if skip else (lambda p: False)
   new, src = _flat(params), _flat(src_params)
   head_shapes_differ = any(
       _is_head(p) and (p not in src or np.shape(src[p]) != np.shape(v)) for p, v in new.items())
@@ -46,7 +50,7 @@ def merge_pretrained(params: Any, batch_stats: Any, src_params: Any, src_stats: 
                     for p in new if _is_head(p)))
   problems, reset = [], []
   for path, value in new.items():
-    if _is_head(path) and fresh_head:
+    if (_is_head(path) and fresh_head) or skipped(path):
       reset.append(path)
       continue
     if path not in src:
@@ -55,7 +59,8 @@ def merge_pretrained(params: Any, batch_stats: Any, src_params: Any, src_stats: 
       problems.append(f"{path}: checkpoint {np.shape(src[path])}, model {np.shape(value)}")
     else:
       new[path] = jnp.asarray(src[path], dtype=value.dtype)
-  extra = [p for p in src if p not in new and not (_is_head(p) and fresh_head)]
+  extra = [p for p in src if p not in new and not (_is_head(p) and fresh_head)
+           and not skipped(p)]
   problems += [f"{p}: in the checkpoint but not in the model" for p in extra]
   if problems:
     raise CheckpointMismatchError(
@@ -65,7 +70,7 @@ def merge_pretrained(params: Any, batch_stats: Any, src_params: Any, src_stats: 
   if load_batch_stats and stats:
     src_s = _flat(src_stats)
     for path, value in stats.items():
-      if _is_head(path) and fresh_head:
+      if (_is_head(path) and fresh_head) or skipped(path):
         continue
       if path not in src_s or np.shape(src_s[path]) != np.shape(value):
         raise CheckpointMismatchError(

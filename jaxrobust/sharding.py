@@ -18,13 +18,14 @@ Rules (the first regex that matches the full path with ``re.search`` wins):
 
 from __future__ import annotations
 
-import ast
 import re
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrobust.registry import Registry
 
 
 def make_mesh(spec: Sequence[tuple[str, int]],
@@ -66,6 +67,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # --- rules ------------------------------------------------------------------
 
+RULES = Registry("sharding rule")
+
+
 def _replicate(shape: tuple[int, ...], mesh: Mesh) -> P:
   del shape, mesh
   return P()
@@ -86,23 +90,14 @@ def _fsdp(shape: tuple[int, ...], mesh: Mesh, axis: str = "data",
   return P()
 
 
-RULES: dict[str, Callable[..., P]] = {"replicate": _replicate, "fsdp": _fsdp}
+RULES.register("replicate")(_replicate)
+RULES.register("fsdp")(_fsdp)
 
 
 def parse_rule(rule: str) -> Callable[[tuple[int, ...], Mesh], P]:
   """``"fsdp(axis='data', min_size=1024)"`` -> a function (shape, mesh) -> spec."""
-  node = ast.parse(rule.strip(), mode="eval").body
-  if isinstance(node, ast.Name):
-    name, kwargs = node.id, {}
-  elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
-    name = node.func.id
-    kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-  else:
-    raise ValueError(f"sharding rule {rule!r} is not of the form name or name(key=value, ...).")
-  if name not in RULES:
-    raise ValueError(f"unknown sharding rule {name!r}; known: {sorted(RULES)}.")
-  fn = RULES[name]
-  return lambda shape, mesh: fn(tuple(shape), mesh, **kwargs)
+  fn = RULES.build(rule, where="config.sharding_rules", runtime=("shape", "mesh"))
+  return lambda shape, mesh: fn(tuple(shape), mesh)
 
 
 def path_str(path) -> str:

@@ -1,53 +1,69 @@
-"""The train state: a plain pytree, created directly sharded.
+"""The train state: a plain pytree of named modules, created directly sharded.
 
-``TrainState`` holds only arrays (step, params, batch stats, optax state, the
-run's root rng key), so orbax saves and restores it as is and the sharding rules
-apply to every leaf by path. The model and the optax transformation are not part
-of it: the step function closes over them.
+``TrainState`` holds only arrays -- the step, one :class:`ModuleState` (params,
+batch stats, optax state) per module, and the run's root rng key -- so orbax
+saves and restores it as is and the sharding rules apply to every leaf by path
+(``modules/classifier/params/conv1/kernel``,
+``modules/classifier/opt_state/.../conv1/kernel``). The flax models and optax
+transformations are not part of it: they live in
+:class:`jaxrobust.modules.Module` and the step closes over them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+
+from jaxrobust.modules import CLASSIFIER, Module
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
-class TrainState:
-  step: Array  # int32 scalar: number of updates applied
+class ModuleState:
   params: Any
   batch_stats: Any
   opt_state: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar: number of steps applied
+  modules: dict[str, ModuleState]
   rng: Array  # root key (uint32[2]); each step uses fold_in(rng, step)
 
+  @property
+  def classifier(self) -> ModuleState:
+    return self.modules[CLASSIFIER]
 
-def init_variables(model: nn.Module, rng: Array, input_shape: tuple[int, ...]
-                   ) -> tuple[Any, Any]:
-  """(params, batch_stats) of ``model`` for inputs of ``input_shape`` (B, H, W, C)."""
-  params_rng, dropout_rng = jax.random.split(rng)
-  variables = model.init({"params": params_rng, "dropout": dropout_rng},
-                         jnp.zeros(input_shape, jnp.float32), train=False)
-  return variables["params"], variables.get("batch_stats", {})
+  @property
+  def params(self) -> Any:
+    """The classifier's parameters (the default module)."""
+    return self.classifier.params
+
+  @property
+  def batch_stats(self) -> Any:
+    return self.classifier.batch_stats
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
-                 input_shape: tuple[int, ...]) -> TrainState:
-  """A fresh state: initial parameters, zero optimizer state, step 0."""
+def create_state(modules: Mapping[str, Module], rng: Array) -> TrainState:
+  """A fresh state: initial parameters, zero optimizer states, step 0."""
   init_rng, run_rng = jax.random.split(rng)
-  params, batch_stats = init_variables(model, init_rng, input_shape)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(params), rng=run_rng)
+  states = {}
+  for name, m in modules.items():
+    params, batch_stats = m.init(m.init_rng(init_rng))
+    states[name] = ModuleState(params=params, batch_stats=batch_stats,
+                               opt_state=m.tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), modules=states, rng=run_rng)
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
-                   input_shape: tuple[int, ...]) -> TrainState:
+def abstract_state(modules: Mapping[str, Module]) -> TrainState:
   """Shapes and dtypes of the state, without computing anything."""
-  return jax.eval_shape(lambda r: create_state(model, tx, r, input_shape),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda r: create_state(modules, r), jax.random.PRNGKey(0))

@@ -1,108 +1,192 @@
-"""The one train step and eval step, as pure functions, and their compiled forms.
+"""The one train step, as a pure function, and its compiled forms.
 
-``train_step(state, batch, rng) -> (state, metrics)`` is pure: the step's
-randomness is ``fold_in(rng, state.step)``, so a resumed run repeats the same
-augmentations and dropout masks. ``batch`` maps stream names to
-``{'image', 'label', 'mask'}``; the streams listed in ``model_streams`` go
-through the model in ONE forward pass (concatenated, so BatchNorm sees them
-together as in the outlier-exposure code), and the composed loss
-(:mod:`jaxrobust.losses`) reads their logits and features.
+``train_step(state, batch, rng, constants) -> (state, metrics)`` is pure: the
+step's randomness is ``fold_in(rng, state.step)``, so a resumed run repeats the
+same augmentations, perturbations and dropout masks. ``batch`` maps stream
+names to ``{'image' uint8, 'label', 'mask', 'index', ...}``; ``constants`` maps
+names to arrays from earlier stages.
+
+One step does, in order:
+
+1. **pp** -- each stream's images go to ``[0, 1]`` and through its pp chain
+   (``views`` times with independent keys for multi-view streams);
+2. for each **update** of ``config.updates``, in order (default: one update of
+   the ``classifier`` on every loss term):
+
+   a. **perturb** -- streams with a ``perturb`` hook are perturbed with the
+      update module's *current* variables (BatchNorm in train mode, its
+      statistics updates discarded), gradients stopped;
+   b. **forward** -- ONE pass of the module over its streams, concatenated, so
+      BatchNorm sees them together (as the OE/energy code does);
+   c. **loss** -- the update's composed loss terms (:mod:`jaxrobust.losses`)
+      read the outputs; ``value_and_grad`` w.r.t. the module's *trainable*
+      parameters only;
+   d. **apply** -- the module's optax transformation; later updates of the
+      same step see the new parameters (a GAN's generator update sees the
+      discriminator just updated).
 
 Two compiled forms, held equal by tests:
 
 * :func:`jit_train_step` -- the engine: global-view ``jax.jit`` with
-  NamedSharding over the mesh (pjit). Data-parallel, FSDP, or any mix is the
-  sharding of the state and batch, not a code path; BatchNorm statistics are
-  global batch statistics automatically.
-* :func:`pmap_train_step` -- ``jax.pmap`` over local devices with
-  ``pmean`` of gradients and metrics; the model must be built with
-  ``bn_axis_name='batch'`` so BatchNorm averages statistics across devices.
-  Each device folds its index into the rng, so with augmentation or dropout on,
-  pmap draws different random numbers than the jit step (both are correct).
+  NamedSharding over the mesh. Data-parallel, FSDP, or any mix is the sharding
+  of the state and batch, not a code path; BatchNorm statistics are global
+  batch statistics automatically.
+* :func:`pmap_train_step` -- ``jax.pmap`` over local devices with ``pmean`` of
+  gradients and metrics; models are built with ``bn_axis_name='batch'``. Each
+  device folds its index into the rng, so with augmentation or dropout on,
+  pmap draws different random numbers than the jit step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from jaxrobust.losses import LossInputs
-from jaxrobust.train_state import TrainState
+from jaxrobust import attacks
+from jaxrobust import losses as losses_lib
+from jaxrobust.data import pp as pp_lib
+from jaxrobust.modules import Module, split_trainable, unflat
+from jaxrobust.train_state import ModuleState, TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Mapping[str, Array]]
-Preprocess = Callable[[Array, Array | None, bool], Array]  # (uint8 images, rng, train)
 
 
-def forward(model: nn.Module, variables: Mapping[str, Any], images: Array, *,
-            train: bool, rng: Array | None = None
-            ) -> tuple[Array, Array, Any]:
-  """(logits float32, features, new batch stats or None)."""
-  rngs = {"dropout": rng} if (train and rng is not None) else None
-  if train:
-    (logits, features), mutated = model.apply(
-        variables, images, train=True, return_features=True,
-        mutable=["batch_stats"], rngs=rngs)
-    new_stats = mutated.get("batch_stats", {})
-  else:
-    logits, features = model.apply(variables, images, train=False, return_features=True)
-    new_stats = None
-  return logits.astype(jnp.float32), features, new_stats
+@dataclasses.dataclass(frozen=True)
+class StreamStep:
+  """How the step treats one stream."""
+  name: str
+  pp: pp_lib.Chain | None = None
+  views: int = 1
+  perturb: Callable[[attacks.PerturbContext], Array] | None = None
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_fn: Callable[[LossInputs], tuple[Array, dict]],
-                    *, num_classes: int, preprocess: Mapping[str, Preprocess],
-                    model_streams: Sequence[str] = ("train",),
-                    learning_rate: optax.Schedule | None = None,
-                    axis_name: str | None = None
-                    ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
+@dataclasses.dataclass(frozen=True)
+class Update:
+  """One optimizer update inside the step."""
+  name: str
+  module: str
+  loss_fn: losses_lib.LossFn
+  streams: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything the pure step closes over."""
+  modules: Mapping[str, Module]
+  streams: Mapping[str, StreamStep]
+  updates: Sequence[Update]
+  num_classes: int
+
+
+def images01(spec: StepSpec, batch: Batch, rng: Array) -> dict[str, Array]:
+  """Each stream's images in ``[0, 1]`` after its pp chain (views stacked
+  view-major along the batch axis)."""
+  out = {}
+  for i, (name, s) in enumerate(sorted(spec.streams.items())):
+    x = pp_lib.to_unit_range(batch[name]["image"])
+    key = jax.random.fold_in(rng, i)
+    views = [s.pp(jax.random.fold_in(key, v), x) if s.pp is not None else x
+             for v in range(s.views)]
+    out[name] = jnp.concatenate(views) if len(views) > 1 else views[0]
+  return out
+
+
+def _repeat(x: Array, views: int) -> Array:
+  return jnp.concatenate([x] * views) if views > 1 else x
+
+
+def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, params: Any,
+            rng: Array) -> Callable[..., Mapping[str, Array]]:
+  def call(name: str, x: Array, *, train: bool = False) -> Mapping[str, Array]:
+    if name not in spec.modules:
+      raise KeyError(f"no module {name!r}; modules: {sorted(spec.modules)}.")
+    m, ms = spec.modules[name], modules[name]
+    variables = ({"params": params, "batch_stats": ms.batch_stats} if name == trained
+                 else jax.lax.stop_gradient(ms.variables))
+    logits, features, _ = m.apply(variables, x, train=train, rng=rng, update_stats=False)
+    return {"logits": logits, "features": features}
+  return call
+
+
+def make_train_step(spec: StepSpec, *, axis_name: str | None = None
+                    ) -> Callable[[TrainState, Batch, Array, Mapping[str, Array]],
+                                  tuple[TrainState, dict[str, Array]]]:
   """Builds the pure step. ``axis_name`` is set only for the pmap form."""
-  model_streams = tuple(model_streams)
+  stream_index = {n: i for i, n in enumerate(sorted(spec.streams))}
+  prefix = len(spec.updates) > 1
 
-  def train_step(state: TrainState, batch: Batch, rng: Array
+  def train_step(state: TrainState, batch: Batch, rng: Array,
+                 constants: Mapping[str, Array] | None = None
                  ) -> tuple[TrainState, dict[str, Array]]:
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    aug_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
-    images = [preprocess[s](batch[s]["image"], jax.random.fold_in(aug_rng, i), True)
-              for i, s in enumerate(model_streams)]
-    sizes = [x.shape[0] for x in images]
-    x = jnp.concatenate(images) if len(images) > 1 else images[0]
+    pp_rng, perturb_rng, dropout_rng, loss_rng = jax.random.split(rng, 4)
+    x01 = images01(spec, batch, pp_rng)
+    modules = dict(state.modules)
+    metrics: dict[str, Array] = {}
+    for u_i, u in enumerate(spec.updates):
+      m, ms = spec.modules[u.module], modules[u.module]
+      fed = dict(x01)
+      for s in u.streams:
+        st = spec.streams[s]
+        if st.perturb is None:
+          continue
+        b = batch[s]
+        ctx = attacks.PerturbContext(
+            logits_fn=m.logits_fn(ms.variables, train=True), x=x01[s],
+            labels=_repeat(b["label"], st.views), mask=_repeat(b["mask"], st.views),
+            rng=jax.random.fold_in(jax.random.fold_in(perturb_rng, u_i), stream_index[s]),
+            num_classes=m.num_classes, batch=b)
+        fed[s] = jax.lax.stop_gradient(st.perturb(ctx))
+      sizes = [fed[s].shape[0] for s in u.streams]
+      x = (jnp.concatenate([fed[s] for s in u.streams]) if len(u.streams) > 1
+           else fed[u.streams[0]] if u.streams else None)
+      trainable, frozen = split_trainable(ms.params, m.trainable)
+      u_dropout = jax.random.fold_in(dropout_rng, u_i)
 
-    def loss_of(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      logits, features, new_stats = forward(model, variables, x, train=True, rng=dropout_rng)
-      outputs, start = {}, 0
-      for s, n in zip(model_streams, sizes):
-        outputs[s] = {"logits": logits[start:start + n], "features": features[start:start + n]}
-        start += n
-      inputs = LossInputs(outputs=outputs, batch=batch, num_classes=num_classes,
-                          params=params, rng=loss_rng, step=state.step)
-      total, metrics = loss_fn(inputs)
-      return total, (metrics, new_stats)
+      def loss_of(train_params, m=m, ms=ms, u=u, x=x, sizes=sizes, frozen=frozen,
+                  u_dropout=u_dropout, u_i=u_i, fed=fed):
+        params = unflat({**frozen, **train_params})
+        outputs, new_stats = {}, None
+        if x is not None:
+          logits, features, new_stats = m.apply(
+              {"params": params, "batch_stats": ms.batch_stats}, x, train=True, rng=u_dropout)
+          start = 0
+          for s, n in zip(u.streams, sizes):
+            outputs[s] = {"logits": logits[start:start + n], "features": features[start:start + n]}
+            start += n
+        inputs = losses_lib.LossInputs(
+            outputs=losses_lib._Outputs(outputs, u.module, u.streams), batch=batch,
+            num_classes=m.num_classes, params=params,
+            rng=jax.random.fold_in(loss_rng, u_i), step=state.step, images=fed,
+            constants=dict(constants or {}), module=u.module,
+            call=_caller(spec, modules, u.module, params, u_dropout),
+            views={s: st.views for s, st in spec.streams.items()})
+        total, terms = u.loss_fn(inputs)
+        return total, (terms, new_stats)
 
-    (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.pmean(metrics, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    if learning_rate is not None:
-      metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=new_stats if new_stats is not None else state.batch_stats,
-                              opt_state=opt_state)
-    return new_state, metrics
+      (_, (u_metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+      u_metrics = dict(u_metrics)
+      if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        u_metrics = jax.lax.pmean(u_metrics, axis_name)
+      u_metrics["grad_norm"] = optax.tree.norm(grads)
+      u_metrics["learning_rate"] = jnp.asarray(m.schedule(state.step), jnp.float32)
+      full_grads = unflat({**{p: jnp.zeros_like(v) for p, v in frozen.items()}, **grads})
+      updates, opt_state = m.tx.update(full_grads, ms.opt_state, ms.params)
+      modules[u.module] = ModuleState(
+          params=optax.apply_updates(ms.params, updates),
+          batch_stats=new_stats if new_stats else ms.batch_stats, opt_state=opt_state)
+      metrics.update({f"{u.name}/{k}" if prefix else k: v for k, v in u_metrics.items()})
+    return state.replace(step=state.step + 1, modules=modules), metrics
 
   return train_step
 
@@ -110,13 +194,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: NamedSharding,
                    replicated: NamedSharding) -> Callable:
   """Global-view compiled step; the state is donated (updated in place)."""
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated),
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated, replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def pmap_train_step(step: Callable) -> Callable:
   """Per-device compiled step over local devices (state replicated on axis 0)."""
-  return jax.pmap(step, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
+  return jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None), donate_argnums=(0,))
 
 
 def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device]) -> Any:
@@ -132,26 +216,3 @@ def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device]) -> Any:
 def unreplicate(tree: Any) -> Any:
   """The first device's copy of a pmap-replicated pytree."""
   return jax.tree.map(lambda x: x[0], tree)
-
-
-def make_eval_step(model: nn.Module, preprocess: Preprocess
-                   ) -> Callable[[Any, Any, Mapping[str, Array]], dict[str, Array]]:
-  """``(params, batch_stats, batch) -> per-example outputs`` (eval mode).
-
-  Returns logits (float32), the label, the mask, and per-example NLL and
-  correctness (zero where masked) so sums over batches are exact.
-  """
-
-  def eval_step(params, batch_stats, batch):
-    x = preprocess(batch["image"], None, False)
-    logits, _, _ = forward(model, {"params": params, "batch_stats": batch_stats}, x, train=False)
-    labels = batch["label"]
-    mask = batch["mask"]
-    safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, -1) == labels)
-    return {"logits": logits, "label": labels, "mask": mask,
-            "nll": jnp.where(mask, nll, 0.0), "correct": correct & mask}
-
-  return eval_step

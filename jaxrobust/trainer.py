@@ -1,25 +1,31 @@
-"""The one trainer: config in, trained model and ``results.json`` out.
+"""The one trainer: config in, trained modules and ``results.json`` out.
 
-:func:`train_and_evaluate` builds everything from the config (mesh, model,
-optimizer, composed loss, input streams), resumes from ``<workdir>/checkpoints``
-when a checkpoint exists (else fine-tunes from ``config.init_from``, else
-starts fresh), runs the compiled step, logs, checkpoints, evaluates, and writes
+:func:`train_and_evaluate` builds everything from the config -- mesh, modules
+(models, optimizers, what trains), streams (data, pp, perturbations, samplers,
+label sources), the updates of one step (composed loss terms), constants from
+earlier stages, evaluators -- and checks all of it before anything is
+compiled. It then resumes from ``<workdir>/checkpoints`` when a checkpoint
+exists (else initialises, from ``config.init_from`` where given), runs the
+compiled step, logs, checkpoints, evaluates, and writes
 
 * ``<workdir>/config.json`` -- the resolved config,
 * ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard/`` -- training curves,
-* ``<workdir>/results.json`` -- flat final metrics such as ``test/accuracy``.
+* ``<workdir>/results.json`` -- flat final metrics such as ``test/accuracy``,
+* ``<workdir>/plots/`` -- the evaluators' figures.
 
-Methods extend it through config (loss terms, extra streams, eval sets), never
-by copying the loop.
+Methods extend it only through the registries its hooks read (loss terms,
+scores, pp ops, perturbations, samplers, index lists, label sources,
+evaluators, stage tasks); it imports no method by name. Multi-stage recipes
+call it once per ``train`` stage (:mod:`jaxrobust.stages`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
+import re
 import time
 import zlib
 from typing import Any, Mapping
@@ -30,10 +36,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrobust import artifacts as artifacts_lib
+from jaxrobust import attacks
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import config as config_lib
-from jaxrobust import evaluation
+from jaxrobust import evaluators as evaluators_lib
 from jaxrobust import losses as losses_lib
+from jaxrobust import methods  # noqa: F401  (registers every method's hooks)
 from jaxrobust import metric_writers
 from jaxrobust import models
 from jaxrobust import optim
@@ -41,9 +50,11 @@ from jaxrobust import pretrained
 from jaxrobust import sharding as sharding_lib
 from jaxrobust import train_state as state_lib
 from jaxrobust import train_step as step_lib
-from jaxrobust.data import augment
 from jaxrobust.data import pipeline
+from jaxrobust.data import pp
 from jaxrobust.data import sources
+from jaxrobust.data import streams as streams_lib
+from jaxrobust.modules import CLASSIFIER, Module, masked_tx, trainable_paths
 
 log = logging.getLogger("jaxrobust")
 
@@ -52,14 +63,15 @@ class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN or inf."""
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (temporary file, then rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, path)
 
 
-def _stream_seed(seed: int, name: str) -> int:
+def stream_seed(seed: int, name: str) -> int:
   return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
@@ -67,48 +79,198 @@ def resolve_num_classes(config: ml_collections.ConfigDict, spec: sources.Dataset
   given, found = config.data.num_classes, spec.num_classes
   if found is None and given is None:
     raise ValueError(f"dataset {config.data.name!r} has no class labels; it cannot be the "
-                     "training set (use it as an extra stream or an OOD eval set).")
+                     "task (config.data.name); use it as a stream or an OOD eval set.")
   if given is not None and found is not None and given != found:
     raise ValueError(f"config.data.num_classes={given} but dataset {config.data.name!r} has "
                      f"{found} classes.")
   return int(given if given is not None else found)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  kwargs = dict(config.model.kwargs)
-  if config.parallelism == "pmap":
-    kwargs["bn_axis_name"] = "batch"
-  return models.get_model(config.model.name, num_classes=num_classes,
-                          dtype=jnp.dtype(config.model.dtype), **kwargs)
+# --- modules ----------------------------------------------------------------------
+
+def _module_specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """name -> {model, optimizer, input_shape, num_classes, init_from} (plain dicts)."""
+  specs = {CLASSIFIER: {"model": config.model.to_dict(), "optimizer": config.optimizer.to_dict(),
+                        "input_shape": None, "num_classes": None,
+                        "init_from": config.init_from.to_dict()}}
+  for name, m in config.modules.items():
+    m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+    model = {**config_lib.base_config().model.to_dict(), "kwargs": {}, **m["model"]}
+    optimizer = {**config.optimizer.to_dict(), **dict(m.get("optimizer", {}))}
+    init_from = {**config_lib.base_config().init_from.to_dict(), **dict(m.get("init_from", {}))}
+    specs[name] = {"model": model, "optimizer": optimizer, "input_shape": m.get("input_shape"),
+                   "num_classes": m.get("num_classes"), "init_from": init_from}
+  return specs
 
 
-def build_inputs(config: ml_collections.ConfigDict, num_classes: int
-                 ) -> tuple[pipeline.TrainInput, dict[str, Any], list[str]]:
-  """(train input, preprocess per stream, streams that go through the model)."""
+def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
+                  image_shape: tuple[int, int, int], total_steps: int, steps_per_epoch: float
+                  ) -> dict[str, Module]:
+  """Every module: model, normalisation, optimizer with frozen parameters masked."""
+  out = {}
+  for name, spec in _module_specs(config).items():
+    where = "config.model" if name == CLASSIFIER else f"config.modules.{name}.model"
+    m = spec["model"]
+    kwargs = dict(m.get("kwargs") or {})
+    if config.parallelism == "pmap":
+      kwargs["bn_axis_name"] = "batch"
+    k = int(spec["num_classes"] or num_classes)
+    try:
+      model = models.get_model(m["name"], num_classes=k, dtype=jnp.dtype(m.get("dtype", "float32")),
+                               **kwargs)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}: {e}") from None
+    opt = ml_collections.ConfigDict(spec["optimizer"])
+    opt_where = "config.optimizer" if name == CLASSIFIER else f"config.modules.{name}.optimizer"
+    try:
+      schedule = optim.learning_rate_schedule(opt, total_steps, steps_per_epoch)
+      tx = optim.create_optimizer(opt, schedule)
+    except ValueError as e:
+      raise ValueError(f"{opt_where}: {e}") from None
+    custom = spec["input_shape"]
+    takes_images = custom is None
+    trainable = m.get("trainable", ".*") or ".*"
+    out[name] = Module(
+        name=name, model=model, num_classes=k,
+        input_shape=tuple(image_shape) if takes_images else tuple(custom),
+        mean=tuple(config.data.mean) if takes_images else None,
+        std=tuple(config.data.std) if takes_images else None,
+        tx=masked_tx(tx, trainable), schedule=schedule, trainable=trainable,
+        freeze_bn=bool(m.get("freeze_bn", False)))
+  return out
+
+
+# --- streams and updates ---------------------------------------------------------
+
+def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
+                  image_shape: tuple[int, int, int], artifacts: artifacts_lib.Artifacts
+                  ) -> tuple[streams_lib.TrainInput, dict[str, step_lib.StreamStep]]:
+  """The training streams (data read, hooks resolved) and how the step treats them."""
+  defaults = streams_lib.stream_defaults()
   data_dir = config.data.data_dir
-  train_src = pipeline.load_split(config.data.name, config.data.train_split,
-                                  data_dir=data_dir, cache=config.data.cache,
-                                  image_size=config.data.image_size)
-  streams = {"train": pipeline.TrainStream("train", train_src, config.batch_size,
-                                           config.seed, num_classes)}
-  preprocess = {"train": augment.from_config(config)}
-  model_streams = ["train"]
-  for name, s in config.streams.items():
-    src = pipeline.load_split(s.data, s.split, data_dir=data_dir, cache=config.data.cache,
-                              image_size=config.data.image_size)
-    labelled = sources.get_spec(s.data, data_dir=data_dir).num_classes is not None
-    streams[name] = pipeline.TrainStream(name, src, s.batch_size, _stream_seed(config.seed, name),
-                                         num_classes if labelled else None)
-    preprocess[name] = augment.from_config(config, augment_on=s.get("augment", True))
-    if s.get("through_model", True):
-      model_streams.append(name)
-  return pipeline.TrainInput(streams), preprocess, model_streams
+  inputs, steps = {}, {}
+  for name, cfg in config.streams.items():
+    where = f"config.streams.{name}"
+    spec = {**defaults, **cfg.to_dict()}
+    dataset = spec["data"] or config.data.name
+    ds_spec = sources.get_spec(dataset, data_dir=data_dir)
+    got = pipeline.image_shape(ds_spec, config.data.image_size)
+    if spec["through_model"] and got != tuple(image_shape):
+      raise ValueError(f"{where}: {dataset!r} has images of shape {got}; the model takes "
+                       f"{tuple(image_shape)}.")
+    if ds_spec.splits and spec["split"] not in ds_spec.splits and "[" not in spec["split"]:
+      raise ValueError(f"{where}.split: dataset {dataset!r} has no split {spec['split']!r}; "
+                       f"it has {sorted(ds_spec.splits)}.")
+    own_labels = spec["labels"] in ("", "dataset")
+    same_space = ds_spec.num_classes is not None and (
+        dataset == config.data.name or ds_spec.num_classes == num_classes)
+    if own_labels and not same_space:
+      spec["labels"] = "unlabeled"  # its labels are not the task's classes
+    labelled = same_space or not own_labels
+    source = pipeline.load_split(dataset, spec["split"], data_dir=data_dir,
+                                 cache=config.data.cache, image_size=config.data.image_size)
+    inputs[name] = streams_lib.build_stream(
+        name, spec, source, num_classes=num_classes if labelled else None,
+        seed=stream_seed(config.seed, name), artifacts=artifacts)
+    steps[name] = step_lib.StreamStep(
+        name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
+        views=int(spec["views"]),
+        perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
+        else None)
+  return streams_lib.TrainInput(inputs), steps
+
+
+def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.Artifacts
+                   ) -> dict[str, np.ndarray]:
+  return {name: artifacts.load_array(ref, f"config.constants.{name}")
+          for name, ref in config.constants.items()}
+
+
+def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Module],
+                  stream_steps: Mapping[str, step_lib.StreamStep],
+                  constants: Mapping[str, np.ndarray]) -> list[step_lib.Update]:
+  """The updates of one step, their loss terms built and checked."""
+  through = [n for n in stream_steps if config.streams[n].get("through_model", True)]
+  specs = ({"classifier": {"module": CLASSIFIER, "losses": tuple(config.losses.keys()),
+                           "streams": tuple(through)}} if not len(config.updates) else
+           {n: {"module": config.updates[n].get("module", CLASSIFIER),
+                "losses": tuple(config.updates[n].get("losses", config.losses.keys())),
+                "streams": tuple(config.updates[n].get("streams", through))}
+            for n in config_lib.order(config.updates, "config.updates", total=True)})
+  out = []
+  for name, u in specs.items():
+    m = modules[u["module"]]
+    if u["streams"] and not m.takes_images:
+      raise ValueError(f"config.updates.{name}: module {u['module']!r} takes inputs of shape "
+                       f"{m.input_shape}, not images; give it no streams (its loss terms call "
+                       "it) -- config.updates.{name}.streams=().")
+    terms = losses_lib.build_terms(config.losses, u["losses"], num_classes=m.num_classes,
+                                   constants=constants, streams=list(stream_steps))
+    out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
+                               streams=tuple(u["streams"])))
+  return out
+
+
+# --- state -----------------------------------------------------------------------
+
+def _meta(config, modules, abstract) -> dict[str, Any]:
+  return {"dataset": config.data.name,
+          "modules": {n: {"model": _model_name(config, n), "num_classes": m.num_classes,
+                          "param_shapes": ckpt_lib.param_shapes(abstract.modules[n].params)}
+                      for n, m in modules.items()}}
+
+
+def _model_name(config, name: str) -> str:
+  return config.model.name if name == CLASSIFIER else config.modules[name].model.name
+
+
+def _init_from(config, name: str, state, shardings, artifacts) -> Any:
+  """Copies pre-trained parameters into module ``name`` as its init_from says."""
+  spec = _module_specs(config)[name]["init_from"]
+  if not spec["path"]:
+    return state
+  where = ("config.init_from" if name == CLASSIFIER else f"config.modules.{name}.init_from")
+  path = spec["path"]
+  path = (artifacts.path(path, f"{where}.path") if artifacts_lib.is_ref(path)
+          else os.path.abspath(path))
+  src_params, src_stats = ckpt_lib.load_pretrained(path, spec["step"], where=where)
+  ms = state.modules[name]
+  params, stats, reset = pretrained.merge_pretrained(
+      ms.params, ms.batch_stats, src_params, src_stats, reset_head=spec["reset_head"],
+      load_batch_stats=spec["load_batch_stats"], skip=spec.get("skip", ""))
+  modules = dict(state.modules)
+  modules[name] = ms.replace(
+      params=jax.device_put(params, shardings.modules[name].params),
+      batch_stats=jax.device_put(stats, shardings.modules[name].batch_stats))
+  log.info("module %s initialised from %s (fresh: %s)", name, path, reset or "nothing")
+  return state.replace(modules=modules)
+
+
+def _initial_state(config, modules, abstract, state_shardings, checkpointer, meta, train_input,
+                   artifacts) -> tuple[state_lib.TrainState, int]:
+  """Resume from the workdir's latest checkpoint (state and input positions),
+  else initialise (pre-trained parameters where ``init_from`` says); returns
+  the state, sharded as ``state_shardings``, and its step."""
+  step = checkpointer.latest_step()
+  if step is not None:
+    checkpointer.check_compatible(step, meta)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+    state = checkpointer.restore(step, target, data=train_input.restore_args())
+    log.info("resumed from %s at step %d", checkpointer.directory, step)
+    return state, step
+  state = jax.jit(lambda r: state_lib.create_state(modules, r),
+                  out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+  for name in modules:
+    state = _init_from(config, name, state, state_shardings, artifacts)
+  return state, 0
 
 
 def _check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None,
                   ckpt_dir: str) -> dict[str, float]:
   values = {k: float(np.asarray(v).mean()) for k, v in jax.device_get(dict(metrics)).items()}
-  bad = {k: v for k, v in values.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+  bad = {k: v for k, v in values.items()
+         if re.fullmatch(r"(.*/)?(loss|grad_norm)", k) and not math.isfinite(v)}
   if bad:
     where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
              if last_saved is not None else "no checkpoint was written yet")
@@ -118,74 +280,61 @@ def _check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None,
   return values
 
 
-def _initial_state(config, model, tx, input_shape, abstract, state_shardings, checkpointer,
-                   meta, train_input) -> tuple[state_lib.TrainState, int]:
-  """Resume from the workdir's latest checkpoint (state and input positions),
-  else fine-tune from ``config.init_from``, else start fresh; returns the
-  state, sharded as ``state_shardings``, and its step."""
-  step = checkpointer.latest_step()
-  if step is not None:
-    checkpointer.check_compatible(step, meta)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
-    state = checkpointer.restore(step, target, data=train_input.restore_args())
-    log.info("resumed from %s at step %d", checkpointer.directory, step)
-    return state, step
-  create = functools.partial(state_lib.create_state, model, tx, input_shape=input_shape)
-  state = jax.jit(create, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-  if config.init_from.path:
-    src_params, src_stats = ckpt_lib.load_pretrained(config.init_from.path, config.init_from.step)
-    params, stats, reset = pretrained.merge_pretrained(
-        state.params, state.batch_stats, src_params, src_stats,
-        reset_head=config.init_from.reset_head,
-        load_batch_stats=config.init_from.load_batch_stats)
-    state = state.replace(params=jax.device_put(params, state_shardings.params),
-                          batch_stats=jax.device_put(stats, state_shardings.batch_stats))
-    log.info("initialised from %s (fresh: %s)", config.init_from.path, reset or "nothing")
-  return state, 0
+# --- the loop ----------------------------------------------------------------------
 
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       artifacts: artifacts_lib.Artifacts | None = None) -> dict[str, float]:
+  """Trains and evaluates as ``config`` says; returns the final results.
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains and evaluates as ``config`` says; returns the final results."""
+  ``artifacts`` resolves ``artifact:`` references when this run is a stage
+  of a recipe (:func:`jaxrobust.stages.run`).
+  """
   config_lib.validate(config)
+  artifacts = artifacts or artifacts_lib.Artifacts()
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
+  # Everything below is built and checked before the first compilation.
   mesh = sharding_lib.make_mesh(config.mesh)
   spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
   num_classes = resolve_num_classes(config, spec)
-  model = build_model(config, num_classes)
-  loss_fn = losses_lib.build_loss(config.losses)
-  train_input, preprocess, model_streams = build_inputs(config, num_classes)
-
-  examples = train_input.streams["train"].examples_per_epoch
-  steps_per_epoch = examples / config.batch_size
-  total_steps = (config.num_steps if config.num_steps > 0
-                 else max(1, math.ceil(config.num_epochs * steps_per_epoch)))
-  schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-
-  input_shape = (1,) + pipeline.image_shape(spec, config.data.image_size)
-  abstract = state_lib.abstract_state(model, tx, input_shape)
+  image_shape = pipeline.image_shape(spec, config.data.image_size)
+  train_input, stream_steps = build_streams(config, num_classes=num_classes,
+                                            image_shape=image_shape, artifacts=artifacts)
+  main = train_input.streams["train"]
+  total_steps = streams_lib.num_steps(config.num_steps, config.num_epochs, main)
+  modules = build_modules(config, num_classes=num_classes, image_shape=image_shape,
+                          total_steps=total_steps,
+                          steps_per_epoch=streams_lib.steps_per_epoch(main))
+  constants = load_constants(config, artifacts)
+  updates = build_updates(config, modules, stream_steps, constants)
+  abstract = state_lib.abstract_state(modules)
+  for name, m in modules.items():
+    where = ("config.model.trainable" if name == CLASSIFIER
+             else f"config.modules.{name}.model.trainable")
+    trainable_paths(abstract.modules[name].params, m.trainable, where)
   state_shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding_rules)
   batch_sharding = sharding_lib.data_sharding(mesh, config.data_axes)
   replicated = sharding_lib.replicated(mesh)
-  meta = {"model": config.model.name, "num_classes": num_classes, "dataset": config.data.name,
-          "param_shapes": ckpt_lib.param_shapes(abstract.params)}
+  evaluators = evaluators_lib.build_evaluators(
+      config, modules, num_classes=num_classes, image_shape=image_shape,
+      batch_sharding=batch_sharding, save_dir=os.path.join(workdir, "artifacts"))
+  meta = _meta(config, modules, abstract)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
                                        asynchronous=config.async_checkpointing)
-  state, start_step = _initial_state(config, model, tx, input_shape, abstract, state_shardings,
-                                     checkpointer, meta, train_input)
+  state, start_step = _initial_state(config, modules, abstract, state_shardings, checkpointer,
+                                     meta, train_input, artifacts)
   step_fn = step_lib.make_train_step(
-      model, tx, loss_fn, num_classes=num_classes, preprocess=preprocess,
-      model_streams=model_streams, learning_rate=schedule,
+      step_lib.StepSpec(modules=modules, streams=stream_steps, updates=updates,
+                        num_classes=num_classes),
       axis_name="batch" if config.parallelism == "pmap" else None)
+  const = {k: jnp.asarray(v) for k, v in constants.items()}
   if config.parallelism == "pmap":
     devices = jax.local_devices()
     compiled_step = step_lib.pmap_train_step(step_fn)
@@ -194,13 +343,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     host_state = step_lib.unreplicate
   else:
     compiled_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, replicated)
+    const = jax.device_put(const, replicated)
     put_batch = lambda b: pipeline.to_global(b, batch_sharding)
     host_state = lambda s: s
 
   writer = metric_writers.create_writer(workdir)
-  evaluator = evaluation.Evaluator(config, model, batch_sharding, spec)
   if start_step == 0 and is_main:
-    writer.write_hparams(_flat_hparams(config))
+    writer.write_hparams(config_lib.flat_hparams(config))
 
   def save(step: int) -> None:
     checkpointer.save(step, host_state(state), data=train_input.checkpoint_args(), meta=meta)
@@ -216,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for step in range(start_step, total_steps):
       batch = put_batch(next(train_input))
-      state, metrics = compiled_step(state, batch, root_rng)
+      state, metrics = compiled_step(state, batch, root_rng, const)
       # Reading the previous step's metrics keeps at most two steps in flight:
       # NaN is caught one step late at most, the host never runs far ahead,
       # and XLA:CPU with forced host devices (jax 0.10.2) deadlocks in its
@@ -225,56 +374,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window.append(_check_finite(*pending, last_saved, ckpt_dir))
       pending = (step + 1, metrics)
       done = step + 1
+      eval_due = any(e.every_steps > 0 and done % e.every_steps == 0
+                     for e in evaluators.values())
       boundary = (done % config.log_every_steps == 0 or done == total_steps
-                  or done % config.checkpoint_every_steps == 0
-                  or (config.eval_every_steps > 0 and done % config.eval_every_steps == 0))
+                  or done % config.checkpoint_every_steps == 0 or eval_due)
       if boundary:
         window.append(_check_finite(*pending, last_saved, ckpt_dir))
         pending = None
       if window and (done % config.log_every_steps == 0 or done == total_steps):
-        avg = {f"train/{k}" if not k.startswith("train/") else k: float(np.mean([w[k] for w in window]))
-               for k in window[-1]}
+        avg = {f"train/{k}" if not k.startswith("train/") else k:
+               float(np.mean([w[k] for w in window])) for k in window[-1]}
         avg["train/steps_per_second"] = (done - start_step) / max(time.time() - t_train, 1e-9)
         writer.write_scalars(done, avg)
-        bar.set_postfix(loss=f"{avg['train/loss']:.4f}")
+        loss_key = "train/loss" if "train/loss" in avg else next(
+            (k for k in avg if k.endswith("/loss")), None)
+        if loss_key:
+          bar.set_postfix(loss=f"{avg[loss_key]:.4f}")
         window = []
       if done % config.checkpoint_every_steps == 0 and done != total_steps:
         save(done)
         last_saved = done
-      if (config.eval_every_steps > 0 and done % config.eval_every_steps == 0
-          and done != total_steps):
-        s = host_state(state)
-        writer.write_scalars(done, evaluator.evaluate(s.params, s.batch_stats, plots_dir=None))
+      if eval_due and done != total_steps:
+        writer.write_scalars(done, evaluators_lib.run(evaluators, host_state(state), step=done))
       bar.update(1)
+  except BaseException:
+    checkpointer.close()  # finish the asynchronous saves already started (the last good one)
+    raise
   finally:
     bar.close()
   train_seconds = time.time() - t_train
   if start_step < total_steps:
     save(total_steps)
-  final = host_state(state)
-  results = evaluator.evaluate(final.params, final.batch_stats,
-                               plots_dir=os.path.join(workdir, "plots") if config.eval.plots else None)
+  results = evaluators_lib.run(evaluators, host_state(state), final=True,
+                               plots_dir=os.path.join(workdir, "plots") if config.plots else None)
   checkpointer.close()
   results.update({"train/steps": float(total_steps), "train/seconds": train_seconds,
                   "train/examples_per_second":
-                      (total_steps - start_step) * config.batch_size / max(train_seconds, 1e-9),
+                      (total_steps - start_step) * main.global_batch_size
+                      / max(train_seconds, 1e-9),
                   "wall_seconds": time.time() - t_start})
   writer.write_scalars(total_steps, results)
   writer.flush()
   writer.close()
   if is_main:
-    _write_json(os.path.join(workdir, "results.json"), results)
+    write_json(os.path.join(workdir, "results.json"), results)
   return results
-
-
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Flat {'optimizer.learning_rate': 0.1, ...} for TensorBoard hparams."""
-  out = {}
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, ml_collections.ConfigDict):
-        walk(v, f"{prefix}{k}.")
-      else:
-        out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  walk(config, "")
-  return out

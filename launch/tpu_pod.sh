@@ -2,7 +2,7 @@
 # Run jaxrobust on every worker of a Cloud TPU VM pod slice.
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/runs/cifar10_wrn \
-#       --config configs/default.py:cifar10 [--config.batch_size=1024 ...]
+#       --config configs/default.py:cifar10 [--config.streams.train.batch_size=1024 ...]
 #
 # Every worker runs the same command (SPMD); jax.distributed.initialize() finds
 # the pod topology on its own. The workdir must be on storage all workers see

@@ -4,7 +4,9 @@
   python -m launch.train --config configs/default.py:cifar10 --workdir gs://bucket/run
   python -m launch.train --config configs/default.py --config.num_epochs=5 --workdir /tmp/run
 
-Restarting with the same --workdir resumes from the latest checkpoint. On
+The config may be a recipe (config.stages): its stages run in order in
+<workdir>/<stage>. Restarting with the same --workdir skips finished stages and
+resumes the interrupted one from its latest checkpoint. On
 multi-host TPU/GPU, pass --multihost to call jax.distributed.initialize() (see
 launch/README.md).
 """
@@ -53,10 +55,10 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from jaxrobust import trainer
+  from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
-  results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = stages.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     width = max(map(len, results))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(results.items())))

@@ -64,5 +64,64 @@ def test_build_loss_sums_weighted_terms_and_checks_options():
     losses.build_loss({"cross_entropy": {"label_smothing": 0.1}})
   with pytest.raises(ValueError, match="unknown loss term 'cross_entropi'.*cross_entropy"):
     losses.build_loss({"cross_entropi": {}})
-  with pytest.raises(ValueError, match="class_weights has 2 entries for 5 classes"):
-    losses.cross_entropy(_inputs(LOGITS, LABELS, np.ones(12, bool)), class_weights=(1.0, 2.0))
+  with pytest.raises(ValueError, match="cross_entropy: class_weights has 2 entries for 5 classes"):
+    losses.build_loss({"cross_entropy": {"class_weights": (1.0, 2.0)}}, num_classes=5)
+  with pytest.raises(ValueError, match=r"stream='outliers': there is no such stream"):
+    losses.build_loss({"cross_entropy": {"stream": "outliers"}}, streams=["train"])
+
+
+def test_soft_labels_and_per_example_weights():
+  rng = np.random.default_rng(1)
+  soft = rng.dirichlet(np.ones(5), size=12).astype(np.float32)
+  w = rng.uniform(0.1, 2.0, 12).astype(np.float32)
+  inputs = _inputs(LOGITS, LABELS, np.ones(12, bool))
+  batch = dict(inputs.batch["train"], soft_label=jnp.asarray(soft), weight=jnp.asarray(w))
+  inputs = losses.LossInputs(**{**inputs.__dict__, "batch": {"train": batch}})
+  loss, _ = losses.cross_entropy(inputs)
+  z = LOGITS.astype(np.float64)
+  logp = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
+  per = -(soft * logp).sum(1)
+  np.testing.assert_allclose(loss, (per * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_normalize_by_rescales_a_term_to_anothers_magnitude():
+  """Zoph et al.'s loss normalisation: the normalised term contributes with the
+  other term's value, and its gradient is the term's own gradient scaled by
+  sg(L_other / L)."""
+  cfg = {"cross_entropy": {}, "smoothed": {"name": "cross_entropy", "label_smoothing": 0.5,
+                                           "normalize_by": "cross_entropy", "weight": 2.0}}
+  fn = losses.build_loss(cfg)
+  inputs = _inputs(LOGITS, LABELS, np.ones(12, bool))
+  total, m = fn(inputs)
+  np.testing.assert_allclose(total, 3.0 * m["loss/cross_entropy"], rtol=1e-6)
+  np.testing.assert_allclose(m["loss/smoothed/scale"], m["loss/cross_entropy"] / m["loss/smoothed"],
+                             rtol=1e-6)
+
+  def grad_of(f, scale=1.0):
+    def loss(z):
+      i = losses.LossInputs(**{**inputs.__dict__,
+                               "outputs": {"train": {"logits": z, "features": None}}})
+      return f(i)[0] * scale
+    return jax.grad(loss)(jnp.asarray(LOGITS))
+  smoothed = lambda i: losses.cross_entropy(i, label_smoothing=0.5)
+  g = grad_of(fn)
+  expected = grad_of(lambda i: losses.cross_entropy(i)) + 2.0 * m["loss/smoothed/scale"] * grad_of(smoothed)
+  np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="normalize_by='other' is not a term"):
+    losses.build_loss({"cross_entropy": {"normalize_by": "other"}})
+
+
+def test_constant_shapes_are_checked_before_compilation():
+  if "_test_uses_matrix" not in losses.LOSSES:
+    @losses.LOSSES.register("_test_uses_matrix",
+                            info={"constants": lambda o, k: {o["matrix"]: (k, k)}})
+    def _uses(inputs, *, matrix="C"):
+      return jnp.sum(inputs.constants[matrix]), {}
+  ok = losses.build_loss({"_test_uses_matrix": {}}, num_classes=3,
+                         constants={"C": np.eye(3)})
+  assert ok is not None
+  with pytest.raises(ValueError, match=r"constant 'C' has shape \(4, 4\); this term needs \(3, 3\)"):
+    losses.build_loss({"_test_uses_matrix": {}}, num_classes=3, constants={"C": np.eye(4)})
+  with pytest.raises(ValueError, match="needs constant 'D'"):
+    losses.build_loss({"_test_uses_matrix": {"matrix": "D"}}, num_classes=3,
+                      constants={"C": np.eye(3)})

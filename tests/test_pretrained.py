@@ -50,3 +50,19 @@ def test_batch_stats_optional():
   _, stats, _ = merge_pretrained(_params(10), _stats(), _params(10), _stats(fill=3.0),
                                  load_batch_stats=False)
   np.testing.assert_array_equal(stats["bn"]["mean"], 0.0)
+
+
+def test_skip_regex_keeps_fresh_values_of_matching_params():
+  """e.g. a SimCLR projection head dropped when fine-tuning."""
+  src = _params(10, fill=1.0)
+  src["proj"] = {"kernel": np.ones((4, 8), np.float32)}
+  new = _params(10)
+  new["proj"] = {"kernel": np.zeros((4, 8), np.float32)}
+  params, _, reset = merge_pretrained(new, _stats(), src, _stats(), skip="proj/.*")
+  np.testing.assert_array_equal(params["proj"]["kernel"], 0.0)
+  np.testing.assert_array_equal(params["conv"]["kernel"], 1.0)
+  assert reset == ["proj/kernel"]
+  # A checkpoint head that the model lacks is dropped when skipped.
+  del new["proj"]
+  params, _, _ = merge_pretrained(new, _stats(), src, _stats(), skip="proj/.*")
+  assert "proj" not in params

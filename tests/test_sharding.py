@@ -1,6 +1,5 @@
 """Mesh and sharding rules from config data."""
 
-import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -44,7 +43,11 @@ def test_bad_rules_are_named():
   with pytest.raises(ValueError, match="unknown sharding rule 'fsdpp'"):
     sharding.parse_rule("fsdpp")
   with pytest.raises(ValueError, match="not of the form"):
-    sharding.parse_rule("fsdp('data')")
+    sharding.parse_rule("fsdp(axis=)")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['axes'\]"):
+    sharding.parse_rule("fsdp(axes='data')")
+  assert sharding.parse_rule("fsdp('data', 0)")((16, 8), sharding.make_mesh((("data", -1),))) == P(
+      "data", None)
   mesh = sharding.make_mesh((("data", -1),))
   with pytest.raises(ValueError, match="axis 'model' is not in the mesh"):
     sharding.tree_shardings({"w": jnp.zeros((8, 8))}, mesh, ((".*", "fsdp(axis='model')"),))

@@ -1,8 +1,11 @@
 """End-to-end: the trainer on tiny configs over the embedded data.
 
-Covers the outputs a run must leave, resume after SIGKILL with identical
-params, NaN detection with the step number, mismatched checkpoints, fine-tuning
-from a checkpoint with a different head, and the pmap path.
+Covers the outputs a run must leave (results, config, metrics, TensorBoard,
+OOD keys per score and plots), resume after SIGKILL with identical params
+(with an extra stream whose iterator position is restored too), NaN detection
+with the step number and the last good checkpoint, mismatched checkpoints,
+fine-tuning from a checkpoint with a different head, the pmap path, and errors
+raised before any compilation.
 """
 
 import json
@@ -27,7 +30,7 @@ def tiny_config(data_dir, **overrides):
   c = default.get_config("smoke")
   c.data.data_dir = str(data_dir)
   c.progress_bar = False
-  c.eval.ood = {}
+  c.evaluators.ood.sets = {}
   c.model.kwargs.stage_widths = ((8,), (16,))
   for k, v in overrides.items():
     target = c
@@ -44,7 +47,14 @@ def _final_params(workdir):
 
 
 def test_run_writes_results_config_metrics_and_tensorboard(tmp_path, data_dir):
-  results = trainer.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  c = tiny_config(data_dir)
+  # The OOD path end to end: two scores, two sets, the HPT protocol (1/5 of the
+  # in-distribution count, 3 seeded draws), plots.
+  c.evaluators.ood.sets = {"blobs": "blobs/gray:validation", "noise": "gaussian_noise/gray:validation"}
+  c.evaluators.ood.fraction = 0.2
+  c.evaluators.ood.draws = 3
+  c.plots = True
+  results = trainer.train_and_evaluate(c, str(tmp_path))
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk == pytest.approx(results)
   for key in ("test/accuracy", "test/nll", "validation/accuracy", "validation/nll"):
@@ -56,6 +66,14 @@ def test_run_writes_results_config_metrics_and_tensorboard(tmp_path, data_dir):
   assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).latest_step() == 6
+  for score in ("msp", "energy"):
+    for s in ("blobs", "noise", "mean"):
+      for metric in ("auroc", "aupr_out", "fpr95"):
+        assert 0.0 <= on_disk[f"ood/{score}/{s}/{metric}"] <= 1.0
+    np.testing.assert_allclose(on_disk[f"ood/{score}/mean/auroc"], np.mean(
+        [on_disk[f"ood/{score}/{s}/auroc"] for s in ("blobs", "noise")]))
+  assert sorted(os.listdir(tmp_path / "plots")) == [
+      "ood_energy.png", "ood_msp.png", "reliability_test.png"]
 
 
 def test_same_config_and_seed_give_the_same_numbers(tmp_path, data_dir):
@@ -66,18 +84,19 @@ def test_same_config_and_seed_give_the_same_numbers(tmp_path, data_dir):
                _final_params(tmp_path / "b"))
 
 
-def _launch(workdir, data_dir, steps):
-  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/default.py:smoke",
+def _launch(workdir, data_dir, steps, config="tests/run_configs/two_streams.py"):
+  cmd = [sys.executable, "-m", "launch.train", "--config", config,
          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
          f"--config.num_steps={steps}", "--config.checkpoint_every_steps=2",
-         "--config.log_every_steps=2", "--config.progress_bar=False",
-         "--config.model.kwargs.stage_widths=((8,), (16,))"]
+         "--config.log_every_steps=2", "--config.progress_bar=False"]
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_sigkill_mid_training_then_resume_gives_identical_params(tmp_path, data_dir):
   steps = 40
   killed = tmp_path / "killed"
+  # The uninterrupted reference runs meanwhile, in its own process.
+  straight = _launch(tmp_path / "straight", data_dir, steps)
   proc = _launch(killed, data_dir, steps)
   ckpts = killed / "checkpoints"
   deadline = time.time() + 240
@@ -96,7 +115,6 @@ def test_sigkill_mid_training_then_resume_gives_identical_params(tmp_path, data_
   resumed = _launch(killed, data_dir, steps)
   out = resumed.communicate(timeout=600)[0].decode()
   assert resumed.returncode == 0, out[-3000:]
-  straight = _launch(tmp_path / "straight", data_dir, steps)
   out = straight.communicate(timeout=600)[0].decode()
   assert straight.returncode == 0, out[-3000:]
   jax.tree.map(np.testing.assert_array_equal, _final_params(killed),
@@ -107,17 +125,24 @@ def test_sigkill_mid_training_then_resume_gives_identical_params(tmp_path, data_
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, data_dir):
-  c = tiny_config(data_dir, num_steps=12, checkpoint_every_steps=3, log_every_steps=100)
-  c.optimizer.learning_rate = 1e30
-  c.optimizer.schedule = "constant"
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+); training stopped") as e:
+  """The learning rate jumps to 1e30 after 6 steps (checkpoints at 3 and 6):
+  the run stops at the first non-finite step, names it and the last good
+  checkpoint, and that checkpoint holds finite parameters."""
+  c = tiny_config(data_dir, num_steps=20, checkpoint_every_steps=3, log_every_steps=100)
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.schedule = "step"
+  c.optimizer.step_epochs = (6 / (1257 / 64),)  # 6 steps, in epochs of digits at batch 64
+  c.optimizer.step_factor = 1e32
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"at step (\d+); training stopped \(the last good checkpoint is "
+                           r"step 6 in ") as e:
     trainer.train_and_evaluate(c, str(tmp_path))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
   step = int(str(e.value).split("at step ")[1].split(";")[0])
-  saved = ckpt.all_steps()
-  assert all(s < step for s in saved)
-  for leaf in jax.tree.leaves(_final_params(tmp_path)) if saved else []:
-    assert np.all(np.isfinite(leaf))
+  assert 6 < step <= 9
+  assert ckpt.all_steps() == [3, 6]
+  leaves = jax.tree.leaves(_final_params(tmp_path))
+  assert leaves and all(np.all(np.isfinite(leaf)) for leaf in leaves)
 
 
 def test_resuming_with_another_model_is_a_clear_error(tmp_path, data_dir):
@@ -171,12 +196,76 @@ def test_catalog_dataset_path_with_mock_data(tmp_path):
   c.model.name = "small_cnn"
   c.model.kwargs = {"stage_widths": ((8,), (16,))}
   c.num_steps = 2
-  c.batch_size = 16
+  c.streams.train.batch_size = 16
   c.eval_batch_size = 16
   c.progress_bar = False
-  c.eval.ood = {}
-  c.eval.plots = False
+  c.evaluators.ood.sets = {}
+  c.plots = False
   with tfds.testing.mock_data(num_examples=48):
     results = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert results["test/num_examples"] == 48
   assert 0.0 <= results["test/accuracy"] <= 1.0 and np.isfinite(results["test/nll"])
+
+
+def test_hooks_from_config_compile_once(tmp_path, data_dir):
+  """FGSM on the train stream, a class-balanced second stream, a robust
+  evaluator run every 2 steps: the step and every prediction function are
+  traced once over 6 steps and 3 evaluation rounds."""
+  from unittest import mock
+
+  from jaxrobust import predict as predict_lib
+  from jaxrobust import train_step as step_lib
+  traces = []
+
+  def counted(make):
+    def wrapper(*args, **kwargs):
+      fn, count = make(*args, **kwargs), {"n": 0}
+      traces.append(count)
+      def traced(*a, **k):
+        count["n"] += 1
+        return fn(*a, **k)
+      return traced
+    return wrapper
+
+  c = tiny_config(data_dir, num_steps=6, eval_every_steps=2)
+  c.streams.train.perturb = "fgsm(eps=2/255)"
+  c.streams.aux = {"data": "digits", "split": "validation", "batch_size": 32,
+                   "sampler": "class_balanced"}
+  c.losses.aux = {"name": "cross_entropy", "stream": "aux", "weight": 0.5}
+  c.evaluators.robust = {"type": "robust", "attacks": {"fgsm": "fgsm(eps=2/255)"}}
+  with mock.patch.object(step_lib, "make_train_step", counted(step_lib.make_train_step)), \
+       mock.patch.object(predict_lib, "_per_batch", counted(predict_lib._per_batch)):
+    results = trainer.train_and_evaluate(c, str(tmp_path))
+  # The step, the classification predictions and the robust predictions.
+  assert [t["n"] for t in traces] == [1, 1, 1]
+  assert results["robust/fgsm/accuracy"] <= results["test/accuracy"]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines if "robust/fgsm/accuracy" in l] == [2, 4, 6]
+  assert any("train/aux/accuracy" in l for l in lines)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.model.update({"trainable": "haed/.*"}),
+     r"config.model.trainable='haed/.\*' matches no parameter"),
+    (lambda c: c.streams.train.update({"sampler": "balanced"}), r"unknown sampler 'balanced'"),
+    (lambda c: c.streams.train.update({"pp": "crop(2)"}), r"streams.train.pp: unknown pp op"),
+    (lambda c: c.streams.train.update({"labels": "artifact:teacher/labels"}),
+     "this run has no stages"),
+    (lambda c: c.losses.update({"ce2": {"name": "cross_entropy", "stream": "outlier"}}),
+     r"stream='outlier': there is no such stream"),
+    (lambda c: c.streams.update({"noise": {"data": "blobs/rgb", "split": "test",
+                                           "batch_size": 8}}),
+     r"streams.noise: 'blobs/rgb' has images of shape \(32, 32, 3\)"),
+    (lambda c: c.init_from.update({"path": "artifact:pretrain/checkpoint"}),
+     "this run has no stages"),
+])
+def test_bad_hooks_fail_before_compilation(tmp_path, data_dir, edit, match):
+  from unittest import mock
+
+  from jaxrobust import train_step as step_lib
+  c = tiny_config(data_dir)
+  edit(c)
+  with mock.patch.object(step_lib, "make_train_step",
+                         side_effect=AssertionError("compiled before the error")):
+    with pytest.raises(ValueError, match=match):
+      trainer.train_and_evaluate(c, str(tmp_path))

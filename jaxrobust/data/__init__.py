@@ -6,7 +6,10 @@
   array_record. (``jaxrobust.data.prepare`` is the command-line module
   ``python -m jaxrobust.data.prepare NAME``, hence not re-exported here.)
 * `builders`: the embedded tfds builders (registered with tfds on import).
-* `pipeline`: the grain input pipeline built on `sources` (imported on demand).
+* `pipeline`: reading splits (RAM cache, padded eval batches with indices).
+* `streams`: training streams as specs (samplers, index lists, label sources;
+  grain, resumable).
+* `pp`: pixel-space augmentation ops, chained per stream, run in the step.
 """
 
 from jaxrobust.data.sources import (

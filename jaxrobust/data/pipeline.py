@@ -1,36 +1,32 @@
-"""Input pipeline: tfds ``data_source`` + grain, per-process, resumable.
+"""Reading splits: random-access sources, RAM caching, padded eval batches.
 
-* Each process reads only its shard of every split (``jax.process_index()`` /
-  ``jax.process_count()``) and produces its slice of the global batch; the
-  trainer assembles the global, sharded ``jax.Array`` with
-  ``jax.make_array_from_process_local_data``.
-* Training streams are infinite: a grain ``MapDataset`` shuffled per epoch by
-  seed (each epoch a new permutation), repeated and batched. Its iterator state
-  is a few integers, saved in every checkpoint, so a resumed run sees exactly the
-  batches it would have seen.
-* Eval iterates a split once, in order, and pads the last batch; every batch
-  carries a boolean ``mask`` so metrics are exact.
-* Small splits (the embedded datasets, CIFAR) are decoded once into RAM
-  (``config.data.cache='auto'``).
+* :func:`load_split` gives a random-access source of a split (tfds
+  ``data_source``); small splits (the embedded datasets, CIFAR) are decoded
+  once into RAM (``config.data.cache='auto'``).
+* Each process reads only its part of the data and produces its slice of the
+  global batch; the trainer assembles the global, sharded ``jax.Array`` with
+  ``jax.make_array_from_process_local_data`` (:func:`to_global`).
+* :func:`eval_batches` iterates a split once and pads the last batch; every
+  batch carries a boolean ``mask`` and the dataset ``index`` of each row, so
+  metrics are exact and predictions can be put back in dataset order.
+* Training streams (infinite, sampled, resumable) are in
+  :mod:`jaxrobust.data.streams`.
 
 Batches are dicts of numpy arrays: ``image`` uint8 [b, H, W, C], ``label`` int32
-[b] (-1 for unlabelled data), ``mask`` bool [b].
+[b] (-1 for unlabelled data), ``index`` int32 [b], ``mask`` bool [b].
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Iterator, Mapping
 
-import grain
 import jax
 import numpy as np
 
 from jaxrobust.data import sources
 
 CACHE_LIMIT_BYTES = 2 << 30
-UNLABELED = -1
 
 
 class InMemorySource:
@@ -53,12 +49,73 @@ class InMemorySource:
     return {"image": self.images[idx], "label": self.labels[idx]}
 
 
-def _record(rec: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+def record(rec: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+  """(image with a channel axis, int label) of a source record."""
   image = np.asarray(rec["image"])
   if image.ndim == 2:
     image = image[..., None]
-  label = rec.get("label", UNLABELED)
-  return image, int(label)
+  return image, int(rec.get("label", sources.UNLABELED))
+
+
+def read(source: Any, idx: np.ndarray) -> dict[str, np.ndarray]:
+  """``{'image': uint8 [b, H, W, C], 'label': int32 [b]}`` for dataset indices."""
+  if isinstance(source, InMemorySource):
+    out = source.take(idx)
+    images, labels = out["image"], out["label"]
+  else:
+    getitems = getattr(source, "__getitems__", None)
+    recs = getitems([int(i) for i in idx]) if getitems else [source[int(i)] for i in idx]
+    pairs = [record(r) for r in recs]
+    images = np.stack([p[0] for p in pairs])
+    labels = np.asarray([p[1] for p in pairs])
+  if images.ndim == 3:
+    images = images[..., None]
+  return {"image": images, "label": np.asarray(labels, np.int32)}
+
+
+def all_labels(source: Any) -> np.ndarray:
+  """The label of every example (int32; read once for sources not in RAM)."""
+  if isinstance(source, InMemorySource):
+    return np.asarray(source.labels, np.int32)
+  out = np.empty(len(source), np.int32)
+  for start in range(0, len(source), 4096):
+    idx = np.arange(start, min(start + 4096, len(source)))
+    out[idx] = read(source, idx)["label"]
+  return out
+
+
+class SubsetSource:
+  """Examples ``indices`` of a source, as a source of its own (position i is
+  ``source[indices[i]]``)."""
+
+  def __init__(self, source: Any, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> Any:
+    return self.source[int(self.indices[i])]
+
+  def __getitems__(self, idx) -> list[Any]:
+    return [self[i] for i in idx]
+
+
+def subset(source: Any, indices: np.ndarray) -> Any:
+  """A source of the examples ``indices`` of ``source`` (in RAM if it is)."""
+  indices = np.asarray(indices, np.int64)
+  if isinstance(source, InMemorySource):
+    return InMemorySource(source.images[indices], source.labels[indices])
+  return SubsetSource(source, indices)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises if any label is outside [0, num_classes)."""
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])[:10]
+    raise ValueError(
+        f"{where}: labels outside [0, {num_classes}): found {bad.tolist()}. "
+        "Check config.data.num_classes and the dataset.")
 
 
 def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -91,7 +148,7 @@ class ResizedSource:
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     rec = dict(self.source[i])
-    image, _ = _record(rec)
+    image, _ = record(rec)
     rec["image"] = resize_and_center_crop(image, self.size)
     return rec
 
@@ -124,7 +181,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     raise ValueError(f"dataset {name!r} split {split!r} is empty.")
   if cache == "none":
     return src
-  first, _ = _record(src[0])
+  first, _ = record(src[0])
   if cache == "auto" and first.nbytes * n > CACHE_LIMIT_BYTES:
     return src
   images = np.empty((n,) + first.shape, dtype=first.dtype)
@@ -134,104 +191,19 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     idx = list(range(start, min(start + 4096, n)))
     records = getitems(idx) if getitems else [src[i] for i in idx]
     for i, rec in zip(idx, records):
-      images[i], labels[i] = _record(rec)
+      images[i], labels[i] = record(rec)
   return InMemorySource(images, labels)
 
 
-def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-  """Raises if any label is outside [0, num_classes)."""
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])[:10]
-    raise ValueError(
-        f"{where}: labels outside [0, {num_classes}): found {bad.tolist()}. "
-        "Check config.data.num_classes and the dataset.")
-
-
-def _to_batch(records: Any) -> dict[str, np.ndarray]:
-  if isinstance(records, dict):  # already stacked by grain's batch
-    images = np.asarray(records["image"])
-    labels = np.asarray(records.get("label", np.full(len(images), UNLABELED)))
-  else:
-    pairs = [_record(r) for r in records]
-    images = np.stack([p[0] for p in pairs])
-    labels = np.asarray([p[1] for p in pairs])
-  if images.ndim == 3:
-    images = images[..., None]
-  return {"image": images, "label": labels.astype(np.int32),
-          "mask": np.ones(len(labels), dtype=bool)}
-
-
-def _process_shard() -> tuple[int, int]:
+def process_shard() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
 def local_batch_size(global_batch_size: int, what: str = "batch_size") -> int:
-  _, count = _process_shard()
+  _, count = process_shard()
   if global_batch_size % count:
     raise ValueError(f"{what}={global_batch_size} is not divisible by the {count} processes.")
   return global_batch_size // count
-
-
-@dataclasses.dataclass
-class TrainStream:
-  """One infinite, shuffled, per-process training stream."""
-  name: str
-  source: Any
-  global_batch_size: int
-  seed: int
-  num_classes: int | None  # None: unlabelled, labels are not checked
-
-  def __post_init__(self):
-    index, count = _process_shard()
-    n = len(self.source)
-    per_process = n // count
-    if per_process < 1:
-      raise ValueError(f"stream {self.name!r} has {n} examples for {count} processes.")
-    local = local_batch_size(self.global_batch_size, f"batch size of stream {self.name!r}")
-    if local > per_process:
-      raise ValueError(
-          f"stream {self.name!r}: the per-process batch ({local}) is larger than the "
-          f"{per_process} examples this process holds; lower the batch size.")
-    if self.num_classes is not None and isinstance(self.source, InMemorySource):
-      check_labels(self.source.labels, self.num_classes, f"stream {self.name!r}")
-    ds = grain.MapDataset.source(self.source)
-    ds = ds[index:per_process * count:count]  # equal-size shard per process
-    ds = ds.shuffle(seed=self.seed).repeat().batch(local, drop_remainder=True)
-    self.examples_per_epoch = per_process * count
-    self._iter = ds.map(_to_batch).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iter)
-    if self.num_classes is not None and not isinstance(self.source, InMemorySource):
-      check_labels(batch["label"], self.num_classes, f"stream {self.name!r}")
-    return batch
-
-  @property
-  def iterator(self) -> Any:
-    """The grain iterator (its state goes into checkpoints)."""
-    return self._iter
-
-
-class TrainInput:
-  """All training streams zipped: ``next()`` -> {stream: batch}."""
-
-  def __init__(self, streams: Mapping[str, TrainStream]):
-    self.streams = dict(streams)
-
-  def __iter__(self) -> Iterator[dict[str, dict[str, np.ndarray]]]:
-    return self
-
-  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
-    return {name: next(s) for name, s in self.streams.items()}
-
-  def checkpoint_args(self) -> dict[str, Any]:
-    return {f"data_{n}": grain.checkpoint.CheckpointSave(s.iterator)
-            for n, s in self.streams.items()}
-
-  def restore_args(self) -> dict[str, Any]:
-    return {f"data_{n}": grain.checkpoint.CheckpointRestore(s.iterator)
-            for n, s in self.streams.items()}
 
 
 def eval_batches(source: Any, global_batch_size: int
@@ -239,9 +211,10 @@ def eval_batches(source: Any, global_batch_size: int
   """One ordered pass over this process's shard, padded to full batches.
 
   Every process yields the same number of batches (padding with masked
-  copies of its first example), as collective programs require.
+  copies of its first example), as collective programs require. Each batch
+  carries the dataset ``index`` of its rows.
   """
-  index, count = _process_shard()
+  index, count = process_shard()
   local = local_batch_size(global_batch_size, "eval_batch_size")
   n = len(source)
   shard = np.array_split(np.arange(n), count)[index]
@@ -250,22 +223,10 @@ def eval_batches(source: Any, global_batch_size: int
     idx = shard[b * local:(b + 1) * local]
     valid = len(idx)
     padded = np.concatenate([idx, np.full(local - valid, shard[0] if len(shard) else 0)])
-    if isinstance(source, InMemorySource):
-      batch = source.take(padded)
-      batch = {"image": batch["image"], "label": batch["label"].astype(np.int32)}
-      if batch["image"].ndim == 3:
-        batch["image"] = batch["image"][..., None]
-    else:
-      getitems = getattr(source, "__getitems__", None)
-      recs = getitems(padded.tolist()) if getitems else [source[int(i)] for i in padded]
-      batch = _to_batch(recs)
+    batch = read(source, padded)
+    batch["index"] = padded.astype(np.int32)
     batch["mask"] = np.arange(local) < valid
     yield batch
-
-
-def num_eval_batches(n: int, global_batch_size: int) -> int:
-  _, count = _process_shard()
-  return max(1, math.ceil(math.ceil(n / count) / (global_batch_size // count)))
 
 
 def to_global(batch: Any, sharding: jax.sharding.Sharding) -> Any:

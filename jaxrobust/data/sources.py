@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxrobust.data import builders
+from jaxrobust.registry import suggest
 
 try:
   import fcntl
@@ -46,7 +46,7 @@ except ImportError:  # Windows: no advisory locks; prepare once before going par
   fcntl = None
 
 EMBEDDED: tuple[str, ...] = builders.NAMES
-UNLABELED = -1
+UNLABELED = builders.UNLABELED  # defined once, with the builders that write it
 
 # (image key, label key) of tfds datasets that `_feature_keys`'s rule gets
 # wrong. The rule: 'image', else the only Image feature; 'label', else the only
@@ -131,10 +131,9 @@ def _base_name(name: str) -> str:
 def _unknown_name_error(name: str) -> ValueError:
   base = _base_name(name)
   known = sorted(set(EMBEDDED) | set(tfds.list_builders(with_community_datasets=False)))
-  close = difflib.get_close_matches(base, known, n=5, cutoff=0.6)
-  hint = f" Did you mean: {', '.join(close)}?" if close else ""
+  hint = suggest(base, known, n=5)
   return ValueError(
-      f"Unknown dataset {name!r}.{hint} Embedded (offline) datasets: {', '.join(EMBEDDED)}. "
+      f"Unknown dataset {name!r}{hint}. Embedded (offline) datasets: {', '.join(EMBEDDED)}. "
       "Any tfds catalog dataset (https://www.tensorflow.org/datasets/catalog) prepared as "
       "array_record in data_dir also works.")
 

@@ -192,3 +192,14 @@ def prob_rows_ok(probs: Array) -> Array:
 def probs_ok(probs: Array, mask: Array) -> Array:
   """Traced check: some valid row, and every valid row is a probability vector."""
   return jnp.any(mask) & jnp.all(jnp.where(mask, prob_rows_ok(probs), True))
+
+
+def masked_mean(values: Array, mask: Array, weights: Array | None = None, *,
+                empty: float = float("nan")) -> Array:
+  """Mean of ``values`` over the entries where ``mask`` is true, optionally
+  weighted; ``empty`` when there is none (NaN for metrics; loss terms pass 0).
+  Masked entries never contribute, even when they hold NaN or inf."""
+  w = mask.astype(jnp.float32) if weights is None else jnp.where(mask, weights, 0.0)
+  total = jnp.sum(jnp.where(mask, values * w, 0.0))
+  n = jnp.sum(w)
+  return jnp.where(n > 0, total / jnp.where(n > 0, n, 1.0), empty)

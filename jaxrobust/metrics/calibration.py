@@ -33,7 +33,7 @@ Conventions (the reference implementations disagree, so each is stated):
 from __future__ import annotations
 
 import functools
-from typing import Literal, Optional
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ import numpy as np
 from jaxrobust.metrics._validate import (
     as_1d, as_2d, as_labels, check_choice, check_finite_rows, check_labels,
     at_least_f32, check_positive_int, check_probabilities, check_scores, is_traced,
-    labels_ok, mask_or_ones, prob_rows_ok, probs_ok, rows_mask)
+    labels_ok, mask_or_ones, masked_mean, prob_rows_ok, probs_ok, rows_mask)
 
 Array = jax.Array
 Norm = Literal["l1", "l2", "max"]
@@ -420,11 +420,6 @@ def classwise_ece(probs, labels, *, num_bins: int = 15, mask=None) -> Array:
 # Proper scoring rules.
 # ----------------------------------------------------------------------------
 
-def _masked_mean(values: Array, mask: Array) -> Array:
-  n = jnp.sum(mask.astype(jnp.int32))
-  return jnp.sum(jnp.where(mask, values, 0)) / n
-
-
 @jax.jit
 def _nll_logits(logits, labels, mask):
   num_classes = logits.shape[1]
@@ -434,7 +429,7 @@ def _nll_logits(logits, labels, mask):
   per_example = (jax.nn.logsumexp(z, axis=-1)
                  - jnp.take_along_axis(z, safe_labels[:, None], axis=-1)[:, 0])
   ok = jnp.all(jnp.where(mask, row_ok, True)) & labels_ok(labels, num_classes, mask)
-  return _nan_unless(ok, _masked_mean(per_example, mask))
+  return _nan_unless(ok, masked_mean(per_example, mask))
 
 
 @jax.jit
@@ -444,7 +439,7 @@ def _nll_probs(probs, labels, mask):
   p_true = jnp.take_along_axis(probs, safe_labels[:, None], axis=-1)[:, 0]
   per_example = -jnp.log(jnp.where(mask, p_true, 1))
   ok = probs_ok(probs, mask) & labels_ok(labels, num_classes, mask)
-  return _nan_unless(ok, _masked_mean(per_example, mask))
+  return _nan_unless(ok, masked_mean(per_example, mask))
 
 
 def nll_from_logits(logits, labels, *, mask=None) -> Array:
@@ -486,7 +481,7 @@ def _brier(probs, labels, mask):
   onehot = (labels[:, None] == jnp.arange(num_classes)[None, :]).astype(probs.dtype)
   per_example = jnp.sum(jnp.square(jnp.where(mask[:, None], probs, 0) - onehot), axis=-1)
   ok = probs_ok(probs, mask) & labels_ok(labels, num_classes, mask)
-  return _nan_unless(ok, _masked_mean(per_example, mask))
+  return _nan_unless(ok, masked_mean(per_example, mask))
 
 
 def brier_score(probs, labels, *, mask=None) -> Array:

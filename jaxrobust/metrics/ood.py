@@ -60,7 +60,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrobust.metrics import ranking
-from jaxrobust.metrics._validate import as_1d, check_scores, mask_or_ones, poison
+from jaxrobust.metrics._validate import (
+    as_1d, check_choice, check_scores, mask_or_ones, poison)
 from jaxrobust.metrics.ranking import Rate, Side
 
 Array = jax.Array
@@ -70,11 +71,6 @@ Method = Literal["ap", "trapezoid"]
 Preset = Literal["hendrycks", "energy", "openood", "lee"]
 
 PRESETS = ("hendrycks", "energy", "openood", "lee")
-
-
-def _check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
 def _inputs(in_scores, out_scores, in_mask, out_mask):
@@ -384,7 +380,7 @@ def aupr_in(in_scores, out_scores, *, in_mask=None, out_mask=None,
   1) end point), as OpenOOD v1.5 and pytorch-ood. Both depend on the
   ID:OOD ratio. Tied scores enter the curve together.
   """
-  _check_choice("method", method, ("ap", "trapezoid"))
+  check_choice("method", method, ("ap", "trapezoid"))
   return _aupr_core(*_inputs(in_scores, out_scores, in_mask, out_mask),
                     positive="in", method=method)
 
@@ -393,7 +389,7 @@ def aupr_out(in_scores, out_scores, *, in_mask=None, out_mask=None,
              method: Method = "ap") -> Array:
   """Area under the precision-recall curve with **OOD as the positive class**
   (ranked by negated scores). See :func:`aupr_in` for ``method``."""
-  _check_choice("method", method, ("ap", "trapezoid"))
+  check_choice("method", method, ("ap", "trapezoid"))
   return _aupr_core(*_inputs(in_scores, out_scores, in_mask, out_mask),
                     positive="out", method=method)
 
@@ -424,8 +420,8 @@ def fpr_at_tpr(in_scores, out_scores, tpr: float = 0.95, *,
     float32 scalar in [0, 1]. Does not sort: the threshold is found by a
     bisection over integer keys (32 counting passes).
   """
-  _check_choice("positive", positive, ("in", "out"))
-  _check_choice("select", select, ("nearest", "first_ge"))
+  check_choice("positive", positive, ("in", "out"))
+  check_choice("select", select, ("nearest", "first_ge"))
   rate = ranking.as_rate("tpr", tpr)
   return _fpr_core(*_inputs(in_scores, out_scores, in_mask, out_mask),
                    rate=rate, positive=positive, select=select)
@@ -478,5 +474,5 @@ def ood_metrics(in_scores, out_scores, preset: Preset = "hendrycks", *,
   Returns:
     dict of float32 scalars.
   """
-  _check_choice("preset", preset, PRESETS)
+  check_choice("preset", preset, PRESETS)
   return _preset_core(*_inputs(in_scores, out_scores, in_mask, out_mask), preset=preset)

@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxrobust.metrics import calibration, ood, ranking
 from jaxrobust.metrics._validate import (
-    as_1d, check_scores, is_traced, mask_or_ones)
+    as_1d, check_choice, check_scores, is_traced, mask_or_ones)
 
 Array = jax.Array
 
@@ -300,7 +300,7 @@ class OODHistogram:
               positive: ood.Positive = "in") -> dict[str, Array]:
     """Metrics with bounds (see the class docstring); NaN if a side is empty
     or non-finite scores were seen."""
-    ood._check_choice("positive", positive, ("in", "out"))
+    check_choice("positive", positive, ("in", "out"))
     return _hist_metrics(state, ranking.as_rate("tpr", tpr), positive)
 
 
@@ -465,7 +465,7 @@ class CalibrationHistogram:
   @staticmethod
   def compute(state: CalibrationState, norm: str = "l1") -> Array:
     """Equal-width ECE (``norm`` 'l1' = ECE, 'l2' = RMS, 'max' = MCE)."""
-    ood._check_choice("norm", norm, ("l1", "l2", "max"))
+    check_choice("norm", norm, ("l1", "l2", "max"))
     value = calibration._binned_error(state.count, state.conf_hi + state.conf_lo,
                                       state.correct.astype(jnp.float32), norm)
     ok = (jnp.sum(state.count) > 0) & (state.invalid == 0)

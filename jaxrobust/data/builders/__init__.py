@@ -12,6 +12,7 @@ Most users go through `jaxrobust.data.sources.get_source`, which imports this
 package and prepares the data on first use.
 """
 
+from jaxrobust.data.builders._base import UNLABELED  # noqa: F401  (re-exported: sources.UNLABELED)
 from jaxrobust.data.builders.digits import Digits
 from jaxrobust.data.builders.glyphs import Glyphs
 from jaxrobust.data.builders.noise import Blobs, GaussianNoise, RademacherNoise, UniformNoise

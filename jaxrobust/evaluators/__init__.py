@@ -1,0 +1,183 @@
+"""Evaluators, chosen by type in config and run at the end and every N steps.
+
+``config.evaluators`` maps a key to a typed evaluator::
+
+    evaluators.classification = dict(type='classification', splits=('validation', 'test'))
+    evaluators.ood = dict(type='ood', sets={'blobs': 'blobs/gray:test'}, scores=('msp', 'energy'))
+    evaluators.robust = dict(type='robust', attacks={'fgsm': 'fgsm(eps=8/255)'})
+
+Every key but ``type``, ``every_steps`` (default ``config.eval_every_steps``;
+``<= 0``: only at the end) and ``module`` (default ``classifier``) is an option
+of the registered evaluator class, checked against its constructor. With
+``save=True`` the final evaluation also writes its per-example outputs to
+``<workdir>/artifacts/`` (a stage's artifacts: bootstrap intervals, plots). An
+evaluator is ``cls(ctx: EvalContext, **options)`` -- the constructor loads and
+checks its data, so bad input fails before any compilation -- with
+``evaluate(state, *, plots_dir=None, final=False) -> {result key: float}``.
+
+Evaluators of one round share predictions through the context (the test
+split's logits are computed once for the classification and OOD evaluators).
+Result keys are flat and name what they measure: ``test/accuracy``,
+``ood/<score>/<set>/<metric>``, ``robust/<attack>/accuracy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxrobust.data import pipeline
+from jaxrobust.data import sources
+from jaxrobust.modules import CLASSIFIER, Module
+from jaxrobust.predict import Predictor
+from jaxrobust.registry import Registry, RegistryError
+
+EVALUATORS = Registry("evaluator")
+COMMON_KEYS = ("type", "every_steps", "module")
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What an evaluator gets from the trainer.
+
+  Attributes:
+    config: the run's config.
+    modules: name -> :class:`~jaxrobust.modules.Module`.
+    module: the module this evaluator evaluates.
+    predictor: compiled per-example predictions of that module.
+    num_classes: K of the task.
+    image_shape: (H, W, C) the module takes.
+  """
+  config: ml_collections.ConfigDict
+  modules: Mapping[str, Module]
+  module: str
+  predictor: Predictor
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  where: str
+  save_dir: str | None = None
+  _round: dict[Any, Any] = dataclasses.field(default_factory=dict)
+  _loaded: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+  def load(self, name: str, split: str, *, key: str) -> Any:
+    """A split's source (cached), checked to have the module's image shape."""
+    cache_key = (name, split)
+    if cache_key not in self._loaded:
+      cfg = self.config.data
+      spec = sources.get_spec(name, data_dir=cfg.data_dir)
+      got = pipeline.image_shape(spec, cfg.image_size)
+      if got != tuple(self.image_shape):
+        raise ValueError(f"{self.where}.{key}: {name}:{split} has images of shape {got}; the "
+                         f"model takes {tuple(self.image_shape)}.")
+      if spec.splits and split not in spec.splits and "[" not in split and "+" not in split:
+        raise ValueError(f"{self.where}.{key}: dataset {name!r} has no split {split!r}; it has "
+                         f"{sorted(spec.splits)}.")
+      self._loaded[cache_key] = pipeline.load_split(
+          name, split, data_dir=cfg.data_dir, cache=cfg.cache, image_size=cfg.image_size)
+    return self._loaded[cache_key]
+
+  def predict(self, state: Any, source: Any, fields, *, perturb=None, perturb_key: str = "",
+              scores: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray]:
+    """Predictions of this round, cached by (source, fields, perturbation)."""
+    scores = dict(scores or {})
+    key = (id(source), tuple(fields), perturb_key, tuple(sorted(scores)))
+    if key not in self._round:
+      variables = state.modules[self.module].variables
+      self._round[key] = self.predictor(variables, source, fields=fields, perturb=perturb,
+                                        perturb_key=perturb_key, scores=scores)
+    return self._round[key]
+
+  def new_round(self) -> None:
+    self._round.clear()
+
+  def save(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Writes per-example outputs to ``<workdir>/artifacts/<name>.npz`` (a
+    stage's artifacts, for a recipe), from process 0."""
+    if self.save_dir is None:
+      raise ValueError(f"{self.where}: this evaluator has nowhere to save outputs.")
+    if jax.process_index() == 0:
+      from jaxrobust.artifacts import write_npz
+      write_npz(os.path.join(self.save_dir, name + ".npz"), arrays)
+
+
+class Evaluator:
+  """Base class: stores the context and ``every_steps``."""
+  every_steps: int = -1
+
+  def __init__(self, ctx: EvalContext):
+    self.ctx = ctx
+
+  def evaluate(self, state: Any, *, plots_dir: str | None = None, final: bool = False
+               ) -> dict[str, float]:
+    raise NotImplementedError
+
+
+def parse_set(entry: str, where: str) -> tuple[str, str]:
+  """``'blobs/gray:test'`` -> (``'blobs/gray'``, ``'test'``)."""
+  name, _, split = str(entry).rpartition(":")
+  if not name:
+    raise ValueError(f"{where}: {entry!r} must be 'dataset[/config]:split'.")
+  return name, split
+
+
+def build_evaluators(config: ml_collections.ConfigDict, modules: Mapping[str, Module], *,
+                     num_classes: int, image_shape: tuple[int, int, int],
+                     batch_sharding: jax.sharding.NamedSharding,
+                     save_dir: str | None = None) -> dict[str, Evaluator]:
+  """Every evaluator of ``config.evaluators``, data loaded and options checked;
+  ``save_dir`` receives per-example outputs of evaluators asked to save them."""
+  out: dict[str, Evaluator] = {}
+  predictors: dict[str, Predictor] = {}
+  rounds: dict[str, dict] = {}  # per module: predictions shared by a round's evaluators
+  loaded: dict = {}
+  for key, cfg in config.evaluators.items():
+    where = f"config.evaluators.{key}"
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    if "type" not in cfg:
+      raise RegistryError(f"{where} has no 'type' (one of {', '.join(EVALUATORS.names())}).")
+    module = cfg.pop("module", CLASSIFIER)
+    if module not in modules:
+      raise RegistryError(f"{where}.module={module!r}: no such module; modules: "
+                          f"{sorted(modules)}.")
+    every = cfg.pop("every_steps", None)
+    if module not in predictors:
+      predictors[module] = Predictor(modules[module], batch_size=config.eval_batch_size,
+                                     batch_sharding=batch_sharding)
+      rounds[module] = {}
+    ctx = EvalContext(config, modules, module, predictors[module], num_classes, image_shape,
+                      where, save_dir, rounds[module], loaded)
+    kind = cfg.pop("type")
+    spec = {"name": kind, **cfg}
+    evaluator = EVALUATORS.build(spec, where=where, runtime=("ctx",))(ctx)
+    evaluator.every_steps = int(config.eval_every_steps if every is None else every)
+    out[key] = evaluator
+  return out
+
+
+def run(evaluators: Mapping[str, Evaluator], state: Any, *, step: int | None = None,
+        plots_dir: str | None = None, final: bool = False) -> dict[str, float]:
+  """Runs the evaluators due at ``step`` (all when ``step`` is None); ``final``
+  marks the end-of-run evaluation (evaluators then save their outputs)."""
+  results: dict[str, float] = {}
+  for e in evaluators.values():
+    e.ctx.new_round()
+  for e in evaluators.values():
+    if step is None or (e.every_steps > 0 and step % e.every_steps == 0):
+      results.update(e.evaluate(state, plots_dir=plots_dir, final=final))
+  for e in evaluators.values():
+    e.ctx.new_round()
+  return results
+
+
+@functools.cache
+def _register_builtin() -> None:
+  from jaxrobust.evaluators import classification, ood, robust  # noqa: F401
+
+
+_register_builtin()

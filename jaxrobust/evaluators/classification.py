@@ -1,0 +1,91 @@
+"""Classification and calibration on the task's eval splits.
+
+Result keys per split: ``<split>/accuracy``, ``<split>/nll``, ``<split>/brier``
+(sum over classes), ``<split>/rms_calibration_error`` (Hendrycks et al.'s
+adaptive bins of ``calibration_bin_size`` examples, every bin counted; see
+:func:`jaxrobust.metrics.calibration.rms_calibration_error`), ``<split>/ece``
+(``ece_bins`` equal-width bins, l1) and ``<split>/num_examples``. The
+reliability diagram of the last split goes to ``plots/reliability_<split>.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxrobust.evaluators import EVALUATORS, EvalContext, Evaluator
+from jaxrobust.metrics import calibration
+
+
+def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
+              ece_bins: int = 15) -> dict[str, float]:
+  """Accuracy, NLL, Brier, RMS calibration error and ECE of logits [N, K]."""
+  logits = np.asarray(logits, np.float64)
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  probs = np.exp(logp)
+  correct = (probs.argmax(-1) == labels).astype(np.float32)
+  conf = probs.max(-1)
+  onehot = np.eye(logits.shape[-1])[labels]
+  return {
+      "accuracy": float(correct.mean()),
+      "nll": float(-logp[np.arange(len(labels)), labels].mean()),
+      "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
+      "rms_calibration_error": float(calibration.rms_calibration_error(
+          conf, correct, bin_size=bin_size)),
+      "ece": float(calibration.expected_calibration_error(conf, correct, num_bins=ece_bins)),
+      "num_examples": float(len(labels)),
+  }
+
+
+@EVALUATORS.register("classification")
+class Classification(Evaluator):
+  """Accuracy and calibration of the task's splits.
+
+  Args:
+    splits: splits of ``config.data.name`` to evaluate.
+    calibration_bin_size: examples per bin of the RMS calibration error (100,
+      Hendrycks et al.).
+    ece_bins: equal-width bins of the ECE (15, Guo et al.).
+    save: at the end, write ``predictions_<split>.npz`` (``logits``,
+      ``label``, in dataset order) to the run's artifacts.
+  """
+
+  def __init__(self, ctx: EvalContext, splits: Sequence[str] = ("validation", "test"),
+               calibration_bin_size: int = 100, ece_bins: int = 15, save: bool = False):
+    super().__init__(ctx)
+    self.save = bool(save)
+    if calibration_bin_size < 1 or ece_bins < 1:
+      raise ValueError(f"{ctx.where}: calibration_bin_size and ece_bins must be >= 1.")
+    self.bin_size, self.ece_bins = int(calibration_bin_size), int(ece_bins)
+    name = ctx.config.data.name
+    self.splits = {s: ctx.load(name, s, key="splits") for s in splits}
+
+  def evaluate(self, state: Any, *, plots_dir: str | None = None, final: bool = False
+               ) -> dict[str, float]:
+    results: dict[str, float] = {}
+    last = None
+    for split, source in self.splits.items():
+      out = self.ctx.predict(state, source, ("logits", "label"))
+      for k, v in summarize(out["logits"], out["label"], bin_size=self.bin_size,
+                            ece_bins=self.ece_bins).items():
+        results[f"{split}/{k}"] = v
+      last = (split, out)
+      if self.save and final:
+        self.ctx.save(f"predictions_{split}", {"logits": out["logits"], "label": out["label"]})
+    if plots_dir and last is not None and jax.process_index() == 0:
+      from jaxrobust import plots
+      split, out = last
+      z = out["logits"] - out["logits"].max(-1, keepdims=True)
+      probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+      os.makedirs(plots_dir, exist_ok=True)
+      plots.reliability_diagram(
+          probs.max(-1), (probs.argmax(-1) == out["label"]).astype(np.float32),
+          num_bins=self.ece_bins,
+          title=(f"Reliability, {self.ctx.config.data.name}:{split} "
+                 f"(ECE = {100 * results[f'{split}/ece']:.2f}%)"),
+          path=os.path.join(plots_dir, f"reliability_{split}.png"))
+    return results

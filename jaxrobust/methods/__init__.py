@@ -1,0 +1,9 @@
+"""The papers' methods, one module each, registering their hooks on import.
+
+Importing this package imports every method module, so the trainer and the
+stage runner (which import this package, never a method by name) see every
+registered loss term, score, perturbation, sampler, label source and stage
+task. A new method is a new module here plus one line below.
+"""
+
+from jaxrobust.methods import transfer  # noqa: F401

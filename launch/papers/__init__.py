@@ -1,0 +1,210 @@
+"""The papers of ``python -m launch.reproduce <paper>``: one module per paper,
+each defining ``PAPER`` (a :class:`Paper`), and the machinery they share --
+running a paper's recipe over seeds, tabulating mean ± std with paired
+bootstrap intervals over test examples, and judging each claim.
+
+A claim compares two arms on one metric; its difference (in the claimed
+direction) is averaged over seeds and gets two 95% intervals, one per source
+of noise:
+
+* **seeds** (training randomness): a t-interval of the per-seed differences
+  (the arms of one seed share a recipe run, e.g. the same pre-trained model);
+* **test examples** (the finite test set): a paired bootstrap -- the same
+  resampled test examples for both arms, every seed -- where the metric can
+  be recomputed from saved per-example outputs.
+
+It **holds** when the mean difference is in the claimed direction and every
+interval excludes 0, is **inconclusive** when the direction is right but an
+interval includes 0, and **does not hold** when the mean difference goes the
+other way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import pkgutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.stats import t as t_dist
+
+BOOTSTRAP = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """A result key of an arm, how to print it, and how to bootstrap it.
+
+  Attributes:
+    key: the key in the stage's results (``test/accuracy``).
+    label: column title.
+    higher_is_better: the direction of improvement.
+    bootstrap: ``fn(artifacts, idx) -> value`` recomputing the metric on
+      resampled test examples (``idx`` maps each artifact name to index
+      arrays), or None (seed spread only).
+  """
+  key: str
+  label: str
+  higher_is_better: bool
+  bootstrap: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """``better`` beats ``worse`` on ``metric`` (the paper's statement in ``text``)."""
+  text: str
+  metric: str
+  better: str
+  worse: str
+  source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Paper:
+  """What ``launch.reproduce <name>`` runs and reports."""
+  name: str
+  title: str
+  recipe: Callable[[int, bool], Any]  # (seed, quick) -> recipe ConfigDict
+  arms: Mapping[str, str]  # stage name -> description
+  metrics: Sequence[Metric]
+  claims: Sequence[Claim]
+  protocol: str
+  not_covered: str = ""
+  resample: Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, np.ndarray]] | None = None
+  plots: Sequence[str] = ()
+
+
+def papers() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load_paper(name: str) -> Paper:
+  if name not in papers():
+    from jaxrobust.registry import suggest
+    raise ValueError(f"unknown paper {name!r}{suggest(name, papers())}; known: "
+                     f"{', '.join(papers())}.")
+  return importlib.import_module(f"launch.papers.{name}").PAPER
+
+
+def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool) -> None:
+  from jaxrobust import stages
+  for seed in seeds:
+    t = time.time()
+    stages.run(paper.recipe(seed, quick), os.path.join(workdir, f"seed{seed}"))
+    print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
+
+
+def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict[str, Any]]:
+  stage = os.path.join(workdir, f"seed{seed}", arm)
+  with open(os.path.join(stage, "results.json"), encoding="utf-8") as f:
+    results = json.load(f)
+  arts = {}
+  adir = os.path.join(stage, "artifacts")
+  for fname in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
+    if fname.endswith(".npz"):
+      with np.load(os.path.join(adir, fname), allow_pickle=False) as z:
+        arts[fname[:-4]] = {k: z[k] for k in z.files}
+  return results, arts
+
+
+def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
+  """Mean, std and bootstrap intervals per arm and metric; claim verdicts."""
+  data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in paper.arms}
+  rng = np.random.default_rng(12345)
+  # One set of resampled test indices per bootstrap round, shared by arms and
+  # seeds (they all use the same test examples): paired comparisons.
+  first = data[next(iter(paper.arms))][0][1]
+  rounds = [paper.resample(first, rng) for _ in range(BOOTSTRAP)] if paper.resample else []
+  table: dict[str, dict[str, Any]] = {}
+  boot: dict[tuple[str, str], np.ndarray] = {}
+  for arm, runs in data.items():
+    table[arm] = {}
+    for m in paper.metrics:
+      values = np.array([r[m.key] for r, _ in runs], np.float64)
+      row = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1
+             else 0.0, "seeds": values.tolist()}
+      if m.bootstrap is not None and rounds:
+        dist = np.array([np.mean([m.bootstrap(a, idx) for _, a in runs]) for idx in rounds])
+        boot[(arm, m.key)] = dist
+        row["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
+      table[arm][m.key] = row
+  claims = []
+  metrics = {m.key: m for m in paper.metrics}
+  for c in paper.claims:
+    m = metrics[c.metric]
+    sign = 1.0 if m.higher_is_better else -1.0
+    diff = sign * (table[c.better][c.metric]["mean"] - table[c.worse][c.metric]["mean"])
+    per_seed = sign * (np.array(table[c.better][c.metric]["seeds"])
+                       - np.array(table[c.worse][c.metric]["seeds"]))
+    entry = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
+             "worse": c.worse, "difference": float(diff), "per_seed": per_seed.tolist(),
+             "seeds_in_direction": int((per_seed > 0).sum())}
+    lows = []
+    if len(per_seed) > 1:
+      half = float(t_dist.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1)
+                   / np.sqrt(len(per_seed)))
+      entry["seed_ci95"] = [float(diff - half), float(diff + half)]
+      lows.append(diff - half)
+    if (c.better, c.metric) in boot:
+      d = sign * (boot[(c.better, c.metric)] - boot[(c.worse, c.metric)])
+      entry["test_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+      lows.append(entry["test_ci95"][0])
+    entry["verdict"] = ("does not hold" if diff <= 0 else
+                        "holds" if lows and min(lows) > 0 else "inconclusive")
+    claims.append(entry)
+  return {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
+          "claims": claims, "bootstrap_rounds": BOOTSTRAP if rounds else 0}
+
+
+def _fmt(row: Mapping[str, Any]) -> str:
+  s = f"{row['mean']:.4f} ± {row['std']:.4f}"
+  if "ci95" in row:
+    s += f" [{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
+  return s
+
+
+def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: bool) -> str:
+  lines = [f"# Reproduction: {paper.title}", "",
+           f"`python -m launch.reproduce {paper.name} --workdir {workdir}"
+           + (" --quick" if quick else "") + f"`: {len(summary['seeds'])} seeds "
+           f"({', '.join(map(str, summary['seeds']))})" + (" — **quick mode: reduced training, "
+                                                            "not the reference numbers**" if quick
+                                                            else "") + ".", "",
+           "## Protocol", "", paper.protocol, "",
+           "## Results", "",
+           "Mean ± std over seeds (training randomness), then in brackets the 95% interval of "
+           f"the seed mean over test examples ({summary['bootstrap_rounds']} bootstrap rounds, "
+           "seeds fixed) where the metric can be recomputed from saved per-example outputs.", ""]
+  header = "| arm | " + " | ".join(m.label for m in paper.metrics) + " |"
+  lines += [header, "|" + "---|" * (len(paper.metrics) + 1)]
+  for arm, desc in paper.arms.items():
+    cells = [_fmt(summary["table"][arm][m.key]) for m in paper.metrics]
+    lines.append(f"| **{arm}** ({desc}) | " + " | ".join(cells) + " |")
+  lines += ["", "## Claims", ""]
+  for c in summary["claims"]:
+    ci = ""
+    for key, what in (("seed_ci95", "over seeds"), ("test_ci95", "over test examples")):
+      if key in c:
+        ci += f", 95% interval {what} [{c[key][0]:+.4f}, {c[key][1]:+.4f}]"
+    lines.append(
+        f"- **{c['verdict']}** — {c['claim']} ({c['source']}). `{c['metric']}`: {c['better']} vs "
+        f"{c['worse']}, improvement {c['difference']:+.4f}{ci}; in the claimed direction for "
+        f"{c['seeds_in_direction']} of {len(c['per_seed'])} seeds "
+        f"({', '.join(f'{d:+.4f}' for d in c['per_seed'])}).")
+  if paper.not_covered:
+    lines += ["", "## Not covered here", "", paper.not_covered]
+  if paper.plots:
+    lines += ["", "## Plots (seed 0)", ""]
+    lines += [f"- [{p}](seed{summary['seeds'][0]}/{p})" for p in paper.plots]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return text
+
+

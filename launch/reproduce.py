@@ -1,0 +1,59 @@
+"""Re-measure a paper's claims on the embedded benchmark, over seeds.
+
+  python -m launch.reproduce hendrycks2019 --workdir runs/repro_hendrycks [--quick] [--seeds 3]
+
+Each paper (``launch/papers/<paper>.py``) defines a recipe per seed, the arms
+to compare (stages of that recipe), the metrics to tabulate and its claims.
+The runs go to ``<workdir>/seed<k>/`` (re-running the command resumes: finished
+stages are skipped, an interrupted one resumes from its checkpoint); then
+
+* ``<workdir>/report.md`` -- the protocol, a table of mean ± std over seeds
+  with a 95% bootstrap interval over test examples next to every mean, and each
+  claim marked **holds** / **inconclusive** / **does not hold** with its
+  numbers;
+* ``<workdir>/report.json`` -- the same, machine-readable.
+
+How claims are judged: :mod:`launch.papers`. Nothing is tuned here:
+hyperparameters come from the recipes, chosen on validation splits.
+"""
+
+import os
+
+from absl import app, flags
+
+from jaxrobust.xla_flags import with_cpu_conv_tuning
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and the report go.", required=True)
+_QUICK = flags.DEFINE_bool("quick", False, "A reduced version (shorter training), for a smoke test.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from finished runs.")
+
+
+def main(argv):
+  if len(argv) != 2:
+    from launch.papers import papers
+    raise app.UsageError(f"usage: python -m launch.reproduce PAPER --workdir DIR; papers: "
+                         f"{', '.join(papers())}")
+  os.environ["XLA_FLAGS"] = with_cpu_conv_tuning(os.environ.get("XLA_FLAGS", "")).strip()
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  from launch import papers
+  try:
+    paper = papers.load_paper(argv[1])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  seeds = list(range(_SEEDS.value))
+  if len(seeds) < 3:
+    print(f"warning: {len(seeds)} seed(s); one seed proves nothing on this benchmark.")
+  if not _REPORT_ONLY.value:
+    papers.run_seeds(paper, workdir, seeds, _QUICK.value)
+  print(papers.write_report(paper, papers.summarize(paper, workdir, seeds), workdir,
+                            _QUICK.value))
+  print(f"report: {os.path.join(workdir, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

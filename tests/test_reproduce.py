@@ -1,0 +1,92 @@
+"""launch.reproduce (launch.papers): aggregation over seeds, paired bootstrap intervals, claim
+verdicts and the report, on synthetic runs; the hendrycks2019 bootstrap metrics
+agree with jaxrobust.metrics."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from launch import papers as reproduce
+from launch.papers import hendrycks2019 as h2019
+from jaxrobust.metrics import calibration, ood
+
+
+def test_bootstrap_metrics_match_the_library():
+  rng = np.random.default_rng(0)
+  conf = rng.uniform(0.1, 1.0, 360)
+  correct = (rng.uniform(size=360) < conf).astype(np.float64)
+  np.testing.assert_allclose(h2019._rms(conf, correct),
+                             float(calibration.rms_calibration_error(conf, correct)), rtol=1e-5)
+  s_in = np.round(rng.normal(1, 1, 300), 1)  # ties
+  s_out = np.round(rng.normal(0, 1, 700), 1)
+  np.testing.assert_allclose(h2019._auroc(s_in, s_out), float(ood.auroc(s_in, s_out)),
+                             rtol=1e-6)
+
+
+def _paper(claims):
+  def acc(arts, idx):
+    return float(arts["p"]["correct"][idx["test"]].mean())
+  return reproduce.Paper(
+      name="toy", title="toy", recipe=lambda seed, quick: None,
+      arms={"good": "better arm", "bad": "worse arm"},
+      metrics=(reproduce.Metric("test/accuracy", "accuracy", True, acc),
+               reproduce.Metric("test/nll", "NLL", False)),
+      claims=claims, protocol="synthetic",
+      resample=lambda arts, rng: {"test": rng.integers(0, 200, 200)})
+
+
+def _write_runs(root, p_good, p_bad, seeds=3):
+  rng = np.random.default_rng(1)
+  for s in range(seeds):
+    for arm, p in (("good", p_good), ("bad", p_bad)):
+      d = root / f"seed{s}" / arm
+      os.makedirs(d / "artifacts")
+      correct = (rng.uniform(size=200) < p).astype(np.float64)
+      json.dump({"test/accuracy": correct.mean(), "test/nll": 1.0 - p + 0.01 * s},
+                open(d / "results.json", "w"))
+      np.savez(d / "artifacts" / "p.npz", correct=correct)
+
+
+@pytest.mark.parametrize("p_good, p_bad, verdict", [
+    (0.95, 0.60, "holds"), (0.70, 0.69, "inconclusive"), (0.60, 0.95, "does not hold")])
+def test_claim_verdicts_and_report(tmp_path, p_good, p_bad, verdict):
+  _write_runs(tmp_path, p_good, p_bad)
+  paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad", "toy §1"),
+                  reproduce.Claim("good has lower NLL", "test/nll", "good", "bad")))
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  row = summary["table"]["good"]["test/accuracy"]
+  assert len(row["seeds"]) == 3 and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+  claim = summary["claims"][0]
+  assert claim["verdict"] == verdict
+  for key in ("seed_ci95", "test_ci95"):
+    lo, hi = claim[key]
+    assert lo <= claim["difference"] <= hi
+  # Without a bootstrap, the seeds decide (NLL: lower is better; the seeds'
+  # NLL differences are constant, so their interval is a point).
+  assert summary["claims"][1]["verdict"] == ("holds" if p_good > p_bad else "does not hold")
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
+  assert f"**{verdict}** — good beats bad (toy §1)" in text
+  assert json.load(open(tmp_path / "report.json"))["claims"][0]["verdict"] == verdict
+
+
+def test_unknown_paper_is_named():
+  with pytest.raises(Exception, match="unknown paper 'hendrycks2018'.*hendrycks2019"):
+    reproduce.load_paper("hendrycks2018")
+
+
+def test_a_claim_that_holds_over_test_examples_but_not_over_seeds_is_inconclusive(tmp_path):
+  """The test-example bootstrap sees one test set; seed-to-seed spread is a
+  different noise, and a claim must survive both."""
+  _write_runs(tmp_path, 0.9, 0.9, seeds=3)
+  for s, (good, bad) in enumerate([(0.95, 0.60), (0.60, 0.95), (0.97, 0.62)]):
+    for arm, p in (("good", good), ("bad", bad)):
+      correct = (np.arange(200) < p * 200).astype(np.float64)
+      json.dump({"test/accuracy": correct.mean(), "test/nll": 0.1},
+                open(tmp_path / f"seed{s}" / arm / "results.json", "w"))
+      np.savez(tmp_path / f"seed{s}" / arm / "artifacts" / "p.npz", correct=correct)
+  paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad"),))
+  claim = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])["claims"][0]
+  assert claim["test_ci95"][0] > 0 > claim["seed_ci95"][0]
+  assert claim["verdict"] == "inconclusive"

@@ -1,0 +1,209 @@
+"""Recipes: stages in data-flow order, artifacts passed forward (a predict
+dump, a derived K×K matrix read through constants), done markers, results under
+each stage's name, clear errors before any compilation, and kill-and-resume in
+the second stage."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from jaxrobust import artifacts as artifacts_lib
+from jaxrobust import checkpoint as ckpt_lib
+from jaxrobust import losses, stages
+from jaxrobust import train_step as step_lib
+from jaxrobust.registry import RegistryError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A tiny method: the per-class mean of predicted probabilities over a split
+# (GLC's estimate of the corruption matrix) as a stage task, and a loss term
+# that reads the matrix through config.constants.
+if "_test_class_mean_probs" not in stages.TASKS:
+  @stages.TASKS.register("_test_class_mean_probs")
+  def _class_mean_probs(ctx, *, predictions: str, size: int = 0):
+    d = ctx.artifacts.load(predictions)
+    probs, labels = d["probs"], d["label"]
+    k = size or probs.shape[1]
+    c = np.stack([probs[labels == i, :k].mean(0) for i in range(k)])
+    ctx.artifacts.save("C", {"C": c.astype(np.float32)})
+    return {"trace": float(np.trace(c))}
+
+if "_test_uses_matrix" not in losses.LOSSES:
+  @losses.LOSSES.register("_test_uses_matrix",
+                          info={"constants": lambda o, k: {o["matrix"]: (k, k)}})
+  def _uses_matrix(inputs, *, matrix="C"):
+    return jnp.zeros(()), {"matrix_trace": jnp.trace(inputs.constants[matrix])}
+
+
+def _tiny(data_dir, steps=3):
+  c = default.get_config("smoke")
+  c.data.data_dir = str(data_dir)
+  c.progress_bar = False
+  c.num_steps = steps
+  c.model.kwargs.stage_widths = ((8,), (16,))
+  c.evaluators.ood.sets = {}
+  c.evaluators.classification.splits = ("test",)
+  return c
+
+
+def _recipe(data_dir, matrix_size=0):
+  c = _tiny(data_dir)
+  c.stages = {
+      "base": {"task": "train"},
+      "dump": {"task": "predict", "checkpoint": "artifact:base/checkpoint", "split": "validation",
+               "fields": ("probs", "label", "msp")},
+      "matrix": {"task": "_test_class_mean_probs", "predictions": "artifact:dump/predictions",
+                 "size": matrix_size},
+      "corrected": {"task": "train", "config": {
+          "constants": {"C": "artifact:matrix/C"},
+          "losses": {"uses": {"name": "_test_uses_matrix", "matrix": "C", "weight": 0.0}}}},
+  }
+  return c
+
+
+def test_recipe_passes_artifacts_and_reports_every_stage(tmp_path, data_dir):
+  results = stages.run(_recipe(data_dir), str(tmp_path))
+  # Stages ran in data-flow order, each in its own directory, each marked done.
+  for s in ("base", "dump", "matrix", "corrected"):
+    assert os.path.exists(tmp_path / s / stages.DONE)
+  assert {"base/test/accuracy", "corrected/test/accuracy", "matrix/trace",
+          "dump/predictions/num_examples"} <= set(results)
+  assert json.load(open(tmp_path / "results.json")) == pytest.approx(results)
+  # The dump is in dataset index order and matches the checkpoint's predictions.
+  d = np.load(tmp_path / "dump" / "artifacts" / "predictions.npz", allow_pickle=False)
+  np.testing.assert_array_equal(d["index"], np.arange(180))
+  from jaxrobust.data import pipeline
+  src = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
+  np.testing.assert_array_equal(d["label"], src.labels)
+  np.testing.assert_allclose(d["msp"], d["probs"].max(1), rtol=1e-6)
+  # The corrected stage read the K x K matrix through config.constants.
+  c = np.load(tmp_path / "matrix" / "artifacts" / "C.npz")["C"]
+  metrics = [json.loads(l) for l in open(tmp_path / "corrected" / "metrics.jsonl")]
+  traces = [m["train/matrix_trace"] for m in metrics if "train/matrix_trace" in m]
+  np.testing.assert_allclose(traces[-1], np.trace(c), rtol=1e-5)
+
+
+def test_finished_stages_are_skipped_on_restart(tmp_path, data_dir):
+  c = _tiny(data_dir)
+  c.stages = {"a": {"task": "train"}, "b": {"task": "train", "after": ("a",),
+                                            "config": {"seed": 1}}}
+  first = stages.run(c, str(tmp_path))
+  with mock.patch.object(stages, "train_task", side_effect=AssertionError("ran again")):
+    again = stages.run(c, str(tmp_path))
+  assert again == pytest.approx(first)
+
+
+def _no_compilation():
+  return mock.patch.object(step_lib, "make_train_step",
+                           side_effect=AssertionError("compiled before the error"))
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda c: c.stages.dump.update({"checkpoint": "artifact:bsae/checkpoint"}),
+     artifacts_lib.ArtifactError, r"stages.dump: checkpoint='artifact:bsae/checkpoint' refers "
+                                  r"to stage 'bsae', which is not in the recipe \(did you mean "
+                                  r"'base'"),
+    (lambda c: c.stages.update({"x": {"task": "trian"}}),
+     RegistryError, r"config.stages.x: unknown stage task 'trian' \(did you mean 'train'"),
+    (lambda c: c.stages.dump.update({"feilds": ("probs",)}),
+     RegistryError, r"stages.dump: stage task 'predict' got unknown option\(s\) \['feilds'\]"),
+    (lambda c: c.stages.corrected.config.update({"optimizer": {"learnig_rate": 0.1}}),
+     ValueError, r"stages.corrected.config.optimizer.learnig_rate: no such key.*learning_rate"),
+    (lambda c: c.stages.base.update({"after": ("corrected",)}),
+     ValueError, "depend on each other"),
+])
+def test_recipe_errors_before_anything_runs(tmp_path, data_dir, edit, error, match):
+  c = _recipe(data_dir)
+  edit(c)
+  with _no_compilation(), pytest.raises(error, match=match):
+    stages.run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "base")
+
+
+def test_missing_artifact_and_wrong_matrix_shape_fail_before_the_stage_compiles(
+    tmp_path, data_dir):
+  c = _recipe(data_dir, matrix_size=3)  # a 3x3 matrix for a 10-class task
+  c.stages.matrix.task = "_test_class_mean_probs"
+  results_dir = str(tmp_path)
+  # Run the first three stages, then the fourth must fail on the shape.
+  with pytest.raises(RegistryError, match=r"config.losses.uses: constant 'C' has shape "
+                                          r"\(3, 3\); this term needs \(10, 10\)"):
+    with mock.patch.object(step_lib, "make_train_step", wraps=step_lib.make_train_step) as m:
+      try:
+        stages.run(c, results_dir)
+      finally:
+        # base trained (one compile); corrected failed before compiling.
+        assert m.call_count == 1
+  c = _recipe(data_dir)
+  c.stages.corrected.config.constants = {"C": "artifact:matrix/D"}
+  with pytest.raises(artifacts_lib.ArtifactError,
+                     match=r"config.constants.C: 'artifact:matrix/D': stage 'matrix' has no "
+                           r"artifact 'D'; it has: C"):
+    stages.run(c, results_dir)
+
+
+def test_artifacts_round_trip_without_pickle(tmp_path):
+  a = artifacts_lib.Artifacts(str(tmp_path), ["s", "t"], "s")
+  ref = a.save("arrays", {"x": np.arange(3), "y": np.ones((2, 2))})
+  a.save("one", np.eye(2))
+  a.save("info", {"note": "json", "k": 3})
+  b = artifacts_lib.Artifacts(str(tmp_path), ["s", "t"], "t")
+  assert ref == "artifact:s/arrays"
+  np.testing.assert_array_equal(b.load("artifact:s/arrays:x"), np.arange(3))
+  assert sorted(b.load("artifact:s/arrays")) == ["x", "y"]
+  np.testing.assert_array_equal(b.load("artifact:s/one"), np.eye(2))
+  assert b.load("artifact:s/info") == {"note": "json", "k": 3}
+  assert b.load("artifact:s/info:k") == 3
+  with pytest.raises(artifacts_lib.ArtifactError, match="can only use artifacts of earlier"):
+    artifacts_lib.Artifacts(str(tmp_path), ["s", "t"], "s").load("artifact:s/one")
+
+
+def _launch(workdir, data_dir):
+  cmd = [sys.executable, "-m", "launch.train", "--config", "tests/run_configs/two_stage.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_recipe_killed_in_its_second_stage_resumes_bit_identically(tmp_path, data_dir):
+  killed = tmp_path / "killed"
+  # The uninterrupted reference runs meanwhile, in its own process.
+  straight = _launch(tmp_path / "straight", data_dir)
+  proc = _launch(killed, data_dir)
+  ckpts = killed / "finetune" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+    if any(4 <= s < 30 for s in done):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(killed / "pretrain" / stages.DONE)
+  assert not os.path.exists(killed / "finetune" / stages.DONE)
+  done_mtime = os.path.getmtime(killed / "pretrain" / stages.DONE)
+
+  resumed = _launch(killed, data_dir)
+  out = resumed.communicate(timeout=600)[0].decode()
+  assert resumed.returncode == 0, out[-3000:]
+  assert os.path.getmtime(killed / "pretrain" / stages.DONE) == done_mtime  # skipped
+  out = straight.communicate(timeout=600)[0].decode()
+  assert straight.returncode == 0, out[-3000:]
+  a, _ = ckpt_lib.load_pretrained(str(killed / "finetune"))
+  b, _ = ckpt_lib.load_pretrained(str(tmp_path / "straight" / "finetune"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  ra = json.load(open(killed / "results.json"))
+  rb = json.load(open(tmp_path / "straight" / "results.json"))
+  assert ra["finetune/test/nll"] == rb["finetune/test/nll"]
+  assert ra["pretrain/validation/accuracy"] == rb["pretrain/validation/accuracy"]
