@@ -53,6 +53,9 @@ class PerturbContext:
     num_classes: K.
     batch: the stream's other per-example fields (``soft_label``, ``weight``,
       ``index``, ...).
+    outputs_fn: ``x01 -> {'logits', 'features'}`` (for perturbations of the
+      features, e.g. Mahalanobis pre-processing), or None.
+    fitted: a score's fitted state (class means, precision), or None.
   """
   logits_fn: Callable[[Array], Array]
   x: Array
@@ -61,6 +64,8 @@ class PerturbContext:
   rng: Array
   num_classes: int
   batch: Mapping[str, Array] = dataclasses.field(default_factory=dict)
+  outputs_fn: Callable[[Array], Mapping[str, Array]] | None = None
+  fitted: Any = None
 
   def cross_entropy(self, x: Array, labels: Array) -> Array:
     """Per-example softmax cross-entropy of ``logits_fn(x)``; 0 where the
@@ -83,6 +88,14 @@ def _check_eps(eps: float, what: str = "eps") -> None:
     return
   if not eps >= 0:
     raise RegistryError(f"{what} must be >= 0 (pixel units of [0, 1] images), got {eps!r}.")
+
+
+def sign_step(x: Array, grad: Array, step: float) -> Array:
+  """``x − step · sign⁺(grad)`` with the reference's sign: ``torch.ge(grad,
+  0)`` mapped to ±1, so a zero gradient counts as +1 (ODIN and Mahalanobis
+  pre-processing in the ODIN, Mahalanobis and energy code). Not clipped, as
+  there."""
+  return x - step * jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)
 
 
 def fgsm(loss_fn: LossFn, x: Array, y: Array, *, eps: float,

@@ -131,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
        "calibration_bin_size": 100, "ece_bins": 15})
   c.evaluators.ood = ml_collections.ConfigDict(
       {"type": "ood", "sets": ml_collections.ConfigDict(), "scores": ("msp", "energy"),
-       "split": "test", "preset": "hendrycks", "fraction": 0.2, "draws": 5})
+       "split": "test", "preset": "hendrycks",
+       # None: the preset's protocol (hendrycks: 1 OOD per 5 test images, 5 draws).
+       "fraction": config_dict.placeholder(float), "draws": config_dict.placeholder(int)})
   c.plots = True
 
   # A recipe: stage name -> {task, config (overrides of this config), after,

@@ -178,11 +178,13 @@ class Term:
 def build_terms(losses: Mapping[str, Any], keys: Sequence[str] | None = None, *,
                 num_classes: int | None = None,
                 constants: Mapping[str, Any] | None = None,
-                streams: Sequence[str] | None = None, where: str = "config.losses"
-                ) -> list[Term]:
+                streams: Sequence[str] | None = None, where: str = "config.losses",
+                resolve: Callable[[Any, str], Any] | None = None) -> list[Term]:
   """The terms of ``config.losses`` named by ``keys`` (all when None), each
   with options checked against its signature, its streams and constants
-  checked, before any compilation."""
+  checked, before any compilation. ``resolve(value, where)`` replaces option
+  values that are artifact references (a margin computed by an earlier
+  stage) by what they point to."""
   losses = {k: dict(v) for k, v in dict(losses).items()}
   keys = list(losses) if keys is None else list(keys)
   if not keys:
@@ -194,17 +196,19 @@ def build_terms(losses: Mapping[str, Any], keys: Sequence[str] | None = None, *,
       raise RegistryError(f"{where}: no loss term {key!r}{suggest(key, losses)}; "
                           f"defined: {sorted(losses)}.")
     cfg = dict(losses[key])
+    if resolve is not None:
+      cfg = {k: resolve(v, f"{where}.{key}.{k}") for k, v in cfg.items()}
     weight = float(cfg.pop("weight", 1.0))
     name = cfg.pop("name", key)
     normalize_by = cfg.pop("normalize_by", None) or None
     fn = LOSSES.build({"name": name, **cfg}, where=f"{where}.{key}", runtime=("inputs",))
-    for opt, value in fn.keywords.items():
+    options = LOSSES.options_with_defaults(fn)
+    for opt, value in options.items():
       if streams is not None and (opt == "stream" or opt.endswith("_stream")) and (
           value not in streams):
         raise RegistryError(f"{where}.{key}.{opt}={value!r}: there is no such stream "
                             f"(config.streams has {sorted(streams)}).")
     info = LOSSES.info(name)
-    options = LOSSES.options_with_defaults(fn)
     if "check" in info:
       try:
         info["check"](options, num_classes)

@@ -18,7 +18,8 @@ Fields: ``logits`` (float32 ``[N, K]``), ``features`` (penultimate,
 ``nll`` (per example, 0 for unlabelled), and any OOD score of
 :mod:`jaxrobust.scores` by its result name (``msp``, ``energy``, ...). With a
 ``perturb`` hook the inputs are first perturbed (BatchNorm in eval mode): robust
-accuracy, input pre-processing of ODIN-style scores.
+accuracy, input pre-processing of ODIN-style scores. :meth:`Predictor.reduce`
+streams a split into sums (fits over a training set).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jaxrobust import attacks
 from jaxrobust.data import pipeline
 from jaxrobust.data import pp
 from jaxrobust.modules import Module
+from jaxrobust.scores import ScoreMethod
 
 Array = jax.Array
 BASE_FIELDS = ("logits", "features", "probs", "label", "correct", "nll")
@@ -42,24 +44,29 @@ def to_host(x: jax.Array) -> np.ndarray:
   """A global array as one numpy array on every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
+  if x.is_fully_replicated:  # e.g. a sum over the batch: every process has it whole
+    return np.asarray(x.addressable_data(0))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _per_batch(module: Module, fields: Sequence[str],
                perturb: Callable[[attacks.PerturbContext], Array] | None,
-               scores: Mapping[str, Callable[..., Array]], rng: Array | None
-               ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
-  def fn(variables, batch):
+               scores: Mapping[str, ScoreMethod], rng: Array | None
+               ) -> Callable[[Any, Mapping[str, Array], Any], dict[str, Array]]:
+  def fn(variables, batch, fitted):
     x01 = pp.to_unit_range(batch["image"])
     labels, mask = batch["label"], batch["mask"]
     if perturb is not None:
       ctx = attacks.PerturbContext(
           logits_fn=module.logits_fn(variables, train=False), x=x01, labels=labels, mask=mask,
           rng=rng if rng is not None else jax.random.PRNGKey(0),
-          num_classes=module.num_classes, batch=batch)
+          num_classes=module.num_classes, batch=batch,
+          outputs_fn=_outputs_fn(module, variables),
+          fitted=next(iter(fitted.values()), None) if fitted else None)
       x01 = jax.lax.stop_gradient(perturb(ctx))
     logits, features, _ = module.apply(variables, x01, train=False)
+    outputs = {"logits": logits, "features": features}
     out: dict[str, Array] = {"index": batch["index"], "mask": mask}
     k = logits.shape[-1]
     safe = jnp.clip(labels, 0, k - 1)
@@ -78,11 +85,16 @@ def _per_batch(module: Module, fields: Sequence[str],
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe[:, None], -1)[:, 0]
         out[f] = jnp.where(labels >= 0, nll, 0.0)
       else:
-        score = scores[f]
-        out[f] = score({"logits": logits, "features": features}) if getattr(
-            score, "takes_outputs", False) else score(logits)
+        out[f] = scores[f].score(outputs, fitted.get(f))
     return out
   return fn
+
+
+def _outputs_fn(module: Module, variables: Any) -> Callable[[Array], dict[str, Array]]:
+  def outputs(x):
+    logits, features, _ = module.apply(variables, x, train=False)
+    return {"logits": logits, "features": features}
+  return outputs
 
 
 class Predictor:
@@ -103,8 +115,8 @@ class Predictor:
     self._compiled: dict[Any, Callable] = {}
 
   def _fn(self, fields: tuple[str, ...], perturb, perturb_key: str,
-          scores: Mapping[str, Callable[..., Array]]) -> Callable:
-    key = (fields, perturb_key, tuple(sorted(scores)))
+          scores: Mapping[str, ScoreMethod]) -> Callable:
+    key = (fields, perturb_key, tuple(sorted((n, s.key) for n, s in scores.items())))
     if key not in self._compiled:
       unknown = [f for f in fields if f not in BASE_FIELDS and f not in scores]
       if unknown:
@@ -115,17 +127,24 @@ class Predictor:
 
   def __call__(self, variables: Any, source: Any, *, fields: Sequence[str] = ("logits",),
                perturb: Callable[[attacks.PerturbContext], Array] | None = None,
-               perturb_key: str = "", scores: Mapping[str, Callable[..., Array]] | None = None
-               ) -> dict[str, np.ndarray]:
-    """``{field: array [N, ...]}`` in dataset index order (``perturb_key``
-    names the perturbation for the compile cache)."""
+               perturb_key: str = "", scores: Mapping[str, Any] | None = None,
+               fitted: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """``{field: array [N, ...]}`` in dataset index order.
+
+    ``scores`` maps field names to :class:`~jaxrobust.scores.ScoreMethod` (or
+    plain logit functions); ``fitted`` to their fitted states, passed to the
+    compiled function as arguments (a refit does not recompile);
+    ``perturb_key`` names the perturbation for the compile cache.
+    """
     fields = tuple(dict.fromkeys(fields))
-    fn = self._fn(fields, perturb, perturb_key, dict(scores or {}))
+    scores = {n: _as_method(n, s) for n, s in dict(scores or {}).items()}
+    fitted = {n: (fitted or {}).get(n) for n in scores if (fitted or {}).get(n) is not None}
+    fn = self._fn(fields, perturb, perturb_key, scores)
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in pipeline.eval_batches(source, self.batch_size):
       batch = pipeline.to_global(batch, self.batch_sharding)
       # Fetched per batch: bounded work in flight (see trainer.train_and_evaluate).
-      for k, v in fn(variables, batch).items():
+      for k, v in fn(variables, batch, fitted).items():
         chunks.setdefault(k, []).append(to_host(v))
     got = {k: np.concatenate(v) for k, v in chunks.items()}
     keep = got.pop("mask")
@@ -136,3 +155,37 @@ class Predictor:
                          f"{n} examples ({len(index)} rows); the eval pipeline is broken.")
     order = np.argsort(index, kind="stable")
     return {k: v[keep][order] for k, v in got.items()}
+
+  def reduce(self, variables: Any, source: Any, fn: Callable[..., Mapping[str, Array]],
+             key: str, args: Any = None) -> dict[str, np.ndarray]:
+    """Streams a split through ``fn(outputs, labels, mask, args) -> {name:
+    array}`` (jitted, sharded like predict; ``key`` names it for the compile
+    cache; ``args`` are arrays it receives, e.g. means from a first pass) and
+    sums the results over batches on the host in float64 -- for fits over a
+    whole training set (class means, scatter matrices) without keeping every
+    feature."""
+    cache_key = ("reduce", key)
+    if cache_key not in self._compiled:
+      module = self.module
+
+      def per_batch(variables, batch, args):
+        logits, features, _ = module.apply(variables, pp.to_unit_range(batch["image"]),
+                                           train=False)
+        return fn({"logits": logits, "features": features}, batch["label"], batch["mask"],
+                  args)
+      self._compiled[cache_key] = jax.jit(per_batch)
+    compiled = self._compiled[cache_key]
+    total: dict[str, np.ndarray] = {}
+    for batch in pipeline.eval_batches(source, self.batch_size):
+      batch = pipeline.to_global(batch, self.batch_sharding)
+      for k, v in compiled(variables, batch, args).items():
+        v = to_host(v).astype(np.float64)
+        total[k] = total[k] + v if k in total else v
+    return total
+
+
+def _as_method(name: str, score: Any) -> ScoreMethod:
+  if isinstance(score, ScoreMethod):
+    return score
+  return ScoreMethod(name, lambda outputs, fitted, f=score: f(outputs["logits"]),
+                     key=f"fn{id(score)}")

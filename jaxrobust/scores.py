@@ -21,16 +21,24 @@ energy means in-distribution, so the detection score is ``−E``, exactly what
 dim=1))`` negated once more when it ranks). ``msp`` at ``temperature > 1`` is
 ODIN's temperature-scaled softmax without the input perturbation.
 
-Methods add scores with ``@SCORES.register(name)``. A score that needs more
-than the logits (features, the input gradient) takes ``outputs`` as its first
-argument instead of ``logits``: the OOD evaluator then passes the dict of
-per-example model outputs (``logits``, ``features``) it computed for the batch.
+Methods add scores with ``@SCORES.register(name)``, in one of three forms:
+
+* ``fn(logits, **options) -> [B]`` -- a function of the logits;
+* ``fn(outputs, **options) -> [B]`` -- of the dict of per-example model
+  outputs (``logits``, ``features``);
+* ``fn(**options) -> ScoreMethod`` -- a score with a ``fit`` over training
+  data (Mahalanobis' class means and tied covariance) and/or an input
+  ``perturb``-ation (ODIN's, Mahalanobis' pre-processing): see
+  :class:`ScoreMethod`.
+
+:func:`build` turns every form into a :class:`ScoreMethod`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +50,50 @@ Array = jax.Array
 SCORES = Registry("OOD score")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreMethod:
+  """A score as the OOD evaluator and :class:`~jaxrobust.predict.Predictor` run it.
+
+  Attributes:
+    name: the registered name.
+    score: ``(outputs, fitted) -> [B]``, jittable; ``outputs`` holds the
+      ``logits`` and ``features`` of the (perturbed) batch, ``fitted`` what
+      ``fit`` returned (None without one).
+    perturb: input pre-processing ``(ctx: PerturbContext) -> x01`` run before
+      the forward pass (``ctx.fitted`` is the fitted state), or None.
+    fit: ``(ctx: jaxrobust.evaluators.FitContext) -> pytree of arrays``,
+      computed once per evaluation (the model changes between evaluations),
+      or None.
+    key: what identifies the compiled function (name and options).
+    fit_key: what identifies the fit (the options it depends on): scores
+      that differ only in, e.g., ε share one fit per evaluation.
+  """
+  name: str
+  score: Callable[[Mapping[str, Array], Any], Array]
+  perturb: Callable[..., Array] | None = None
+  fit: Callable[..., Any] | None = None
+  key: str = ""
+  fit_key: str = ""
+
+  def __call__(self, logits_or_outputs: Any, fitted: Any = None) -> Array:
+    """The score of a batch: ``logits`` ``[B, K]`` or an outputs mapping
+    (``logits``, ``features``), without pre-processing (scores with a
+    ``perturb`` need the evaluator or :class:`~jaxrobust.predict.Predictor`)."""
+    outputs = (logits_or_outputs if isinstance(logits_or_outputs, Mapping)
+               else {"logits": logits_or_outputs})
+    return self.score(outputs, fitted)
+
+
 def _check_temperature(temperature: float) -> None:
   if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
     raise RegistryError(f"temperature must be > 0, got {temperature!r}.")
+
+
+def check_epsilon(epsilon: float) -> None:
+  """Input pre-processing steps are >= 0 (pixel units of [0, 1] images)."""
+  if not epsilon >= 0:
+    raise RegistryError(f"epsilon must be >= 0 (pixel units of [0, 1] images), got "
+                        f"{epsilon!r}.")
 
 
 def _logits(logits: Array) -> Array:
@@ -83,21 +132,28 @@ def entropy(logits: Array, temperature: float = 1.0) -> Array:
   return jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def build(spec, *, where: str = "scores") -> Callable[..., Array]:
-  """A registered score with its options bound: ``fn(logits)`` or
-  ``fn(outputs)`` (see the module docstring); ``fn.spec_name`` is its name
-  and ``fn.takes_outputs`` tells which input it wants. Bad options (an
-  unknown one, a temperature <= 0) raise here, before anything is compiled."""
-  name = parse_spec(spec).name
+def build(spec, *, where: str = "scores") -> ScoreMethod:
+  """A registered score, any form, as a :class:`ScoreMethod` with its options
+  bound. Bad options (an unknown one, a temperature <= 0, ε < 0) raise here,
+  before anything is compiled."""
+  parsed = parse_spec(spec)
+  name = parsed.name
   params = list(inspect.signature(SCORES.get(name, where)).parameters)
   first = params[0] if params else None
-  if first not in ("logits", "outputs"):
-    raise RegistryError(f"{where}: score {name!r} must take `logits` or `outputs` first.")
-  fn = SCORES.build(spec, where=where, runtime=(first,))
-  if "temperature" in fn.keywords:
-    try:
+  runtime = (first,) if first in ("logits", "outputs") else ()
+  fn = SCORES.build(spec, where=where, runtime=runtime)
+  key = f"{name}{sorted(fn.keywords.items())}"
+  try:
+    if "temperature" in fn.keywords:
       _check_temperature(fn.keywords["temperature"])
-    except RegistryError as e:
-      raise RegistryError(f"{where}: score {name!r}: {e}") from None
-  fn.takes_outputs = first == "outputs"  # type: ignore[attr-defined]
-  return fn
+    if first == "logits":
+      return ScoreMethod(name, lambda outputs, fitted: fn(outputs["logits"]), key=key)
+    if first == "outputs":
+      return ScoreMethod(name, lambda outputs, fitted: fn(outputs), key=key)
+    method = fn()
+  except RegistryError as e:
+    raise RegistryError(f"{where}: score {name!r}: {e}") from None
+  if not isinstance(method, ScoreMethod):
+    raise RegistryError(f"{where}: score {name!r} must take `logits` or `outputs` first, or "
+                        "return a ScoreMethod.")
+  return dataclasses.replace(method, name=name, key=key, fit_key=method.fit_key or key)

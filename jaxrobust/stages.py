@@ -98,7 +98,12 @@ def merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where
       free = any(key.startswith(f"{where}.{f}") for f in config_lib.FREE_FORM)
       if k not in target and not free:
         raise ValueError(f"{key}: no such key in the config{suggest(k, target.keys())}.")
-      target[k] = ml_collections.ConfigDict(_plain(v)) if hasattr(v, "items") else _plain(v)
+      value = ml_collections.ConfigDict(_plain(v)) if hasattr(v, "items") else _plain(v)
+      try:
+        target[k] = value
+      except TypeError:  # another type than the default (a score list given as a mapping)
+        del target[k]
+        target[k] = value
 
   apply(out, _plain(overrides) or {}, where)
   return out
@@ -108,6 +113,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, dic
   """``{stage: (task name, task options, merged config)}`` in run order, all
   checked: tasks and their options, configs, and every ``artifact:``
   reference names another stage of the recipe (which then runs first)."""
+  from jaxrobust import methods  # noqa: F401  (registers every method's tasks)
   names = list(config.stages.keys())
   checked, uses = {}, {}
   for name in names:
@@ -183,6 +189,102 @@ def train_task(ctx: StageContext) -> dict[str, float]:
   return trainer.train_and_evaluate(ctx.config, ctx.workdir, artifacts=ctx.artifacts)
 
 
+def _built_modules(config: ml_collections.ConfigDict):
+  """(num_classes, image_shape, modules) of a config, as the trainer builds them."""
+  from jaxrobust import trainer
+  from jaxrobust.data import pipeline, sources
+  spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
+  num_classes = trainer.resolve_num_classes(config, spec)
+  image_shape = pipeline.image_shape(spec, config.data.image_size)
+  return num_classes, image_shape, trainer.build_modules(
+      config, num_classes=num_classes, image_shape=image_shape, total_steps=1, steps_per_epoch=1.0)
+
+
+def _checkpoint_path(ctx: StageContext, checkpoint: str) -> str:
+  where = f"config.stages.{ctx.name}.checkpoint"
+  return (ctx.artifacts.path(checkpoint, where) if artifacts_lib.is_ref(checkpoint)
+          else os.path.abspath(checkpoint))
+
+
+def predict_outputs(ctx: StageContext, *, checkpoint: str, data: str = "", split: str = "train",
+                    fields: Sequence[str] = ("logits", "label"), module: str = "classifier"
+                    ) -> dict[str, Any]:
+  """Per-example outputs of a checkpoint's ``module`` over ``data:split``
+  (default: the task's dataset), in dataset index order: the ``predict``
+  task without the saving, for method tasks."""
+  from jaxrobust import predict as predict_lib
+  from jaxrobust import scores as scores_lib
+  from jaxrobust import sharding as sharding_lib
+  from jaxrobust.checkpoint import load_pretrained
+  from jaxrobust.data import pipeline
+  config = ctx.config
+  where = f"config.stages.{ctx.name}"
+  _, _, modules = _built_modules(config)
+  if module not in modules:
+    raise RegistryError(f"{where}.module={module!r}: no such module ({sorted(modules)}).")
+  score_names = [f for f in fields if f not in predict_lib.BASE_FIELDS]
+  scores = {f: scores_lib.build(f, where=f"{where}.fields") for f in score_names}
+  source = pipeline.load_split(data or config.data.name, split, data_dir=config.data.data_dir,
+                               cache=config.data.cache, image_size=config.data.image_size)
+  params, stats = load_pretrained(_checkpoint_path(ctx, checkpoint), module=module, where=f"{where}.checkpoint")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  predictor = predict_lib.Predictor(
+      modules[module], batch_size=config.eval_batch_size,
+      batch_sharding=sharding_lib.data_sharding(mesh, config.data_axes))
+  return predictor({"params": params, "batch_stats": stats}, source, fields=fields, scores=scores)
+
+
+def evaluation_setup(ctx: StageContext, config: ml_collections.ConfigDict, checkpoint: str, *,
+                     modules: Sequence[str] | None = None, save_dir: str | None = None):
+  """The evaluators of ``config.evaluators`` and an ``EvalState`` holding
+  ``checkpoint``'s variables for ``modules`` (default: every module of the
+  config), for stage tasks that evaluate without training. ``checkpoint``: a
+  path or an ``artifact:`` reference."""
+  from jaxrobust import evaluators as evaluators_lib
+  from jaxrobust import sharding as sharding_lib
+  from jaxrobust.checkpoint import load_pretrained
+  from jaxrobust.train_state import ModuleState
+  where = f"config.stages.{ctx.name}"
+  num_classes, image_shape, built = _built_modules(config)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  evaluators = evaluators_lib.build_evaluators(
+      config, built, num_classes=num_classes, image_shape=image_shape,
+      batch_sharding=sharding_lib.data_sharding(mesh, config.data_axes),
+      save_dir=save_dir, artifacts=ctx.artifacts)
+  path = _checkpoint_path(ctx, checkpoint)
+  state = EvalState({name: ModuleState(*load_pretrained(path, module=name,
+                                                         where=f"{where}.checkpoint"), None)
+                     for name in (modules or built)})
+  return evaluators, state
+
+
+@TASKS.register("evaluate")
+def evaluate_task(ctx: StageContext, *, checkpoint: str) -> dict[str, float]:
+  """Runs the config's evaluators (``config.evaluators``) on a checkpoint,
+  without training: e.g. scores tuned by later stages (``tune_score``) on
+  the model an earlier stage trained. Writes ``results.json`` and plots in
+  the stage's directory, like a train stage."""
+  from jaxrobust import evaluators as evaluators_lib
+  from jaxrobust import trainer
+  config = ctx.config
+  config_lib.validate(config)
+  evaluators, state = evaluation_setup(ctx, config, checkpoint,
+                                       save_dir=os.path.join(ctx.workdir, "artifacts"))
+  results = evaluators_lib.run(evaluators, state, final=True,
+                               plots_dir=os.path.join(ctx.workdir, "plots") if config.plots
+                               else None)
+  if jax.process_index() == 0:
+    trainer.write_json(os.path.join(ctx.workdir, "results.json"), results)
+  return results
+
+
+class EvalState:
+  """What evaluators read of a train state: the modules' variables."""
+
+  def __init__(self, modules):
+    self.modules = modules
+
+
 @TASKS.register("predict")
 def predict_task(ctx: StageContext, *, checkpoint: str, data: str = "", split: str = "train",
                  fields: Sequence[str] = ("logits", "label"), name: str = "predictions",
@@ -201,35 +303,9 @@ def predict_task(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
     module: which module of the checkpoint.
   """
   import numpy as np
-
-  from jaxrobust import predict as predict_lib
-  from jaxrobust import scores as scores_lib
-  from jaxrobust import sharding as sharding_lib
-  from jaxrobust import trainer
-  from jaxrobust.checkpoint import load_pretrained
-  from jaxrobust.data import pipeline, sources
-  config = ctx.config
-  where = f"config.stages.{ctx.name}"
-  spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
-  num_classes = trainer.resolve_num_classes(config, spec)
-  image_shape = pipeline.image_shape(spec, config.data.image_size)
-  modules = trainer.build_modules(config, num_classes=num_classes, image_shape=image_shape,
-                                  total_steps=1, steps_per_epoch=1.0)
-  if module not in modules:
-    raise RegistryError(f"{where}.module={module!r}: no such module ({sorted(modules)}).")
-  dataset = data or config.data.name
-  source = pipeline.load_split(dataset, split, data_dir=config.data.data_dir,
-                               cache=config.data.cache, image_size=config.data.image_size)
-  path = (ctx.artifacts.path(checkpoint, f"{where}.checkpoint")
-          if artifacts_lib.is_ref(checkpoint) else os.path.abspath(checkpoint))
-  params, stats = load_pretrained(path, module=module, where=f"{where}.checkpoint")
-  mesh = sharding_lib.make_mesh(config.mesh)
-  predictor = predict_lib.Predictor(modules[module], batch_size=config.eval_batch_size,
-                                    batch_sharding=sharding_lib.data_sharding(mesh,
-                                                                              config.data_axes))
-  score_names = [f for f in fields if f not in predict_lib.BASE_FIELDS]
-  scores = {f: scores_lib.build(f, where=f"{where}.fields") for f in score_names}
-  out = predictor({"params": params, "batch_stats": stats}, source, fields=fields, scores=scores)
-  out["index"] = np.arange(len(source), dtype=np.int64)
+  out = predict_outputs(ctx, checkpoint=checkpoint, data=data, split=split, fields=fields,
+                        module=module)
+  n = len(next(iter(out.values())))
+  out["index"] = np.arange(n, dtype=np.int64)
   ctx.artifacts.save(name, out)
-  return {f"{name}/num_examples": float(len(source))}
+  return {f"{name}/num_examples": float(n)}

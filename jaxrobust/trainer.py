@@ -188,8 +188,15 @@ def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.A
 
 def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Module],
                   stream_steps: Mapping[str, step_lib.StreamStep],
-                  constants: Mapping[str, np.ndarray]) -> list[step_lib.Update]:
-  """The updates of one step, their loss terms built and checked."""
+                  constants: Mapping[str, np.ndarray],
+                  artifacts: artifacts_lib.Artifacts | None = None) -> list[step_lib.Update]:
+  """The updates of one step, their loss terms built and checked (option
+  values that are artifact references are loaded: scalars or arrays)."""
+  def resolve(value, where):
+    if not artifacts_lib.is_ref(value):
+      return value
+    loaded = (artifacts or artifacts_lib.Artifacts()).load(value, where)
+    return float(loaded) if np.ndim(loaded) == 0 else loaded
   through = [n for n in stream_steps if config.streams[n].get("through_model", True)]
   specs = ({"classifier": {"module": CLASSIFIER, "losses": tuple(config.losses.keys()),
                            "streams": tuple(through)}} if not len(config.updates) else
@@ -205,7 +212,8 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
                        f"{m.input_shape}, not images; give it no streams (its loss terms call "
                        "it) -- config.updates.{name}.streams=().")
     terms = losses_lib.build_terms(config.losses, u["losses"], num_classes=m.num_classes,
-                                   constants=constants, streams=list(stream_steps))
+                                   constants=constants, streams=list(stream_steps),
+                                   resolve=resolve)
     out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
                                streams=tuple(u["streams"])))
   return out
@@ -311,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           total_steps=total_steps,
                           steps_per_epoch=streams_lib.steps_per_epoch(main))
   constants = load_constants(config, artifacts)
-  updates = build_updates(config, modules, stream_steps, constants)
+  updates = build_updates(config, modules, stream_steps, constants, artifacts)
   abstract = state_lib.abstract_state(modules)
   for name, m in modules.items():
     where = ("config.model.trainable" if name == CLASSIFIER
@@ -322,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding_lib.replicated(mesh)
   evaluators = evaluators_lib.build_evaluators(
       config, modules, num_classes=num_classes, image_shape=image_shape,
-      batch_sharding=batch_sharding, save_dir=os.path.join(workdir, "artifacts"))
+      batch_sharding=batch_sharding, save_dir=os.path.join(workdir, "artifacts"),
+      artifacts=artifacts)
   meta = _meta(config, modules, abstract)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")

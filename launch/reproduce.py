@@ -35,6 +35,11 @@ def main(argv):
     raise app.UsageError(f"usage: python -m launch.reproduce PAPER --workdir DIR; papers: "
                          f"{', '.join(papers())}")
   os.environ["XLA_FLAGS"] = with_cpu_conv_tuning(os.environ.get("XLA_FLAGS", "")).strip()
+  workdir = os.path.abspath(_WORKDIR.value)
+  # Every seed (and stage) compiles the same programs: keep them on disk.
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if not flags.FLAGS["verbosity"].present:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -43,7 +48,6 @@ def main(argv):
     paper = papers.load_paper(argv[1])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   seeds = list(range(_SEEDS.value))
   if len(seeds) < 3:

@@ -4,10 +4,23 @@ XLA_FLAGS must be set before jax is imported anywhere, hence at the top of the
 conftest (pytest imports it before any test module).
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache per test run, shared by the xdist
+# workers: the many tiny runs compile the same evaluation and step programs
+# (same model, same shapes) in different tests and stages. Removed at the end
+# of the run (pytest_sessionfinish), so every run starts cold, as CI does.
+# xdist workers inherit the controller's environment, hence its run id.
+os.environ.setdefault("JAXROBUST_TEST_RUN", str(os.getpid()))
+JAX_CACHE = os.path.join(tempfile.gettempdir(),
+                         f"jaxrobust-tests-xla-cache-{os.environ['JAXROBUST_TEST_RUN']}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
@@ -18,3 +31,10 @@ def data_dir(tmp_path_factory):
   """A tfds data_dir shared by the tests of one worker; embedded datasets are
   prepared into it on first use."""
   return tmp_path_factory.mktemp("tfds")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """The controller (not an xdist worker) removes the run's compilation cache."""
+  del exitstatus
+  if not hasattr(session.config, "workerinput"):
+    shutil.rmtree(JAX_CACHE, ignore_errors=True)

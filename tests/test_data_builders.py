@@ -110,6 +110,22 @@ def test_glyphs_full_config_sizes():
   assert glyphs.Glyphs.DEFAULT_CONFIG_NAME == "full"
 
 
+def test_glyph_letter_configs_render_one_case():
+  """glyphs/upper and glyphs/lower: 26 classes, their sizes, and label k drawn
+  from the prototypes of CHARACTERS[first + k] (the same bytes as generating
+  from only those prototypes)."""
+  for name, first in (("upper", 10), ("lower", 36)):
+    builder = glyphs.Glyphs(config=name, data_dir="/nonexistent")
+    assert builder.split_sizes() == {"train": 10400, "validation": 1300, "test": 2600}
+    assert builder.builder_config.characters == glyphs.CHARACTERS[first:first + 26]
+  protos = glyphs.prototypes()
+  images, labels = glyphs.generate(glyphs.SEED + 1, "test", 2, protos, first=10, count=26)
+  assert images.shape == (52, 32, 32, 1) and sorted(set(labels)) == list(range(26))
+  only_upper, same = glyphs.generate(glyphs.SEED + 1, "test", 2, protos[:, :, 10:36], count=26)
+  np.testing.assert_array_equal(images, only_upper)
+  np.testing.assert_array_equal(labels, same)
+
+
 def test_glyphs_deterministic_and_splits_differ(data_dir):
   stored, labels = _arrays("glyphs/small", "validation", data_dir, n=20)
   protos = glyphs.prototypes()

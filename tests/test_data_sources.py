@@ -90,7 +90,7 @@ def test_unknown_name_suggests_close_matches(tmp_path):
   assert "glyphs" in str(e.value) and "photo_patches" in str(e.value)
   with pytest.raises(ValueError, match="did you mean .*'cifar10'"):
     sources.get_spec("cifar_10", data_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="glyphs has configs: full, small"):
+  with pytest.raises(ValueError, match="glyphs has configs: full, lower, small, upper"):
     sources.get_spec("glyphs/tiny", data_dir=str(tmp_path))
   with pytest.raises(TypeError, match="non-empty string"):
     sources.get_spec("", data_dir=str(tmp_path))

@@ -90,3 +90,34 @@ def test_a_claim_that_holds_over_test_examples_but_not_over_seeds_is_inconclusiv
   claim = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])["claims"][0]
   assert claim["test_ci95"][0] > 0 > claim["seed_ci95"][0]
   assert claim["verdict"] == "inconclusive"
+
+
+def test_cross_metric_and_non_inferiority_claims(tmp_path):
+  """'arm:metric' sides compare two scores of one arm; a margin turns a claim
+  into "at most this much worse"."""
+  for s in range(3):
+    for arm, (acc, fpr_a, fpr_b) in {"good": (0.99 - 0.001 * s, 0.30, 0.50),
+                                     "bad": (0.995, 0.40, 0.45)}.items():
+      d = tmp_path / f"seed{s}" / arm
+      os.makedirs(d)
+      json.dump({"test/accuracy": acc, "ood/a/fpr95": fpr_a + 0.01 * s, "ood/b/fpr95": fpr_b},
+                open(d / "results.json", "w"))
+  paper = reproduce.Paper(
+      name="toy", title="toy", recipe=lambda seed, quick: None,
+      arms={"good": "g", "bad": "b"},
+      metrics=(reproduce.Metric("test/accuracy", "acc", True),
+               reproduce.Metric("ood/a/fpr95", "a", False),
+               reproduce.Metric("ood/b/fpr95", "b", False)),
+      claims=(reproduce.Claim("score a beats score b", "ood/a/fpr95", "good:ood/a/fpr95",
+                              "good:ood/b/fpr95"),
+              reproduce.Claim("accuracy drops by at most a point", "test/accuracy", "good",
+                              "bad", margin=0.01),
+              reproduce.Claim("accuracy drops by at most 0.1 point", "test/accuracy", "good",
+                              "bad", margin=0.001)),
+      protocol="synthetic")
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  verdicts = [c["verdict"] for c in summary["claims"]]
+  assert verdicts == ["holds", "holds", "does not hold"]
+  np.testing.assert_allclose(summary["claims"][0]["difference"], 0.19, atol=1e-9)
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
+  assert "non-inferiority: holds unless worse by more than 0.01" in text

@@ -46,7 +46,7 @@ def test_entropy_bounds_and_energy_is_negative_free_energy():
 
 def test_scores_jit_and_build_from_specs():
   fn = scores.build("energy(temperature=2)")
-  assert fn.spec_name == "energy" and not fn.takes_outputs
+  assert fn.name == "energy" and fn.perturb is None and fn.fit is None
   np.testing.assert_allclose(jax.jit(fn)(LOGITS), scores.energy(LOGITS, 2.0), rtol=1e-6)
   with pytest.raises(RegistryError, match="temperature must be > 0"):
     scores.build("msp(temperature=0)")

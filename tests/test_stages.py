@@ -96,12 +96,16 @@ def test_recipe_passes_artifacts_and_reports_every_stage(tmp_path, data_dir):
 
 def test_finished_stages_are_skipped_on_restart(tmp_path, data_dir):
   c = _tiny(data_dir)
-  c.stages = {"a": {"task": "train"}, "b": {"task": "train", "after": ("a",),
-                                            "config": {"seed": 1}}}
+  c.stages = {"a": {"task": "train"},
+              "b": {"task": "predict", "after": ("a",), "checkpoint": "artifact:a/checkpoint",
+                    "split": "test"}}
   first = stages.run(c, str(tmp_path))
-  with mock.patch.object(stages, "train_task", side_effect=AssertionError("ran again")):
+  assert list(stages.stage_configs(c)) == ["a", "b"]
+  stamps = {s: os.path.getmtime(tmp_path / s / stages.DONE) for s in ("a", "b")}
+  with mock.patch.object(step_lib, "make_train_step", side_effect=AssertionError("ran again")):
     again = stages.run(c, str(tmp_path))
   assert again == pytest.approx(first)
+  assert stamps == {s: os.path.getmtime(tmp_path / s / stages.DONE) for s in ("a", "b")}
 
 
 def _no_compilation():

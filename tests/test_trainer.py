@@ -258,6 +258,16 @@ def test_hooks_from_config_compile_once(tmp_path, data_dir):
      r"streams.noise: 'blobs/rgb' has images of shape \(32, 32, 3\)"),
     (lambda c: c.init_from.update({"path": "artifact:pretrain/checkpoint"}),
      "this run has no stages"),
+    (lambda c: c.losses.update({"energy_hinge": {"weight": 0.1}}),
+     r"energy_hinge.outlier_stream='outliers': there is no such stream"),
+    (lambda c: c.losses.update({"oe": {"name": "outlier_exposure", "weight": 0.5}}),
+     r"losses.oe.stream='outliers': there is no such stream"),
+    (lambda c: c.streams.update({"outliers": {"data": "glyphs/upper", "split": "train",
+                                              "batch_size": 16}})
+     or c.losses.update({"energy_hinge": {"m_in": -5.0, "m_out": -7.0}}),
+     r"energy_hinge needs m_in < m_out"),
+    (lambda c: c.evaluators.ood.update({"scores": ("odin(temperature=-1)",)}),
+     "temperature must be > 0"),
 ])
 def test_bad_hooks_fail_before_compilation(tmp_path, data_dir, edit, match):
   from unittest import mock

@@ -18,7 +18,9 @@ Batches are dicts of numpy arrays: ``image`` uint8 [b, H, W, C], ``label`` int32
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -167,12 +169,22 @@ def image_shape(spec: sources.DatasetSpec, image_size: int) -> tuple[int, int, i
   return (h, w, c)
 
 
+_DECODED: collections.OrderedDict = collections.OrderedDict()
+_DECODED_MAX = 16
+
+
 def load_split(name: str, split: str, *, data_dir: str | None = None,
                cache: str = "auto", image_size: int = 0) -> Any:
   """A random-access source for ``name``/``split``; in RAM when small.
 
-  With ``image_size`` > 0 images are resized and center-cropped to it.
+  With ``image_size`` > 0 images are resized and center-cropped to it. Splits
+  decoded into RAM are kept for the process (the last 16), so the stages of a
+  recipe and its evaluators decode each split once.
   """
+  key = (name, split, os.path.abspath(data_dir or sources.default_data_dir()), image_size)
+  if cache != "none" and key in _DECODED:
+    _DECODED.move_to_end(key)
+    return _DECODED[key]
   src = sources.get_source(name, split, data_dir=data_dir)
   if image_size:
     src = ResizedSource(src, image_size)
@@ -192,7 +204,11 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     records = getitems(idx) if getitems else [src[i] for i in idx]
     for i, rec in zip(idx, records):
       images[i], labels[i] = record(rec)
-  return InMemorySource(images, labels)
+  decoded = InMemorySource(images, labels)
+  _DECODED[key] = decoded
+  if len(_DECODED) > _DECODED_MAX:
+    _DECODED.popitem(last=False)
+  return decoded
 
 
 def process_shard() -> tuple[int, int]:

@@ -53,6 +53,9 @@ class EvalContext:
     predictor: compiled per-example predictions of that module.
     num_classes: K of the task.
     image_shape: (H, W, C) the module takes.
+    where: the evaluator's config key, for messages.
+    save_dir: where ``save`` writes per-example outputs.
+    artifacts: resolves ``artifact:`` references (scores tuned by a stage).
   """
   config: ml_collections.ConfigDict
   modules: Mapping[str, Module]
@@ -62,6 +65,7 @@ class EvalContext:
   image_shape: tuple[int, int, int]
   where: str
   save_dir: str | None = None
+  artifacts: Any = None
   _round: dict[Any, Any] = dataclasses.field(default_factory=dict)
   _loaded: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
@@ -83,14 +87,27 @@ class EvalContext:
     return self._loaded[cache_key]
 
   def predict(self, state: Any, source: Any, fields, *, perturb=None, perturb_key: str = "",
-              scores: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray]:
-    """Predictions of this round, cached by (source, fields, perturbation)."""
+              scores: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Predictions of this round, cached by (source, fields, perturbation,
+    scores); scores with a ``fit`` are fitted once per round."""
     scores = dict(scores or {})
-    key = (id(source), tuple(fields), perturb_key, tuple(sorted(scores)))
+    key = (id(source), tuple(fields), perturb_key,
+           tuple(sorted((n, getattr(s, "key", str(id(s)))) for n, s in scores.items())))
     if key not in self._round:
       variables = state.modules[self.module].variables
+      fitted = {n: self.fitted(state, s) for n, s in scores.items()
+                if getattr(s, "fit", None) is not None}
       self._round[key] = self.predictor(variables, source, fields=fields, perturb=perturb,
-                                        perturb_key=perturb_key, scores=scores)
+                                        perturb_key=perturb_key, scores=scores, fitted=fitted)
+    return self._round[key]
+
+  def fitted(self, state: Any, score: Any) -> Any:
+    """A score's fit on this round's model (computed once per round)."""
+    key = ("fit", score.fit_key or score.key)
+    if key not in self._round:
+      ctx = FitContext(self, state.modules[self.module].variables,
+                       f"{self.where}.scores.{score.name}")
+      self._round[key] = score.fit(ctx)
     return self._round[key]
 
   def new_round(self) -> None:
@@ -104,6 +121,38 @@ class EvalContext:
     if jax.process_index() == 0:
       from jaxrobust.artifacts import write_npz
       write_npz(os.path.join(self.save_dir, name + ".npz"), arrays)
+
+
+@dataclasses.dataclass
+class FitContext:
+  """What a score's ``fit`` sees: the evaluated module's variables and ways to
+  run it over whole splits (sharded, in padded batches).
+
+  Attributes:
+    eval: the evaluator's context (config, module, data loading).
+    variables: the module's current variables.
+    where: the config key of the score, for messages.
+  """
+  eval: EvalContext
+  variables: Any
+  where: str
+
+  @property
+  def num_classes(self) -> int:
+    return self.eval.num_classes
+
+  def train_source(self) -> Any:
+    """The task's training split (``config.streams.train.split`` of
+    ``config.data.name``), read without augmentation."""
+    cfg = self.eval.config
+    return self.eval.load(cfg.data.name, cfg.streams.train.split, key="fit")
+
+  def predict(self, source: Any, fields) -> dict[str, np.ndarray]:
+    return self.eval.predictor(self.variables, source, fields=fields)
+
+  def reduce(self, source: Any, fn: Callable[..., Mapping[str, Any]], key: str,
+             args: Any = None) -> dict[str, np.ndarray]:
+    return self.eval.predictor.reduce(self.variables, source, fn, key, args)
 
 
 class Evaluator:
@@ -129,7 +178,7 @@ def parse_set(entry: str, where: str) -> tuple[str, str]:
 def build_evaluators(config: ml_collections.ConfigDict, modules: Mapping[str, Module], *,
                      num_classes: int, image_shape: tuple[int, int, int],
                      batch_sharding: jax.sharding.NamedSharding,
-                     save_dir: str | None = None) -> dict[str, Evaluator]:
+                     save_dir: str | None = None, artifacts: Any = None) -> dict[str, Evaluator]:
   """Every evaluator of ``config.evaluators``, data loaded and options checked;
   ``save_dir`` receives per-example outputs of evaluators asked to save them."""
   out: dict[str, Evaluator] = {}
@@ -151,7 +200,7 @@ def build_evaluators(config: ml_collections.ConfigDict, modules: Mapping[str, Mo
                                      batch_sharding=batch_sharding)
       rounds[module] = {}
     ctx = EvalContext(config, modules, module, predictors[module], num_classes, image_shape,
-                      where, save_dir, rounds[module], loaded)
+                      where, save_dir, artifacts, rounds[module], loaded)
     kind = cfg.pop("type")
     spec = {"name": kind, **cfg}
     evaluator = EVALUATORS.build(spec, where=where, runtime=("ctx",))(ctx)

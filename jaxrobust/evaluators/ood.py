@@ -9,16 +9,21 @@ on every OOD set, and compared with the metric convention of ``preset``
 * ``ood/<score>/<set>/<metric>`` -- e.g. ``ood/energy/blobs/fpr95``;
 * ``ood/<score>/mean/<metric>`` -- the average over the sets.
 
-A score entry is a spec (``'msp'``, ``'energy(temperature=10)'``), keyed by
-its name, or a ``{result name: spec}`` mapping when one score appears twice.
-A spec mapping may add ``perturb`` (a :mod:`jaxrobust.attacks` spec) to
-pre-process inputs before scoring (ODIN-style input perturbation).
+A score entry is a spec (``'msp'``, ``'energy(temperature=10)'``,
+``'odin(temperature=1000, epsilon=0.0014)'``, ``'mahalanobis'``), keyed by its
+name, or a ``{result name: spec}`` mapping when one score appears twice. A spec
+may be an artifact holding one (``'artifact:tune/best:spec'``, written by the
+``tune_score`` stage task). A spec mapping may add ``perturb`` (a
+:mod:`jaxrobust.attacks` spec) to pre-process inputs before scoring. Scores
+with a ``fit`` (Mahalanobis) are fitted on the task's training split once per
+evaluation.
 
 **Protocol.** With ``fraction > 0`` each OOD set is subsampled to ``fraction``
-× the in-distribution count (Hendrycks et al.: 1/5) ``draws`` times with seeded
-draws, and the metrics are averaged over draws (HPT: 5, energy paper: 10; the
-default run uses Hendrycks et al.'s 1/5 and 5 draws). Only the drawn examples
-are scored. ``fraction = 0`` scores every OOD example once (AUPR then depends on
+× the in-distribution count ``draws`` times with seeded draws, and the metrics
+are averaged over draws. Left unset, both follow the ``preset``'s reference
+code (:data:`PROTOCOLS`): hendrycks 1/5 and 5 draws (HPT/OE ``num_to_avg``),
+energy 1/5 and 10 draws (the energy code's ``run.sh``), openood and lee every
+OOD example once. Only the drawn examples are scored. ``fraction = 0`` scores every OOD example once (AUPR then depends on
 the sets' sizes: 10,000 OOD vs 360 test digits puts AUPR-out near 1). Results
 go under ``<prefix>/`` (default ``ood``), so two OOD evaluators with different
 protocols can run side by side. One figure per score,
@@ -35,6 +40,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import attacks
 from jaxrobust import scores as scores_lib
 from jaxrobust.data import pipeline
@@ -70,6 +76,10 @@ def _score_specs(scores: Any, where: str) -> dict[str, dict[str, Any]]:
   return out
 
 
+# preset -> (fraction, draws) of its reference code.
+PROTOCOLS = {"hendrycks": (0.2, 5), "energy": (0.2, 10), "openood": (0.0, 1), "lee": (0.0, 1)}
+
+
 @EVALUATORS.register("ood")
 class OOD(Evaluator):
   """OOD detection of ``sets`` against the task's ``split``.
@@ -80,9 +90,9 @@ class OOD(Evaluator):
     split: the in-distribution split of ``config.data.name``.
     preset: metric convention: hendrycks | energy | openood | lee.
     fraction: OOD examples per draw as a fraction of the in-distribution
-      count (0: all of them, once). Default 1/5, Hendrycks et al.'s protocol.
-    draws: number of seeded draws averaged when ``fraction > 0`` (default 5,
-      as the Hendrycks/OE code).
+      count (0: all of them, once); None: the preset's protocol.
+    draws: number of seeded draws averaged when ``fraction > 0``; None: the
+      preset's protocol.
     prefix: the first part of the result keys.
     save: at the end, write ``<prefix>_scores_<split>.npz`` and
       ``<prefix>_scores_<set>.npz`` (one array per score, in dataset order;
@@ -92,13 +102,16 @@ class OOD(Evaluator):
 
   def __init__(self, ctx: EvalContext, sets: Mapping[str, str] | None = None,
                scores: Any = ("msp", "energy"), split: str = "test",
-               preset: str = "hendrycks", fraction: float = 0.2, draws: int = 5,
+               preset: str = "hendrycks", fraction: float | None = None,
+               draws: int | None = None,
                save: bool = False, prefix: str = "ood"):
     super().__init__(ctx)
     self.save, self.prefix = bool(save), str(prefix)
     where = ctx.where
     if preset not in ood_metrics.PRESETS:
       raise RegistryError(f"{where}.preset={preset!r}; known: {', '.join(ood_metrics.PRESETS)}.")
+    fraction = PROTOCOLS[preset][0] if fraction is None else fraction
+    draws = PROTOCOLS[preset][1] if draws is None else draws
     if fraction < 0 or draws < 1:
       raise RegistryError(f"{where}: fraction must be >= 0 and draws >= 1.")
     self.preset, self.fraction, self.draws = preset, float(fraction), int(draws)
@@ -112,10 +125,16 @@ class OOD(Evaluator):
     self.in_source = ctx.load(ctx.config.data.name, split, key="split") if self.sets else None
     self.scores = {}
     for name, s in _score_specs(scores, f"{where}.scores").items():
-      fn = scores_lib.build(s["score"], where=f"{where}.scores.{name}")
-      perturb = (attacks.build(s["perturb"], where=f"{where}.scores.{name}.perturb")
-                 if s["perturb"] else None)
-      self.scores[name] = (fn, perturb, str(s["perturb"]))
+      spec = s["score"]
+      if artifacts_lib.is_ref(spec):
+        spec = (ctx.artifacts or artifacts_lib.Artifacts()).load(spec, f"{where}.scores.{name}")
+      method = scores_lib.build(spec, where=f"{where}.scores.{name}")
+      if s["perturb"]:
+        perturb = attacks.build(s["perturb"], where=f"{where}.scores.{name}.perturb")
+        key = str(s["perturb"])
+      else:
+        perturb, key = method.perturb, (method.key if method.perturb is not None else "")
+      self.scores[name] = (method, perturb, key)
     n_in = len(self.in_source) if self.in_source is not None else 0
     self.draws_of: dict[str, list[np.ndarray]] = {}
     for key, src in list(self.sets.items()):
@@ -132,14 +151,16 @@ class OOD(Evaluator):
       self.draws_of[key] = [np.searchsorted(union, d) for d in draws]
 
   def _scores(self, state: Any, source: Any) -> dict[str, np.ndarray]:
+    """Every score on ``source``: the unperturbed ones in one pass, each
+    perturbed one in its own (the perturbation depends on the score)."""
     out = {}
-    plain = {n: fn for n, (fn, perturb, _) in self.scores.items() if perturb is None}
+    plain = {n: m for n, (m, perturb, _) in self.scores.items() if perturb is None}
     if plain:
       out.update(self.ctx.predict(state, source, tuple(plain), scores=plain))
-    for n, (fn, perturb, key) in self.scores.items():
+    for n, (m, perturb, key) in self.scores.items():
       if perturb is not None:
         out[n] = self.ctx.predict(state, source, (n,), perturb=perturb, perturb_key=key,
-                                  scores={n: fn})[n]
+                                  scores={n: m})[n]
     return out
 
   def _metrics(self, s_in: np.ndarray, s_out: np.ndarray, set_key: str) -> dict[str, float]:

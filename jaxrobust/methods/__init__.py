@@ -6,4 +6,9 @@ registered loss term, score, perturbation, sampler, label source and stage
 task. A new method is a new module here plus one line below.
 """
 
+from jaxrobust.methods import energy  # noqa: F401
+from jaxrobust.methods import mahalanobis  # noqa: F401
+from jaxrobust.methods import odin  # noqa: F401
+from jaxrobust.methods import outlier_exposure  # noqa: F401
 from jaxrobust.methods import transfer  # noqa: F401
+from jaxrobust.methods import tuning  # noqa: F401

@@ -55,12 +55,24 @@ class Metric:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-  """``better`` beats ``worse`` on ``metric`` (the paper's statement in ``text``)."""
+  """``better`` beats ``worse`` on ``metric`` (the paper's statement in ``text``).
+
+  ``better`` and ``worse`` are arms, or ``'arm:metric'`` to compare two
+  metrics (two scores of one model, say); ``metric`` gives the direction and
+  the default metric of both sides. With ``margin > 0`` the claim is one of
+  non-inferiority: ``better`` is at most ``margin`` worse (e.g. "accuracy
+  drops by at most about a point": margin 0.01).
+  """
   text: str
   metric: str
   better: str
   worse: str
   source: str = ""
+  margin: float = 0.0
+
+  def side(self, which: str) -> tuple[str, str]:
+    arm, _, metric = getattr(self, which).partition(":")
+    return arm, metric or self.metric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +88,7 @@ class Paper:
   not_covered: str = ""
   resample: Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, np.ndarray]] | None = None
   plots: Sequence[str] = ()
+  tables: Sequence[tuple[str, Sequence[Metric]]] = ()  # more tables: (title, metrics)
 
 
 def papers() -> list[str]:
@@ -121,9 +134,12 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any
   rounds = [paper.resample(first, rng) for _ in range(BOOTSTRAP)] if paper.resample else []
   table: dict[str, dict[str, Any]] = {}
   boot: dict[tuple[str, str], np.ndarray] = {}
+  every = list(paper.metrics) + [m for _, ms in paper.tables for m in ms]
   for arm, runs in data.items():
     table[arm] = {}
-    for m in paper.metrics:
+    for m in every:
+      if any(m.key not in r for r, _ in runs):
+        continue  # this arm does not report the metric (e.g. a score only one arm uses)
       values = np.array([r[m.key] for r, _ in runs], np.float64)
       row = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1
              else 0.0, "seeds": values.tolist()}
@@ -133,26 +149,28 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any
         row["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
       table[arm][m.key] = row
   claims = []
-  metrics = {m.key: m for m in paper.metrics}
+  metrics = {m.key: m for m in every}
   for c in paper.claims:
-    m = metrics[c.metric]
-    sign = 1.0 if m.higher_is_better else -1.0
-    diff = sign * (table[c.better][c.metric]["mean"] - table[c.worse][c.metric]["mean"])
-    per_seed = sign * (np.array(table[c.better][c.metric]["seeds"])
-                       - np.array(table[c.worse][c.metric]["seeds"]))
+    sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
+    (b_arm, b_key), (w_arm, w_key) = c.side("better"), c.side("worse")
+    better, worse = table[b_arm][b_key], table[w_arm][w_key]
+    # In the claimed direction, shifted by the margin: > 0 means the claim holds.
+    diff = sign * (better["mean"] - worse["mean"]) + c.margin
+    per_seed = sign * (np.array(better["seeds"]) - np.array(worse["seeds"])) + c.margin
     entry = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
-             "worse": c.worse, "difference": float(diff), "per_seed": per_seed.tolist(),
+             "worse": c.worse, "margin": c.margin, "difference": float(diff - c.margin),
+             "per_seed": (per_seed - c.margin).tolist(),
              "seeds_in_direction": int((per_seed > 0).sum())}
     lows = []
     if len(per_seed) > 1:
       half = float(t_dist.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1)
                    / np.sqrt(len(per_seed)))
-      entry["seed_ci95"] = [float(diff - half), float(diff + half)]
+      entry["seed_ci95"] = [float(diff - half - c.margin), float(diff + half - c.margin)]
       lows.append(diff - half)
-    if (c.better, c.metric) in boot:
-      d = sign * (boot[(c.better, c.metric)] - boot[(c.worse, c.metric)])
+    if (b_arm, b_key) in boot and (w_arm, w_key) in boot:
+      d = sign * (boot[(b_arm, b_key)] - boot[(w_arm, w_key)])
       entry["test_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
-      lows.append(entry["test_ci95"][0])
+      lows.append(entry["test_ci95"][0] + c.margin)
     entry["verdict"] = ("does not hold" if diff <= 0 else
                         "holds" if lows and min(lows) > 0 else "inconclusive")
     claims.append(entry)
@@ -160,7 +178,9 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any
           "claims": claims, "bootstrap_rounds": BOOTSTRAP if rounds else 0}
 
 
-def _fmt(row: Mapping[str, Any]) -> str:
+def _fmt(row: Mapping[str, Any] | None) -> str:
+  if row is None:
+    return "—"
   s = f"{row['mean']:.4f} ± {row['std']:.4f}"
   if "ci95" in row:
     s += f" [{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
@@ -176,30 +196,44 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
                                                             else "") + ".", "",
            "## Protocol", "", paper.protocol, "",
            "## Results", "",
-           "Mean ± std over seeds (training randomness), then in brackets the 95% interval of "
-           f"the seed mean over test examples ({summary['bootstrap_rounds']} bootstrap rounds, "
-           "seeds fixed) where the metric can be recomputed from saved per-example outputs.", ""]
-  header = "| arm | " + " | ".join(m.label for m in paper.metrics) + " |"
-  lines += [header, "|" + "---|" * (len(paper.metrics) + 1)]
-  for arm, desc in paper.arms.items():
-    cells = [_fmt(summary["table"][arm][m.key]) for m in paper.metrics]
-    lines.append(f"| **{arm}** ({desc}) | " + " | ".join(cells) + " |")
-  lines += ["", "## Claims", ""]
+           "Mean ± std over seeds (training randomness)" + (
+               ", then in brackets the 95% interval of the seed mean over test examples "
+               f"({summary['bootstrap_rounds']} bootstrap rounds, seeds fixed) where the metric "
+               "can be recomputed from saved per-example outputs." if summary["bootstrap_rounds"]
+               else "."), ""]
+  for title, metrics in [("", paper.metrics)] + list(paper.tables):
+    if title:
+      lines += ["", f"**{title}**", ""]
+    lines += ["| arm | " + " | ".join(m.label for m in metrics) + " |",
+              "|" + "---|" * (len(metrics) + 1)]
+    for arm, desc in paper.arms.items():
+      cells = [_fmt(summary["table"][arm].get(m.key)) for m in metrics]
+      lines.append(f"| **{arm}** ({desc}) | " + " | ".join(cells) + " |")
+  lines += ["", "## Claims", "",
+            "Verdicts: **holds** when the difference is in the claimed direction and every 95% "
+            "interval excludes 0; **inconclusive** when the direction is right but an interval "
+            "includes 0; **does not hold** when the mean difference goes the other way.", ""]
   for c in summary["claims"]:
     ci = ""
     for key, what in (("seed_ci95", "over seeds"), ("test_ci95", "over test examples")):
       if key in c:
         ci += f", 95% interval {what} [{c[key][0]:+.4f}, {c[key][1]:+.4f}]"
+    margin = (f" (non-inferiority: holds unless worse by more than {c['margin']:g})"
+              if c.get("margin") else "")
+    what = (f"`{c['metric']}`" if ":" not in c["better"] + c["worse"] else
+            f"Each side's metric (direction of `{c['metric']}`)")
     lines.append(
-        f"- **{c['verdict']}** — {c['claim']} ({c['source']}). `{c['metric']}`: {c['better']} vs "
-        f"{c['worse']}, improvement {c['difference']:+.4f}{ci}; in the claimed direction for "
-        f"{c['seeds_in_direction']} of {len(c['per_seed'])} seeds "
+        f"- **{c['verdict']}** — {c['claim']} ({c['source']}). {what}: {c['better']} vs "
+        f"{c['worse']}{margin}, improvement {c['difference']:+.4f}{ci}; in the claimed "
+        f"direction for {c['seeds_in_direction']} of {len(c['per_seed'])} seeds "
         f"({', '.join(f'{d:+.4f}' for d in c['per_seed'])}).")
   if paper.not_covered:
     lines += ["", "## Not covered here", "", paper.not_covered]
-  if paper.plots:
-    lines += ["", "## Plots (seed 0)", ""]
-    lines += [f"- [{p}](seed{summary['seeds'][0]}/{p})" for p in paper.plots]
+  plots = [p for p in paper.plots
+           if os.path.exists(os.path.join(workdir, f"seed{summary['seeds'][0]}", p))]
+  if plots:
+    lines += ["", f"## Plots (seed {summary['seeds'][0]})", ""]
+    lines += [f"- [{p}](seed{summary['seeds'][0]}/{p})" for p in plots]
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(text)

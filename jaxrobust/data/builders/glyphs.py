@@ -64,10 +64,18 @@ BLUR_P = (0.4, 0.35, 0.25)
 
 @dataclasses.dataclass(eq=False)
 class GlyphsConfig(tfds.core.BuilderConfig):
-  """Examples per class in each split (all splits are class-balanced)."""
+  """Examples per class in each split (all splits are class-balanced), the
+  characters (a contiguous range of ``CHARACTERS``) and the seed."""
   train_per_class: int = 400
   validation_per_class: int = 50
   test_per_class: int = 100
+  first: int = 0
+  count: int = len(CHARACTERS)
+  seed: int = SEED
+
+  @property
+  def characters(self) -> str:
+    return CHARACTERS[self.first:self.first + self.count]
 
 
 def _font_dir() -> str:
@@ -128,9 +136,10 @@ def _inverse_affines(rng: np.random.RandomState, n: int) -> np.ndarray:
   return np.concatenate([inv[:, 0, :], offset[:, :1], inv[:, 1, :], offset[:, 1:]], -1)
 
 
-def generate(seed: int, split: str, per_class: int,
-             protos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 [62 * per_class, 32, 32, 1], int64 labels) for one split.
+def generate(seed: int, split: str, per_class: int, protos: np.ndarray | None = None,
+             first: int = 0, count: int = len(CHARACTERS)) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [count * per_class, 32, 32, 1], int64 labels 0..count-1) for one
+  split of the characters ``CHARACTERS[first:first + count]``.
 
   ``protos`` is the output of `prototypes()` (computed when not given).
   """
@@ -139,7 +148,7 @@ def generate(seed: int, split: str, per_class: int,
 
   protos = prototypes() if protos is None else protos
   rng = _base.split_rng(seed, split)
-  labels = _base.balanced_labels(rng, len(CHARACTERS), per_class)
+  labels = _base.balanced_labels(rng, count, per_class)
   n = len(labels)
   font = rng.randint(0, len(FONTS), n)
   stroke = rng.choice(len(STROKES), n, p=STROKE_P)
@@ -153,7 +162,7 @@ def generate(seed: int, split: str, per_class: int,
   size = (_base.IMAGE_SIZE, _base.IMAGE_SIZE)
   images = np.empty((n,) + size, np.float32)
   for i in range(n):
-    proto = Image.fromarray(protos[stroke[i], font[i], labels[i]], mode="F")
+    proto = Image.fromarray(protos[stroke[i], font[i], first + labels[i]], mode="F")
     images[i] = np.asarray(proto.transform(
         size, Image.Transform.AFFINE, tuple(coeffs[i]), resample=Image.Resampling.BILINEAR))
   for level, sigma in enumerate(BLUR_SIGMAS):
@@ -176,18 +185,28 @@ class Glyphs(_base.EmbeddedBuilder):
     3,100, test 6,200.
   * ``glyphs/small`` (for tests): 30 / 5 / 10 -> train 1,860, validation 310,
     test 620.
+  * ``glyphs/upper`` and ``glyphs/lower``: the 26 letters of one case only
+    (labels 0-25 = 'A'-'Z' or 'a'-'z'), 400 / 50 / 100 -> 10,400 / 1,300 /
+    2,600, drawn with their own seeds (not a subset of ``full``): letters are
+    outliers of ``digits`` -- upper case for training with auxiliary
+    outliers (Outlier Exposure, energy fine-tuning), lower case as a near-OOD
+    test set -- and a letters target for transfer experiments.
   """
 
   BUILDER_CONFIGS = [
       GlyphsConfig(name="full", description="400/50/100 examples per class."),
       GlyphsConfig(name="small", description="30/5/10 examples per class (tests).",
                    train_per_class=30, validation_per_class=5, test_per_class=10),
+      GlyphsConfig(name="upper", description="A-Z only, 400/50/100 examples per class.",
+                   first=10, count=26, seed=SEED + 1),
+      GlyphsConfig(name="lower", description="a-z only, 400/50/100 examples per class.",
+                   first=36, count=26, seed=SEED + 2),
   ]
   DEFAULT_CONFIG_NAME = "full"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self._dataset_info(
-        _base.labelled_features(1, list(CHARACTERS)), description=__doc__)
+        _base.labelled_features(1, list(self.builder_config.characters)), description=__doc__)
 
   def _per_class(self) -> dict[str, int]:
     cfg = self.builder_config
@@ -195,11 +214,13 @@ class Glyphs(_base.EmbeddedBuilder):
             "test": cfg.test_per_class}
 
   def split_sizes(self) -> dict[str, int]:
-    return {s: k * len(CHARACTERS) for s, k in self._per_class().items()}
+    return {s: k * self.builder_config.count for s, k in self._per_class().items()}
 
   @functools.cached_property
   def _prototypes(self) -> np.ndarray:
     return prototypes()
 
   def _generate_examples(self, split: str):
-    return _base.iterate(*generate(SEED, split, self._per_class()[split], self._prototypes))
+    cfg = self.builder_config
+    return _base.iterate(*generate(cfg.seed, split, self._per_class()[split], self._prototypes,
+                                   first=cfg.first, count=cfg.count))
