@@ -24,23 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.timing import median_time as _time  # noqa: E402
 from jaxrobust.xla_flags import with_cpu_conv_tuning  # noqa: E402  (imports no jax)
-
-
-def _time(fn, rounds: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _model(name: str, depth_width: str):

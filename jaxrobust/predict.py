@@ -60,7 +60,9 @@ def _per_batch(module: Module, fields: Sequence[str],
     if perturb is not None:
       ctx = attacks.PerturbContext(
           logits_fn=module.logits_fn(variables, train=False), x=x01, labels=labels, mask=mask,
-          rng=rng if rng is not None else jax.random.PRNGKey(0),
+          # A different random start per batch, the same for the same examples.
+          rng=jax.random.fold_in(rng if rng is not None else jax.random.PRNGKey(0),
+                                 batch["index"][0]),
           num_classes=module.num_classes, batch=batch,
           outputs_fn=_outputs_fn(module, variables),
           fitted=next(iter(fitted.values()), None) if fitted else None)

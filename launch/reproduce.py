@@ -54,8 +54,9 @@ def main(argv):
     print(f"warning: {len(seeds)} seed(s); one seed proves nothing on this benchmark.")
   if not _REPORT_ONLY.value:
     papers.run_seeds(paper, workdir, seeds, _QUICK.value)
-  print(papers.write_report(paper, papers.summarize(paper, workdir, seeds), workdir,
-                            _QUICK.value))
+  rounds = papers.QUICK_BOOTSTRAP if _QUICK.value else papers.BOOTSTRAP
+  summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds)
+  print(papers.write_report(paper, summary, workdir, _QUICK.value))
   print(f"report: {os.path.join(workdir, 'report.md')}")
 
 

@@ -121,3 +121,40 @@ def test_cross_metric_and_non_inferiority_claims(tmp_path):
   np.testing.assert_allclose(summary["claims"][0]["difference"], 0.19, atol=1e-9)
   text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
   assert "non-inferiority: holds unless worse by more than 0.01" in text
+
+
+def test_arms_a_mode_does_not_run_are_left_out_and_their_claims_not_run(tmp_path):
+  _write_runs(tmp_path, 0.9, 0.6)
+  paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad"),
+                  reproduce.Claim("extra beats bad", "test/accuracy", "extra", "bad")))
+  paper = reproduce.dataclasses.replace(paper, arms={**paper.arms, "extra": "not run"})
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  assert "extra" not in summary["table"]
+  assert [c["verdict"] for c in summary["claims"]] == ["holds", "not run"]
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=True)
+  assert "**not run** — extra beats bad" in text and "| **extra**" not in text
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
+  from jaxrobust import stages
+  recipe = stages.stage_configs(h2019.recipe(0, quick))
+  arms = set(h2019.PAPER.arms)
+  ran = arms & set(recipe)
+  if quick:  # the first corruption setting only, without GLC 5%
+    kind, strength = h2019.LABEL_NOISE[1]
+    assert ran == {a for a in arms if not a.startswith(h2019._tag(kind, strength))
+                   and "_glc5_" not in a}
+  else:
+    assert ran == arms
+  for claim in h2019.PAPER.claims:
+    assert {claim.side("better")[0], claim.side("worse")[0]} <= arms
+  # Adversarial arms train on PGD examples and report PGD-20; clean arms report it too.
+  _, _, adv = recipe["adv_scratch"]
+  assert adv.streams.train.perturb.startswith("pgd(") and "steps=20" in str(
+      adv.evaluators.robust.attacks.pgd20)
+  assert recipe["scratch"][2].evaluators.robust.type == "robust"
+  assert not recipe["scratch"][2].streams.train.perturb
+  # Every arm but the uncertainty ones skips the OOD sets.
+  assert not recipe["imb_cost_pre"][2].evaluators.ood.sets
+  assert recipe["imb_cost_pre"][2].streams.train.labels == "class_weighted"

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import losses, stages
 from jaxrobust import train_step as step_lib
 from jaxrobust.registry import RegistryError
+from tiny_config import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,14 +47,7 @@ if "_test_uses_matrix" not in losses.LOSSES:
 
 
 def _tiny(data_dir, steps=3):
-  c = default.get_config("smoke")
-  c.data.data_dir = str(data_dir)
-  c.progress_bar = False
-  c.num_steps = steps
-  c.model.kwargs.stage_widths = ((8,), (16,))
-  c.evaluators.ood.sets = {}
-  c.evaluators.classification.splits = ("test",)
-  return c
+  return tiny_config(data_dir, steps)
 
 
 def _recipe(data_dir, matrix_size=0):

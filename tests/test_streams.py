@@ -160,7 +160,7 @@ def test_unknown_hooks_are_named_with_suggestions():
                                           r"'clas_balanced' \(did you mean 'class_balanced'"):
     _stream(sampler="clas_balanced")
   with pytest.raises(RegistryError, match="unknown label source"):
-    _stream(labels="corrupted(strength=0.2)")
+    _stream(labels="corupted(strength=0.2)")
   with pytest.raises(RegistryError, match="unknown option"):
     _stream(sampler="class_balanced(per_epoch=3)")
   with pytest.raises(artifacts_lib.ArtifactError, match="no stages"):

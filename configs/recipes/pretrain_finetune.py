@@ -45,6 +45,25 @@ VARIANTS = ("embedded", "cifar10", "cifar100")
 EMBEDDED_FINETUNE_LR = 0.1
 
 
+def source_pretrain(variant: str, epochs: float = -1.0) -> dict:
+  """Overrides of the pre-training stage for ``variant`` (``epochs`` > 0
+  replaces its number of epochs): ``glyphs`` for the embedded variant,
+  ``imagenet_resized/32x32`` for CIFAR; OOD sets off, validation only."""
+  no_ood = {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}}
+  if variant == "embedded":
+    out = {"data": {"name": "glyphs"}, "streams": {"train": {"batch_size": 128}},
+           "num_epochs": 2.0, "optimizer": {"learning_rate": default.GLYPHS_LR},
+           "evaluators": no_ood, "checkpoint_every_steps": 200}
+  else:
+    out = {"data": {"name": "imagenet_resized/32x32"},
+           "model": {"kwargs": {"dropout_rate": 0.0}},
+           "streams": {"train": {"batch_size": 256}}, "num_epochs": 100.0,
+           "optimizer": {"learning_rate": 0.1}, "evaluators": no_ood}
+  if epochs > 0:
+    out["num_epochs"] = float(epochs)
+  return out
+
+
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="full", source="", pretrain_epochs=-1.0,
                    epochs=-1.0, scratch_epochs=-1.0, lr=-1.0)
@@ -53,20 +72,8 @@ def get_config(arg=None):
   if args.mode not in transfer.MODES:
     raise ValueError(f"mode must be one of {transfer.MODES}, got {args.mode!r}.")
   c = default.get_config(args.variant)
-  no_ood = {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}}
-  if args.variant == "embedded":
-    pretrain = {"data": {"name": "glyphs"}, "streams": {"train": {"batch_size": 128}},
-                "num_epochs": 2.0, "optimizer": {"learning_rate": default.GLYPHS_LR},
-                "evaluators": no_ood, "checkpoint_every_steps": 200}
-    ft_lr, ft_batch = EMBEDDED_FINETUNE_LR, 64
-  else:
-    pretrain = {"data": {"name": "imagenet_resized/32x32"},
-                "model": {"kwargs": {"dropout_rate": 0.0}},
-                "streams": {"train": {"batch_size": 256}}, "num_epochs": 100.0,
-                "optimizer": {"learning_rate": 0.1}, "evaluators": no_ood}
-    ft_lr, ft_batch = None, None
-  if args.pretrain_epochs > 0:
-    pretrain["num_epochs"] = float(args.pretrain_epochs)
+  pretrain = source_pretrain(args.variant, args.pretrain_epochs)
+  ft_lr, ft_batch = (EMBEDDED_FINETUNE_LR, 64) if args.variant == "embedded" else (None, None)
   scratch = {}
   scratch_epochs = args.scratch_epochs if args.scratch_epochs > 0 else (
       args.epochs if args.mode == "scratch" else -1)

@@ -83,6 +83,8 @@ class StreamData:
     seed: the stream's seed (derived from ``config.seed`` and the name).
     artifacts: resolves ``artifact:`` references.
     where: the config key of the stream, for messages.
+    population: the stream's dataset indices (its ``index`` spec), set once
+      they are built -- what samplers and label sources draw from.
   """
   name: str
   source: Any
@@ -90,6 +92,7 @@ class StreamData:
   seed: int
   artifacts: artifacts_lib.Artifacts
   where: str
+  population: np.ndarray | None = None
 
   @property
   def num_examples(self) -> int:
@@ -337,6 +340,7 @@ def build_stream(name: str, spec: Mapping[str, Any], source: Any, *, num_classes
   where = f"config.streams.{name}"
   data = StreamData(name, source, num_classes, seed, artifacts, where)
   population = build_index(spec.get("index", ""), data)
+  data.population = population
   sampler = SAMPLERS.build(spec.get("sampler") or "shuffle", where=f"{where}.sampler",
                            runtime=("data", "population"))
   label_fn = build_labels(spec.get("labels", "dataset"), data)

@@ -4,7 +4,10 @@ Result keys per split: ``<split>/accuracy``, ``<split>/nll``, ``<split>/brier``
 (sum over classes), ``<split>/rms_calibration_error`` (Hendrycks et al.'s
 adaptive bins of ``calibration_bin_size`` examples, every bin counted; see
 :func:`jaxrobust.metrics.calibration.rms_calibration_error`), ``<split>/ece``
-(``ece_bins`` equal-width bins, l1) and ``<split>/num_examples``. The
+(``ece_bins`` equal-width bins, l1), ``<split>/balanced_accuracy`` (the mean
+of the per-class accuracies over the classes present: what class imbalance
+hurts), with ``per_class=True`` also ``<split>/class_accuracy/<c>``, and
+``<split>/num_examples``. The
 reliability diagram of the last split goes to ``plots/reliability_<split>.png``.
 """
 
@@ -21,8 +24,9 @@ from jaxrobust.metrics import calibration
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
-              ece_bins: int = 15) -> dict[str, float]:
-  """Accuracy, NLL, Brier, RMS calibration error and ECE of logits [N, K]."""
+              ece_bins: int = 15, per_class: bool = False) -> dict[str, float]:
+  """Accuracy, balanced accuracy, NLL, Brier, RMS calibration error and ECE of
+  logits [N, K] (and each class's accuracy with ``per_class``)."""
   logits = np.asarray(logits, np.float64)
   z = logits - logits.max(-1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -30,8 +34,12 @@ def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
   correct = (probs.argmax(-1) == labels).astype(np.float32)
   conf = probs.max(-1)
   onehot = np.eye(logits.shape[-1])[labels]
-  return {
+  counts = np.bincount(labels, minlength=logits.shape[-1])
+  hits = np.bincount(labels, weights=correct, minlength=logits.shape[-1])
+  class_acc = {c: float(hits[c] / counts[c]) for c in np.flatnonzero(counts)}
+  out = {
       "accuracy": float(correct.mean()),
+      "balanced_accuracy": float(np.mean(list(class_acc.values()))),
       "nll": float(-logp[np.arange(len(labels)), labels].mean()),
       "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
       "rms_calibration_error": float(calibration.rms_calibration_error(
@@ -39,6 +47,9 @@ def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
       "ece": float(calibration.expected_calibration_error(conf, correct, num_bins=ece_bins)),
       "num_examples": float(len(labels)),
   }
+  if per_class:
+    out.update({f"class_accuracy/{c}": v for c, v in class_acc.items()})
+  return out
 
 
 @EVALUATORS.register("classification")
@@ -52,12 +63,14 @@ class Classification(Evaluator):
     ece_bins: equal-width bins of the ECE (15, Guo et al.).
     save: at the end, write ``predictions_<split>.npz`` (``logits``,
       ``label``, in dataset order) to the run's artifacts.
+    per_class: also report each class's accuracy.
   """
 
   def __init__(self, ctx: EvalContext, splits: Sequence[str] = ("validation", "test"),
-               calibration_bin_size: int = 100, ece_bins: int = 15, save: bool = False):
+               calibration_bin_size: int = 100, ece_bins: int = 15, save: bool = False,
+               per_class: bool = False):
     super().__init__(ctx)
-    self.save = bool(save)
+    self.save, self.per_class = bool(save), bool(per_class)
     if calibration_bin_size < 1 or ece_bins < 1:
       raise ValueError(f"{ctx.where}: calibration_bin_size and ece_bins must be >= 1.")
     self.bin_size, self.ece_bins = int(calibration_bin_size), int(ece_bins)
@@ -71,7 +84,7 @@ class Classification(Evaluator):
     for split, source in self.splits.items():
       out = self.ctx.predict(state, source, ("logits", "label"))
       for k, v in summarize(out["logits"], out["label"], bin_size=self.bin_size,
-                            ece_bins=self.ece_bins).items():
+                            ece_bins=self.ece_bins, per_class=self.per_class).items():
         results[f"{split}/{k}"] = v
       last = (split, out)
       if self.save and final:

@@ -6,7 +6,10 @@ registered loss term, score, perturbation, sampler, label source and stage
 task. A new method is a new module here plus one line below.
 """
 
+from jaxrobust.methods import adversarial  # noqa: F401
 from jaxrobust.methods import energy  # noqa: F401
+from jaxrobust.methods import imbalance  # noqa: F401
+from jaxrobust.methods import label_noise  # noqa: F401
 from jaxrobust.methods import mahalanobis  # noqa: F401
 from jaxrobust.methods import odin  # noqa: F401
 from jaxrobust.methods import outlier_exposure  # noqa: F401

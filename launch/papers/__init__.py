@@ -16,7 +16,8 @@ of noise:
 It **holds** when the mean difference is in the claimed direction and every
 interval excludes 0, is **inconclusive** when the direction is right but an
 interval includes 0, and **does not hold** when the mean difference goes the
-other way.
+other way. Arms that a mode does not run (``--quick`` runs fewer) are left out
+of the tables, and their claims are marked **not run**.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from scipy.stats import t as t_dist
 
 BOOTSTRAP = 1000
+QUICK_BOOTSTRAP = 200  # --quick: a smoke test, with wider Monte-Carlo error on the intervals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,9 @@ class Paper:
   not_covered: str = ""
   resample: Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, np.ndarray]] | None = None
   plots: Sequence[str] = ()
-  tables: Sequence[tuple[str, Sequence[Metric]]] = ()  # more tables: (title, metrics)
+  # More tables: (title, metrics) or (title, metrics, arms) -- only those arms.
+  tables: Sequence[tuple] = ()
+  main_arms: Sequence[str] = ()  # the arms of the first table (default: every arm)
 
 
 def papers() -> list[str]:
@@ -124,17 +128,20 @@ def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict
   return results, arts
 
 
-def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
+def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
+              bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
   """Mean, std and bootstrap intervals per arm and metric; claim verdicts."""
-  data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in paper.arms}
+  ran = [arm for arm in paper.arms if all(
+      os.path.exists(os.path.join(workdir, f"seed{s}", arm, "results.json")) for s in seeds)]
+  data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in ran}
   rng = np.random.default_rng(12345)
   # One set of resampled test indices per bootstrap round, shared by arms and
   # seeds (they all use the same test examples): paired comparisons.
-  first = data[next(iter(paper.arms))][0][1]
-  rounds = [paper.resample(first, rng) for _ in range(BOOTSTRAP)] if paper.resample else []
+  first = data[ran[0]][0][1]
+  rounds = [paper.resample(first, rng) for _ in range(bootstrap)] if paper.resample else []
   table: dict[str, dict[str, Any]] = {}
   boot: dict[tuple[str, str], np.ndarray] = {}
-  every = list(paper.metrics) + [m for _, ms in paper.tables for m in ms]
+  every = list(paper.metrics) + [m for t in paper.tables for m in t[1]]
   for arm, runs in data.items():
     table[arm] = {}
     for m in every:
@@ -153,6 +160,10 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any
   for c in paper.claims:
     sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
     (b_arm, b_key), (w_arm, w_key) = c.side("better"), c.side("worse")
+    if b_arm not in table or w_arm not in table:  # an arm this mode does not run (quick)
+      claims.append({"claim": c.text, "source": c.source, "metric": c.metric,
+                     "better": c.better, "worse": c.worse, "verdict": "not run"})
+      continue
     better, worse = table[b_arm][b_key], table[w_arm][w_key]
     # In the claimed direction, shifted by the margin: > 0 means the claim holds.
     diff = sign * (better["mean"] - worse["mean"]) + c.margin
@@ -175,7 +186,7 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any
                         "holds" if lows and min(lows) > 0 else "inconclusive")
     claims.append(entry)
   return {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
-          "claims": claims, "bootstrap_rounds": BOOTSTRAP if rounds else 0}
+          "claims": claims, "bootstrap_rounds": bootstrap if rounds else 0}
 
 
 def _fmt(row: Mapping[str, Any] | None) -> str:
@@ -201,19 +212,26 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
                f"({summary['bootstrap_rounds']} bootstrap rounds, seeds fixed) where the metric "
                "can be recomputed from saved per-example outputs." if summary["bootstrap_rounds"]
                else "."), ""]
-  for title, metrics in [("", paper.metrics)] + list(paper.tables):
+  for title, metrics, *arms in [("", paper.metrics, paper.main_arms)] + list(paper.tables):
     if title:
       lines += ["", f"**{title}**", ""]
     lines += ["| arm | " + " | ".join(m.label for m in metrics) + " |",
               "|" + "---|" * (len(metrics) + 1)]
     for arm, desc in paper.arms.items():
+      if arm not in summary["table"] or (arms and arms[0] and arm not in arms[0]):
+        continue
       cells = [_fmt(summary["table"][arm].get(m.key)) for m in metrics]
-      lines.append(f"| **{arm}** ({desc}) | " + " | ".join(cells) + " |")
+      if any(cell != "—" for cell in cells):  # arms without these metrics: no row
+        lines.append(f"| **{arm}** ({desc}) | " + " | ".join(cells) + " |")
   lines += ["", "## Claims", "",
             "Verdicts: **holds** when the difference is in the claimed direction and every 95% "
             "interval excludes 0; **inconclusive** when the direction is right but an interval "
             "includes 0; **does not hold** when the mean difference goes the other way.", ""]
   for c in summary["claims"]:
+    if c["verdict"] == "not run":
+      lines.append(f"- **not run** — {c['claim']}: {c['better']} or {c['worse']} is not part "
+                   "of this run (quick mode).")
+      continue
     ci = ""
     for key, what in (("seed_ci95", "over seeds"), ("test_ci95", "over test examples")):
       if key in c:
