@@ -86,6 +86,7 @@ def merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where
   removes the OOD sets). Unknown keys raise naming ``where``.
   """
   out = copy.deepcopy(config)
+  out.unlock()  # config_flags locks the recipe; free-form sub-dicts (evaluators, constants) grow
   out.stages = ml_collections.ConfigDict()
 
   def apply(target, upd, path):

@@ -204,3 +204,15 @@ def test_recipe_killed_in_its_second_stage_resumes_bit_identically(tmp_path, dat
   rb = json.load(open(tmp_path / "straight" / "results.json"))
   assert ra["finetune/test/nll"] == rb["finetune/test/nll"]
   assert ra["pretrain/validation/accuracy"] == rb["pretrain/validation/accuracy"]
+
+
+def test_a_locked_recipe_as_config_flags_gives_it_is_merged(data_dir):
+  """`--config recipe.py` hands the recipe over locked; stages still add new
+  keys to free-form sub-dicts (constants, loss terms, evaluators)."""
+  c = _recipe(data_dir)
+  c.stages.corrected.config["evaluators"] = {"extra": {"type": "classification",
+                                                       "splits": ("test",)}}
+  c.lock()
+  merged = stages.stage_configs(c)["corrected"][2]
+  assert merged.constants.C == "artifact:matrix/C" and "uses" in merged.losses
+  assert merged.evaluators.extra.splits == ("test",)
