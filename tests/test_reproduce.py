@@ -141,10 +141,12 @@ def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
   recipe = stages.stage_configs(h2019.recipe(0, quick))
   arms = set(h2019.PAPER.arms)
   ran = arms & set(recipe)
-  if quick:  # the first corruption setting only, without GLC 5%
+  if quick:  # the first corruption setting only, fewer arms
     kind, strength = h2019.LABEL_NOISE[1]
     assert ran == {a for a in arms if not a.startswith(h2019._tag(kind, strength))
-                   and "_glc5_" not in a}
+                   and not h2019._skipped_in_quick(a)}
+    assert {"finetune", "scratch", "uniform50_pre_glc10_glc", "uniform50_pre_forward",
+            "uniform50_scratch_ce", "imb_ce_pre", "adv_finetune"} <= ran
   else:
     assert ran == arms
   for claim in h2019.PAPER.claims:
@@ -156,5 +158,5 @@ def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
   assert recipe["scratch"][2].evaluators.robust.type == "robust"
   assert not recipe["scratch"][2].streams.train.perturb
   # Every arm but the uncertainty ones skips the OOD sets.
-  assert not recipe["imb_cost_pre"][2].evaluators.ood.sets
-  assert recipe["imb_cost_pre"][2].streams.train.labels == "class_weighted"
+  assert not recipe["imb_cost_scratch"][2].evaluators.ood.sets
+  assert recipe["imb_cost_scratch"][2].streams.train.labels == "class_weighted"
