@@ -1,0 +1,92 @@
+"""Noisy Student pseudo-label selection: the threshold, exact per-class
+balancing (most confident kept, short classes duplicated), hard and soft
+labels, determinism, and bad input."""
+
+import numpy as np
+import pytest
+
+from jaxrobust.methods import noisy_student as ns
+from jaxrobust.registry import RegistryError
+
+
+def _probs(n=600, k=5, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(n, k)) * 2.0
+  logits[: n // 2, 0] += 3.0  # class 0 is long, the others short
+  e = np.exp(logits - logits.max(1, keepdims=True))
+  return e / e.sum(1, keepdims=True), logits
+
+
+def _reference(probs, threshold, n):
+  """A plain-loop port of the rule: per class, confident images sorted by
+  confidence; keep the top n, or repeat all and top up with the most confident."""
+  out = []
+  for c in range(probs.shape[1]):
+    cand = [i for i in range(len(probs))
+            if probs[i].argmax() == c and probs[i].max() >= threshold]
+    cand.sort(key=lambda i: (-probs[i].max(), i))
+    if len(cand) >= n:
+      out += cand[:n]
+    elif cand:
+      out += cand * (n // len(cand)) + cand[: n % len(cand)]
+  return sorted(out)
+
+
+def test_balanced_to_exactly_n_per_class_as_the_reference_rule():
+  probs, _ = _probs()
+  idx, labels = ns.select_pseudo_labels(probs, num_per_class=80)
+  assert sorted(idx.tolist()) == _reference(probs, 0.3, 80)
+  np.testing.assert_array_equal(labels, probs.argmax(1)[idx])
+  stats = ns.selection_stats(probs, idx)
+  assert stats["count"] == [80] * 5 and stats["empty_classes"] == []
+  assert np.all(probs.max(1)[idx] >= 0.3)
+
+
+def test_long_classes_keep_their_most_confident_and_short_ones_duplicate():
+  probs, _ = _probs()
+  idx, _ = ns.select_pseudo_labels(probs, num_per_class=40)
+  conf, cls = probs.max(1), probs.argmax(1)
+  eligible0 = np.flatnonzero((cls == 0) & (conf >= 0.3))
+  assert len(eligible0) > 40
+  kept0 = idx[cls[idx] == 0]
+  assert len(set(kept0.tolist())) == 40
+  assert conf[kept0].min() >= np.sort(conf[eligible0])[-40]
+  idx, _ = ns.select_pseudo_labels(probs, num_per_class=500)
+  assert len(idx) == 2500 and len(np.unique(idx)) < len(idx)
+
+
+def test_soft_labels_are_the_tempered_softmax_of_the_logits():
+  probs, logits = _probs()
+  idx, soft = ns.select_pseudo_labels(probs, num_per_class=20, hard=False, temperature=2.0,
+                                      logits=logits)
+  z = logits[idx] / 2.0
+  ref = np.exp(z - z.max(1, keepdims=True))
+  np.testing.assert_allclose(soft, ref / ref.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+  # From probabilities alone at T = 1 the soft labels are the probabilities.
+  idx, soft = ns.select_pseudo_labels(probs, num_per_class=20, hard=False)
+  np.testing.assert_allclose(soft, probs[idx], rtol=1e-5, atol=1e-7)
+
+
+def test_threshold_drops_classes_and_the_order_is_seeded():
+  probs = np.full((6, 3), 1 / 3)
+  probs[:3] = [0.8, 0.1, 0.1]
+  idx, _ = ns.select_pseudo_labels(probs, num_per_class=4, threshold=0.5)
+  assert sorted(idx.tolist()) == [0, 0, 1, 2] and ns.selection_stats(probs, idx)[
+      "empty_classes"] == [1, 2]
+  probs, _ = _probs()
+  a, _ = ns.select_pseudo_labels(probs, num_per_class=30, seed=1)
+  b, _ = ns.select_pseudo_labels(probs, num_per_class=30, seed=1)
+  c, _ = ns.select_pseudo_labels(probs, num_per_class=30, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c) and sorted(a.tolist()) == sorted(c.tolist())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"threshold": 1.5}, "threshold"), ({"num_per_class": 0}, "num_per_class"),
+    ({"temperature": 0.0}, "temperature")])
+def test_bad_options_are_named(kwargs, match):
+  probs, _ = _probs(50)
+  with pytest.raises(RegistryError, match=match):
+    ns.select_pseudo_labels(probs, **{"num_per_class": 5, **kwargs})
+  with pytest.raises(RegistryError, match="sum to 1"):
+    ns.select_pseudo_labels(np.ones((4, 3)), num_per_class=2)
