@@ -90,3 +90,30 @@ def test_bad_options_are_named(kwargs, match):
     ns.select_pseudo_labels(probs, **{"num_per_class": 5, **kwargs})
   with pytest.raises(RegistryError, match="sum to 1"):
     ns.select_pseudo_labels(np.ones((4, 3)), num_per_class=2)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_teacher_pseudo_labels_feed_a_student_stream(tmp_path, data_dir, hard):
+  """teacher -> pseudo_label (digits:validation as the unlabeled set) ->
+  student with a stream reading the artifacts; duplicates are in the index."""
+  from jaxrobust import stages
+  from tiny_config import tiny_config
+  c = tiny_config(data_dir)
+  c.stages = {
+      "teacher": {"task": "train"},
+      "pl": {"task": "pseudo_label", "checkpoint": "artifact:teacher/checkpoint",
+             "split": "validation", "threshold": 0.0, "num_per_class": 30, "hard": hard},
+      "student": {"task": "train", "config": {
+          "streams": {"unlabeled": {"data": "digits", "split": "validation", "batch_size": 16,
+                                    "index": "artifact:pl/indices",
+                                    "labels": "artifact:pl/labels"}},
+          "losses": {"unl": {"name": "cross_entropy", "stream": "unlabeled"}}}}}
+  results = stages.run(c, str(tmp_path))
+  idx = np.load(tmp_path / "pl" / "artifacts" / "indices.npz")["array"]
+  labels = np.load(tmp_path / "pl" / "artifacts" / "labels.npz")["array"]
+  # A 3-step teacher is unconfident and predicts few classes: 30 per class it predicts.
+  assert results["pl/num_selected"] == len(idx) == 30 * (10 - results["pl/empty_classes"])
+  assert results["pl/num_distinct"] == len(np.unique(idx)) <= 180
+  assert labels.shape == ((180,) if hard else (180, 10))
+  assert 0.0 <= results["pl/accuracy"] <= 1.0
+  assert np.isfinite(results["student/test/accuracy"])

@@ -11,6 +11,7 @@ from jaxrobust.methods import energy  # noqa: F401
 from jaxrobust.methods import imbalance  # noqa: F401
 from jaxrobust.methods import label_noise  # noqa: F401
 from jaxrobust.methods import mahalanobis  # noqa: F401
+from jaxrobust.methods import noisy_student  # noqa: F401
 from jaxrobust.methods import odin  # noqa: F401
 from jaxrobust.methods import outlier_exposure  # noqa: F401
 from jaxrobust.methods import transfer  # noqa: F401

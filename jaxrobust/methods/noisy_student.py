@@ -24,8 +24,18 @@ Departures from ``filter_unlabel.py`` (stated so results can be compared):
   reference does the same); :func:`selection_stats` lists it in
   ``empty_classes``.
 
-This module is the pure selection; the stage that runs the teacher and the
-student's label source build on it (issue 9, in progress).
+The ``pseudo_label`` stage task runs a teacher checkpoint over an unlabeled
+split (eval mode, no augmentation: ``jaxrobust.stages.predict_outputs``),
+selects with :func:`select_pseudo_labels` and writes two artifacts that a
+student's stream reads without new code::
+
+    streams.unlabeled = dict(data='...', split='...',
+                             index='artifact:teacher_labels/indices',   # with repeats
+                             labels='artifact:teacher_labels/labels')   # int[N] or soft [N, K]
+
+``labels`` is indexed by dataset index (-1, or a uniform row when soft, for
+images not selected). Student training with noise, the EfficientNet family and
+K teacher→student rounds build on this (issue 9, in progress).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from jaxrobust.registry import RegistryError
+from jaxrobust.stages import TASKS, StageContext, predict_outputs
 
 THRESHOLD = 0.3  # filter_unlabel.sh --min_threshold
 
@@ -120,3 +131,45 @@ def selection_stats(probs: Any, indices: np.ndarray) -> dict[str, Any]:
   return {"distinct": distinct.tolist(), "count": count.tolist(),
           "mean_confidence": mean.tolist(),
           "empty_classes": np.flatnonzero(count == 0).tolist(), "num_examples": int(len(indices))}
+
+
+@TASKS.register("pseudo_label")
+def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: str = "train",
+                 threshold: float = THRESHOLD, num_per_class: int = 0, hard: bool = True,
+                 temperature: float = 1.0, module: str = "classifier") -> dict[str, float]:
+  """The teacher ``checkpoint``'s pseudo-labels for ``data:split`` (see the
+  module docstring); ``num_per_class`` 0: the split's size over K. Results:
+  the number selected, classes left empty, the mean confidence, and -- when
+  the split has labels -- the pseudo-labels' accuracy against them."""
+  where = f"config.stages.{ctx.name}"
+  out = predict_outputs(ctx, checkpoint=checkpoint, data=data, split=split,
+                        fields=("logits", "label"), module=module)
+  logits = np.asarray(out["logits"], np.float64)
+  n, k = logits.shape
+  try:
+    idx, labels = select_pseudo_labels(
+        _softmax(logits, 1.0), threshold=threshold, num_per_class=num_per_class or max(n // k, 1),
+        hard=hard, temperature=temperature, logits=logits, seed=int(ctx.config.seed))
+  except RegistryError as e:
+    raise RegistryError(f"{where}: {e}") from None
+  if len(idx) == 0:
+    raise RegistryError(f"{where}: no image has a teacher confidence >= {threshold}; lower "
+                        "`threshold`.")
+  if hard:
+    full = np.full(n, -1, np.int32)
+  else:
+    full = np.full((n, k), 1.0 / k, np.float32)
+  full[idx] = labels
+  ctx.artifacts.save("indices", idx)
+  ctx.artifacts.save("labels", full)
+  stats = selection_stats(_softmax(logits, 1.0), idx)
+  ctx.artifacts.save("stats", stats)
+  results = {"num_selected": float(len(idx)), "num_distinct": float(len(np.unique(idx))),
+             "empty_classes": float(len(stats["empty_classes"])),
+             "mean_confidence": float(np.nanmean(stats["mean_confidence"]))}
+  true = np.asarray(out["label"])
+  if true.min() >= 0:
+    results["accuracy"] = float((logits.argmax(1)[idx] == true[idx]).mean())
+  print(f"pseudo_label: {len(idx)} images ({results['num_distinct']:.0f} distinct) from "
+        f"{n}, per class {stats['count']}", flush=True)
+  return results
