@@ -110,9 +110,11 @@ class LossInputs:
     return x.reshape((v, x.shape[0] // v) + x.shape[1:])
 
 
-def masked_mean(values: Array, mask: Array, weights: Array | None = None) -> Array:
+def masked_mean(values: Array, mask: Array | None, weights: Array | None = None) -> Array:
   """Mean of ``values`` over valid entries (optionally weighted); 0 if none
-  (:func:`jaxrobust.metrics.masked_mean` with ``empty=0``)."""
+  (:func:`jaxrobust.metrics.masked_mean` with ``empty=0``). ``mask=None``:
+  every entry is valid."""
+  mask = jnp.ones(jnp.shape(values), bool) if mask is None else jnp.asarray(mask, bool)
   return metrics_masked_mean(values, mask, weights, empty=0.0)
 
 

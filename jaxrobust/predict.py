@@ -57,6 +57,7 @@ def _per_batch(module: Module, fields: Sequence[str],
   def fn(variables, batch, fitted):
     x01 = pp.to_unit_range(batch["image"])
     labels, mask = batch["label"], batch["mask"]
+    outputs_fn = _outputs_fn(module, variables)
     if perturb is not None:
       ctx = attacks.PerturbContext(
           logits_fn=module.logits_fn(variables, train=False), x=x01, labels=labels, mask=mask,
@@ -64,11 +65,11 @@ def _per_batch(module: Module, fields: Sequence[str],
           rng=jax.random.fold_in(rng if rng is not None else jax.random.PRNGKey(0),
                                  batch["index"][0]),
           num_classes=module.num_classes, batch=batch,
-          outputs_fn=_outputs_fn(module, variables),
+          outputs_fn=outputs_fn,
           fitted=next(iter(fitted.values()), None) if fitted else None)
       x01 = jax.lax.stop_gradient(perturb(ctx))
-    logits, features, _ = module.apply(variables, x01, train=False)
-    outputs = {"logits": logits, "features": features}
+    outputs = outputs_fn(x01)
+    logits, features = outputs["logits"], outputs["features"]
     out: dict[str, Array] = {"index": batch["index"], "mask": mask}
     k = logits.shape[-1]
     safe = jnp.clip(labels, 0, k - 1)
@@ -93,6 +94,7 @@ def _per_batch(module: Module, fields: Sequence[str],
 
 
 def _outputs_fn(module: Module, variables: Any) -> Callable[[Array], dict[str, Array]]:
+  """``x01 -> {'logits', 'features'}`` of ``module`` in eval mode."""
   def outputs(x):
     logits, features, _ = module.apply(variables, x, train=False)
     return {"logits": logits, "features": features}
@@ -171,10 +173,8 @@ class Predictor:
       module = self.module
 
       def per_batch(variables, batch, args):
-        logits, features, _ = module.apply(variables, pp.to_unit_range(batch["image"]),
-                                           train=False)
-        return fn({"logits": logits, "features": features}, batch["label"], batch["mask"],
-                  args)
+        outputs = _outputs_fn(module, variables)(pp.to_unit_range(batch["image"]))
+        return fn(outputs, batch["label"], batch["mask"], args)
       self._compiled[cache_key] = jax.jit(per_batch)
     compiled = self._compiled[cache_key]
     total: dict[str, np.ndarray] = {}

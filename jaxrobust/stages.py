@@ -227,7 +227,8 @@ def predict_outputs(ctx: StageContext, *, checkpoint: str, data: str = "", split
   scores = {f: scores_lib.build(f, where=f"{where}.fields") for f in score_names}
   source = pipeline.load_split(data or config.data.name, split, data_dir=config.data.data_dir,
                                cache=config.data.cache, image_size=config.data.image_size)
-  params, stats = load_pretrained(_checkpoint_path(ctx, checkpoint), module=module, where=f"{where}.checkpoint")
+  params, stats = load_pretrained(_checkpoint_path(ctx, checkpoint), module=module,
+                                  where=f"{where}.checkpoint")
   mesh = sharding_lib.make_mesh(config.mesh)
   predictor = predict_lib.Predictor(
       modules[module], batch_size=config.eval_batch_size,

@@ -40,7 +40,8 @@ from jaxrobust.methods import label_noise
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 METHODS = label_noise.METHODS + ("compare",)
-COMPARE = (("ce", "ce", 0.0), ("forward", "forward", 0.0), ("glc5_", "glc", 0.05),
+# compare: (stage prefix, method, trusted fraction) of each arm.
+COMPARE = (("", "ce", 0.0), ("", "forward", 0.0), ("glc5_", "glc", 0.05),
            ("glc10_", "glc", 0.10))
 
 
@@ -53,8 +54,8 @@ def stages(c, *, method: str, kind: str, strength: float, gold_fraction: float, 
     overrides["num_epochs"] = float(epochs)
   if epochs > 0 and finetune is not None:
     finetune = {**finetune, "num_epochs": float(epochs)}
-  arms = ([(prefix + p if p.endswith("_") else prefix, m, g) for p, m, g in COMPARE]
-          if method == "compare" else [(prefix, method, gold_fraction)])
+  arms = ([(prefix + p, m, g) for p, m, g in COMPARE] if method == "compare"
+          else [(prefix, method, gold_fraction)])
   out = {}
   for pre, m, g in arms:
     out.update(label_noise.recipe(c, method=m, kind=kind, strength=strength, gold_fraction=g,

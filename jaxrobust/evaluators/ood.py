@@ -23,8 +23,9 @@ evaluation.
 are averaged over draws. Left unset, both follow the ``preset``'s reference
 code (:data:`PROTOCOLS`): hendrycks 1/5 and 5 draws (HPT/OE ``num_to_avg``),
 energy 1/5 and 10 draws (the energy code's ``run.sh``), openood and lee every
-OOD example once. Only the drawn examples are scored. ``fraction = 0`` scores every OOD example once (AUPR then depends on
-the sets' sizes: 10,000 OOD vs 360 test digits puts AUPR-out near 1). Results
+OOD example once. Only the drawn examples are scored. ``fraction = 0`` scores
+every OOD example once (AUPR then depends on the sets' sizes: 10,000 OOD vs 360
+test digits puts AUPR-out near 1). Results
 go under ``<prefix>/`` (default ``ood``), so two OOD evaluators with different
 protocols can run side by side. One figure per score,
 ``plots/ood_<score>.png``: the ROC curves of every set and each set's score

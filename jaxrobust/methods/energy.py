@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrobust import scores as scores_lib
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.registry import RegistryError
 from jaxrobust.stages import TASKS, StageContext
@@ -54,8 +55,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 def free_energy(logits: Array, temperature: float = 1.0) -> Array:
   """``E(x; T) = −T · logsumexp(f / T)`` per example (lower = in-distribution)."""
-  logits = jnp.asarray(logits, jnp.float32)
-  return -temperature * jax.nn.logsumexp(logits / temperature, axis=-1)
+  return -scores_lib.energy(jnp.asarray(logits, jnp.float32), temperature)
 
 
 def energy_hinge(logits_in: Array, logits_out: Array, *, m_in: float, m_out: float,
@@ -64,8 +64,6 @@ def energy_hinge(logits_in: Array, logits_out: Array, *, m_in: float, m_out: flo
   mean over its own (valid) examples; the λ and the cross-entropy of the full
   loss are not included."""
   e_in, e_out = free_energy(logits_in), free_energy(logits_out)
-  in_mask = jnp.ones(e_in.shape, bool) if in_mask is None else jnp.asarray(in_mask, bool)
-  out_mask = jnp.ones(e_out.shape, bool) if out_mask is None else jnp.asarray(out_mask, bool)
   return (masked_mean(jax.nn.relu(e_in - m_in) ** 2, in_mask)
           + masked_mean(jax.nn.relu(m_out - e_out) ** 2, out_mask))
 

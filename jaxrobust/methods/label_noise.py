@@ -97,11 +97,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import special
 
 from jaxrobust.data.streams import INDEX, LABELS, LabelFn, StreamData
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext
+from jaxrobust.stages import TASKS, StageContext, predict_outputs
 
 Array = jax.Array
 
@@ -369,13 +370,6 @@ def estimate_anchor_matrix(probs: np.ndarray, num_classes: int,
   return c
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-  """Row softmax in float64."""
-  z = np.asarray(logits, np.float64)
-  z = np.exp(z - z.max(axis=-1, keepdims=True))
-  return z / z.sum(axis=-1, keepdims=True)
-
-
 # --- hooks: index list and label source -------------------------------------------
 
 def _labels_and_k(data: StreamData, where: str) -> tuple[np.ndarray, int]:
@@ -513,7 +507,6 @@ def estimate_corruption(ctx: StageContext, *, checkpoint: str, method: str = "gl
       hold the error of ``Ĉ`` (``error/max_abs``, ``error/mean_abs``) and the
       true matrix is saved as the artifact ``true_matrix``.
   """
-  from jaxrobust.stages import predict_outputs
   where = f"config.stages.{ctx.name}"
   if method not in ESTIMATORS:
     raise RegistryError(f"{where}.method={method!r} must be one of {ESTIMATORS}.")
@@ -529,7 +522,8 @@ def estimate_corruption(ctx: StageContext, *, checkpoint: str, method: str = "gl
   data_name = train.get("data") or config.data.name
   out = predict_outputs(ctx, checkpoint=checkpoint, data=data_name, split=train.split,
                         fields=("logits", "label"))
-  probs, labels = softmax(out["logits"]), np.asarray(out["label"])
+  probs = special.softmax(np.asarray(out["logits"], np.float64), axis=-1)
+  labels = np.asarray(out["label"])
   k = probs.shape[1]
   try:
     truth = (corruption_matrix(kind, strength, k, seed=seed,

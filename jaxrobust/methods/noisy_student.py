@@ -43,18 +43,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import special
 
 from jaxrobust.registry import RegistryError
 from jaxrobust.stages import TASKS, StageContext, predict_outputs
 
 THRESHOLD = 0.3  # filter_unlabel.sh --min_threshold
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-  z = np.asarray(logits, np.float64) / temperature
-  z = z - z.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
 
 
 def select_pseudo_labels(probs: Any, *, threshold: float = THRESHOLD, num_per_class: int,
@@ -108,8 +102,8 @@ def select_pseudo_labels(probs: Any, *, threshold: float = THRESHOLD, num_per_cl
   if hard:
     labels = cls[indices].astype(np.int32)
   else:
-    soft = (_softmax(np.asarray(logits), temperature) if logits is not None
-            else _softmax(np.log(np.clip(p, 1e-30, None)), temperature))
+    z = np.asarray(logits, np.float64) if logits is not None else np.log(np.clip(p, 1e-30, None))
+    soft = special.softmax(z / temperature, axis=-1)
     if soft.shape != (n_total, k):
       raise RegistryError(f"select_pseudo_labels: logits have shape {soft.shape}; probs have "
                           f"{(n_total, k)}.")
@@ -145,11 +139,12 @@ def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   out = predict_outputs(ctx, checkpoint=checkpoint, data=data, split=split,
                         fields=("logits", "label"), module=module)
   logits = np.asarray(out["logits"], np.float64)
+  probs = special.softmax(logits, axis=-1)
   n, k = logits.shape
   try:
     idx, labels = select_pseudo_labels(
-        _softmax(logits, 1.0), threshold=threshold, num_per_class=num_per_class or max(n // k, 1),
-        hard=hard, temperature=temperature, logits=logits, seed=int(ctx.config.seed))
+        probs, threshold=threshold, num_per_class=num_per_class or max(n // k, 1), hard=hard,
+        temperature=temperature, logits=logits, seed=int(ctx.config.seed))
   except RegistryError as e:
     raise RegistryError(f"{where}: {e}") from None
   if len(idx) == 0:
@@ -162,7 +157,7 @@ def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   full[idx] = labels
   ctx.artifacts.save("indices", idx)
   ctx.artifacts.save("labels", full)
-  stats = selection_stats(_softmax(logits, 1.0), idx)
+  stats = selection_stats(probs, idx)
   ctx.artifacts.save("stats", stats)
   results = {"num_selected": float(len(idx)), "num_distinct": float(len(np.unique(idx))),
              "empty_classes": float(len(stats["empty_classes"])),

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrobust import attacks
-from jaxrobust.scores import SCORES, ScoreMethod, check_epsilon, _check_temperature
+from jaxrobust.scores import SCORES, ScoreMethod, _check_temperature, check_epsilon, msp
 
 Array = jax.Array
 TEMPERATURES = (1.0, 10.0, 100.0, 1000.0)
@@ -67,7 +67,7 @@ def odin_score(logits_fn: Callable[[Array], Array], x: Array, *, temperature: fl
   _check_temperature(temperature)
   check_epsilon(epsilon)
   x_tilde = odin_perturb(logits_fn, x, temperature=temperature, epsilon=epsilon, std=std)
-  return jnp.max(jax.nn.softmax(_at_least_f32(logits_fn(x_tilde)) / temperature, -1), -1)
+  return msp(logits_fn(x_tilde), temperature)
 
 
 def _at_least_f32(x: Array) -> Array:
@@ -84,8 +84,5 @@ def odin(temperature: float = 1000.0, epsilon: float = 0.0014) -> ScoreMethod:
   def perturb(ctx: attacks.PerturbContext) -> Array:
     return odin_perturb(ctx.logits_fn, ctx.x, temperature=temperature, epsilon=epsilon)
 
-  def score(outputs, fitted):
-    del fitted
-    return jnp.max(jax.nn.softmax(outputs["logits"] / temperature, -1), -1)
-
-  return ScoreMethod("odin", score, perturb=perturb)
+  return ScoreMethod("odin", lambda outputs, fitted: msp(outputs["logits"], temperature),
+                     perturb=perturb)

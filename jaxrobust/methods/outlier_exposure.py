@@ -48,7 +48,6 @@ def outlier_exposure_loss(logits_out: Array, mask: Array | None = None) -> Array
   """Mean over valid outliers of ``CE(U, softmax(f)) = logsumexp f − mean_k f_k``."""
   logits_out = jnp.asarray(logits_out, jnp.float32)
   per_example = jax.nn.logsumexp(logits_out, -1) - jnp.mean(logits_out, -1)
-  mask = jnp.ones(per_example.shape, bool) if mask is None else jnp.asarray(mask, bool)
   return masked_mean(per_example, mask)
 
 

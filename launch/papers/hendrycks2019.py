@@ -41,6 +41,8 @@ IMBALANCE_METHODS = {"ce": ("dataset", "shuffle", "CE"),
                      "cost": ("class_weighted", "shuffle", "cost-sensitive CE"),
                      "over": ("dataset", "class_balanced", "oversampling")}
 NO_OOD = {"ood": {"sets": {}}, "ood_all": {"sets": {}}}
+# Arm-name suffix -> how the arm starts: from scratch or from the glyphs model.
+INITS = {"scratch": "scratch", "pre": "pre-trained"}
 _CACHE: dict[int, dict[str, np.ndarray]] = {}
 
 
@@ -82,11 +84,12 @@ def recipe(seed: int, quick: bool):
         **stages[arm]["config"].get("evaluators", {}), **_robust()}}
   # Label corruption (quick: the first setting).
   for kind, strength in LABEL_NOISE[:1] if quick else LABEL_NOISE:
-    for init in ("scratch", "pre"):
+    for init in INITS:
       arms = label_noise_recipe.stages(
           c, method="compare", kind=kind, strength=strength, gold_fraction=0.05, seed=seed,
           init="artifact:pretrain/checkpoint" if init == "pre" else None,
-          finetune=ft_options if init == "pre" else None, prefix=f"{_tag(kind, strength)}_{init}_",
+          finetune=ft_options if init == "pre" else None,
+          prefix=f"{_tag(kind, strength)}_{init}_",
           overrides={"evaluators": NO_OOD, **(scratch_epochs if init == "scratch" else {})})
       stages.update(arms)
   # Class imbalance.
@@ -211,11 +214,11 @@ METRICS = (
 UNCERTAINTY_ARMS = {"finetune": "pre-trained on glyphs, all layers fine-tuned",
                     "last_layer": "pre-trained, new head only, BatchNorm frozen",
                     "scratch": "trained from scratch on digits"}
-LABEL_NOISE_ARMS = {
-    f"{_tag(k, s)}_{init}_{m}": f"{k} {s:g}, {desc}, {'pre-trained' if init == 'pre' else 'scratch'}"
-    for k, s in LABEL_NOISE for init in ("scratch", "pre") for m, desc in LABEL_NOISE_METHODS.items()}
-IMBALANCE_ARMS = {f"imb_{m}_{init}": f"{desc}, {'pre-trained' if init == 'pre' else 'scratch'}"
-                  for init in ("scratch", "pre") for m, (_, _, desc) in IMBALANCE_METHODS.items()}
+LABEL_NOISE_ARMS = {f"{_tag(k, s)}_{init}_{m}": f"{k} {s:g}, {desc}, {start}"
+                    for k, s in LABEL_NOISE for init, start in INITS.items()
+                    for m, desc in LABEL_NOISE_METHODS.items()}
+IMBALANCE_ARMS = {f"imb_{m}_{init}": f"{desc}, {start}" for init, start in INITS.items()
+                  for m, (_, _, desc) in IMBALANCE_METHODS.items()}
 ADVERSARIAL_ARMS = {"adv_scratch": "PGD adversarial training from scratch",
                     "adv_finetune": "adversarial pre-training on glyphs + adversarial fine-tuning"}
 
@@ -230,7 +233,7 @@ def _label_noise_claims():
     out.append(Claim(f"Pre-training lowers the error with GLC (10% trusted), {k} {s:g}",
                      "test/accuracy", f"{t}_pre_glc10_glc", f"{t}_scratch_glc10_glc",
                      "§4.2 Table 2: CIFAR-10 GLC 10% 11.5 -> 6.4"))
-    for init in ("scratch", "pre"):
+    for init in INITS:
       out.append(Claim(f"Forward correction beats no correction ({k} {s:g}, {init})",
                        "test/accuracy", f"{t}_{init}_forward", f"{t}_{init}_ce",
                        "§4.2 Table 2: CIFAR-10 28.7 -> 25.5 (normal), 15.9 -> 15.7 (pre-trained)"))
