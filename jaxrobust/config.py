@@ -29,7 +29,7 @@ from jaxrobust.registry import suggest
 # Sub-dicts whose keys are not fixed by the schema; each is checked where it
 # is built (streams against the stream schema, loss terms, evaluators and
 # stage tasks against their registered signatures).
-FREE_FORM = ("model.kwargs", "modules", "losses", "updates", "streams", "constants",
+FREE_FORM = ("model.kwargs", "model.heads", "modules", "losses", "updates", "streams", "constants",
              "evaluators", "stages")
 
 
@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # computation dtype; params stay float32
   c.model.trainable = ".*"  # regex over parameter paths that train ('head/.*': last layer)
   c.model.freeze_bn = False  # True: eval-mode BatchNorm (running statistics kept) while training
+  # extra heads on the features: {name: 'mlp(features=128)'} (jaxrobust/models/heads.py)
+  c.model.heads = ml_collections.ConfigDict()
   # More modules: name -> {model: {name, kwargs, dtype, trainable, freeze_bn},
   # optimizer: {overrides of config.optimizer}, input_shape, num_classes}.
   c.modules = ml_collections.ConfigDict()
@@ -79,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.updates = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "sgd"  # sgd | adam | adamw | rmsprop
+  c.optimizer.name = "sgd"  # sgd | adam | adamw | rmsprop | lars
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
@@ -178,6 +180,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       parsed = value
     if isinstance(defaults[key], bool) and isinstance(parsed, str):
       parsed = parsed.lower() in ("1", "true", "yes")
+    elif isinstance(defaults[key], str):
+      parsed = value.strip()  # a string option stays a string ("sizes=300")
     out[key] = parsed
   return out
 

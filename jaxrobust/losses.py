@@ -11,10 +11,16 @@ A loss term is a small pure function registered by name::
 * ``name`` -- the registered term, when the key is not its name (so one term
   can appear twice, e.g. on two streams);
 * ``normalize_by`` -- the key of another term of the same update: the term's
-  value is rescaled to that term's magnitude, ``weight · sg(L_other / L) · L``
+  value is rescaled to that term's magnitude, ``weight · sg(L̄_other / L̄) · L``
   (the gradient keeps the direction of ``L`` and the size of ``L_other``:
-  Zoph et al.'s loss normalisation, computed per batch), without the term
-  knowing the other.
+  Zoph et al.'s loss normalisation), without the term knowing the other.
+  ``L̄`` are the values of this batch, or, with ``normalize_momentum`` m > 0,
+  bias-corrected moving averages ``L̄_t = m L̄_{t-1} + (1 - m) L_t`` kept in
+  the train state (``TrainState.loss_stats``), as the paper defines them;
+* ``head`` -- an extra head of the module (``config.model.heads``): the term
+  reads that head's output as ``logits`` (and its width as ``num_classes``),
+  so any term works on any head (joint training's source-task head, SimCLR's
+  projection head).
 
 Each update (:mod:`jaxrobust.train_step`) sums the terms it lists; the default
 update sums them all. Every term reduces with its stream's validity ``mask`` so
@@ -46,7 +52,7 @@ Array = jax.Array
 
 LOSSES = Registry("loss term")
 LossFn = Callable[["LossInputs"], tuple[Array, dict[str, Array]]]
-COMPOSITION_KEYS = ("weight", "name", "normalize_by")
+COMPOSITION_KEYS = ("weight", "name", "normalize_by", "normalize_momentum", "head")
 
 
 class _Outputs(dict):
@@ -86,6 +92,10 @@ class LossInputs:
       parameters), others with gradients stopped. Train-mode calls use batch
       statistics but discard their updates.
     views: stream -> number of views (``outputs`` rows are view-major).
+    axis_name: the device axis of the pmap form of the step (None under the
+      global-view jit, where a batch is already the global batch): terms that
+      need other devices' examples (SimCLR's negatives) gather over it.
+    loss_stats: moving averages of term values (``normalize_momentum``).
   """
   outputs: Mapping[str, Mapping[str, Array]]
   batch: Mapping[str, Mapping[str, Array]]
@@ -98,6 +108,8 @@ class LossInputs:
   module: str = "classifier"
   call: Callable[..., Mapping[str, Array]] | None = None
   views: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  axis_name: str | None = None
+  loss_stats: Mapping[str, Array] = dataclasses.field(default_factory=dict)
 
   def apply(self, x: Array, *, train: bool = True) -> Mapping[str, Array]:
     """The trained module on ``x`` (differentiable; no statistics update)."""
@@ -175,13 +187,45 @@ class Term:
   weight: float
   normalize_by: str | None
   fn: Callable[..., tuple[Array, dict[str, Array]]]
+  head: str | None = None
+  normalize_momentum: float = 0.0
+
+
+STATS = "loss_stats/"  # metric keys that are new moving averages, moved to the state
+
+
+def normalized_keys(terms: Sequence[Term]) -> list[str]:
+  """The term keys whose moving averages a step keeps (both sides of every
+  ``normalize_by`` with ``normalize_momentum > 0``)."""
+  keys = set()
+  for t in terms:
+    if t.normalize_by is not None and t.normalize_momentum > 0:
+      keys.update((t.key, t.normalize_by))
+  return sorted(keys)
+
+
+def _on_head(inputs: LossInputs, head: str, key: str) -> LossInputs:
+  """``inputs`` whose ``logits`` are the extra head ``head``'s outputs."""
+  name = f"head:{head}"
+  outputs = {}
+  for s, o in inputs.outputs.items():
+    if name not in o:
+      have = sorted(k[5:] for k in o if k.startswith("head:"))
+      raise RegistryError(f"config.losses.{key}.head={head!r}: module {inputs.module!r} has no "
+                          f"such head (config.model.heads: {have}).")
+    outputs[s] = {**o, "logits": o[name]}
+  some = next(iter(outputs.values()), None)
+  return dataclasses.replace(
+      inputs, outputs=_Outputs(outputs, inputs.outputs.module, inputs.outputs.streams),
+      num_classes=int(some["logits"].shape[-1]) if some is not None else inputs.num_classes)
 
 
 def build_terms(losses: Mapping[str, Any], keys: Sequence[str] | None = None, *,
                 num_classes: int | None = None,
                 constants: Mapping[str, Any] | None = None,
                 streams: Sequence[str] | None = None, where: str = "config.losses",
-                resolve: Callable[[Any, str], Any] | None = None) -> list[Term]:
+                resolve: Callable[[Any, str], Any] | None = None,
+                heads: Sequence[str] | None = None) -> list[Term]:
   """The terms of ``config.losses`` named by ``keys`` (all when None), each
   with options checked against its signature, its streams and constants
   checked, before any compilation. ``resolve(value, where)`` replaces option
@@ -203,6 +247,15 @@ def build_terms(losses: Mapping[str, Any], keys: Sequence[str] | None = None, *,
     weight = float(cfg.pop("weight", 1.0))
     name = cfg.pop("name", key)
     normalize_by = cfg.pop("normalize_by", None) or None
+    momentum = float(cfg.pop("normalize_momentum", 0.0))
+    head = cfg.pop("head", None) or None
+    if not 0.0 <= momentum < 1.0:
+      raise RegistryError(f"{where}.{key}.normalize_momentum must be in [0, 1), got {momentum}.")
+    if momentum and normalize_by is None:
+      raise RegistryError(f"{where}.{key}.normalize_momentum is set but normalize_by is not.")
+    if head is not None and heads is not None and head not in heads:
+      raise RegistryError(f"{where}.{key}.head={head!r}: the module has no such head "
+                          f"(config.model.heads: {sorted(heads)}).")
     fn = LOSSES.build({"name": name, **cfg}, where=f"{where}.{key}", runtime=("inputs",))
     options = LOSSES.options_with_defaults(fn)
     for opt, value in options.items():
@@ -219,7 +272,7 @@ def build_terms(losses: Mapping[str, Any], keys: Sequence[str] | None = None, *,
     if "constants" in info:
       _check_constants(info["constants"](options, num_classes), constants or {},
                        f"{where}.{key}")
-    terms.append(Term(key, name, weight, normalize_by, fn))
+    terms.append(Term(key, name, weight, normalize_by, fn, head, momentum))
   known = [t.key for t in terms]
   for t in terms:
     if t.normalize_by is not None and t.normalize_by not in known:
@@ -243,19 +296,34 @@ def _check_constants(expected: Mapping[str, tuple], constants: Mapping[str, Any]
 def compose(terms: Sequence[Term]) -> LossFn:
   """``inputs -> (total, metrics)``: the weighted (and normalised) sum."""
 
+  tracked = normalized_keys(terms)
+  momentum = {t.key: t.normalize_momentum for t in terms if t.normalize_momentum > 0}
+  for t in terms:  # both sides of a normalisation average with the same momentum
+    if t.key in momentum:
+      momentum.setdefault(t.normalize_by, momentum[t.key])
+
   def total_loss(inputs: LossInputs) -> tuple[Array, dict[str, Array]]:
     values: dict[str, Array] = {}
     metrics: dict[str, Array] = {}
     for t in terms:
-      value, extra = t.fn(inputs)
+      value, extra = t.fn(_on_head(inputs, t.head, t.key) if t.head else inputs)
       values[t.key] = value
       metrics[f"loss/{t.key}"] = value
       metrics.update(extra)
+    averages = {}
+    for key in tracked:  # bias-corrected moving averages (Adam-style), from step 0
+      m = momentum[key]
+      raw = m * inputs.loss_stats.get(key, jnp.zeros((), jnp.float32)) + (
+          1 - m) * jax.lax.stop_gradient(values[key])
+      metrics[f"{STATS}{key}"] = raw
+      averages[key] = raw / (1 - m ** (jnp.asarray(inputs.step, jnp.float32) + 1))
     total = jnp.zeros((), jnp.float32)
     for t in terms:
       value = values[t.key]
       if t.normalize_by is not None:
-        scale = jax.lax.stop_gradient(values[t.normalize_by] / jnp.maximum(value, 1e-12))
+        num, den = ((averages[t.normalize_by], averages[t.key]) if t.normalize_momentum > 0
+                    else (values[t.normalize_by], value))
+        scale = jax.lax.stop_gradient(num / jnp.maximum(den, 1e-12))
         metrics[f"loss/{t.key}/scale"] = scale
         value = scale * value
       total = total + t.weight * value

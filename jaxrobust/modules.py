@@ -69,6 +69,7 @@ class Module:
   schedule: optax.Schedule
   trainable: str = ".*"
   freeze_bn: bool = False
+  head_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def takes_images(self) -> bool:
@@ -83,10 +84,11 @@ class Module:
     std = jnp.asarray(self.std, jnp.float32)
     return (x - mean) / std
 
-  def apply(self, variables: Mapping[str, Any], x: Array, *, train: bool,
-            rng: Array | None = None, update_stats: bool = True
-            ) -> tuple[Array, Array, Any]:
-    """``(logits float32, features, new batch stats or None)``.
+  def apply_outputs(self, variables: Mapping[str, Any], x: Array, *, train: bool,
+                    rng: Array | None = None, update_stats: bool = True
+                    ) -> tuple[dict[str, Array], Any]:
+    """``({'logits' float32, 'features', 'head:<name>' float32 per extra
+    head}, new batch stats or None)``.
 
     ``train`` selects train mode unless the module freezes BatchNorm;
     ``update_stats=False`` discards the statistics a train-mode pass
@@ -96,15 +98,26 @@ class Module:
     train = train and not self.freeze_bn
     rngs = {"dropout": rng} if (train and rng is not None) else None
     if train:
-      (logits, features), mutated = self.model.apply(
+      out, mutated = self.model.apply(
           dict(variables), x, train=True, return_features=True,
           mutable=["batch_stats"], rngs=rngs)
       new_stats = mutated.get("batch_stats", {}) if update_stats else None
     else:
-      logits, features = self.model.apply(dict(variables), x, train=False,
-                                          return_features=True)
+      out = self.model.apply(dict(variables), x, train=False, return_features=True)
       new_stats = None
-    return logits.astype(jnp.float32), features, new_stats
+    logits, features, heads = out if len(out) == 3 else (*out, {})
+    outputs = {"logits": logits.astype(jnp.float32), "features": features}
+    outputs.update({f"head:{n}": v.astype(jnp.float32) for n, v in heads.items()})
+    return outputs, new_stats
+
+  def apply(self, variables: Mapping[str, Any], x: Array, *, train: bool,
+            rng: Array | None = None, update_stats: bool = True
+            ) -> tuple[Array, Array, Any]:
+    """``(logits float32, features, new batch stats or None)``: see
+    :meth:`apply_outputs` (extra heads left out)."""
+    outputs, new_stats = self.apply_outputs(variables, x, train=train, rng=rng,
+                                            update_stats=update_stats)
+    return outputs["logits"], outputs["features"], new_stats
 
   def logits_fn(self, variables: Mapping[str, Any], *, train: bool,
                 rng: Array | None = None) -> Callable[[Array], Array]:

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from config, built with optax.
 
-Defaults follow Hendrycks et al. (2019) and Liu et al. (2020): SGD with Nesterov
+``name`` is sgd, adam, adamw, rmsprop (Noisy Student's optimiser) or lars
+(SimCLR's). Defaults follow Hendrycks et al. (2019) and Liu et al. (2020): SGD with Nesterov
 momentum 0.9, L2 weight decay 5e-4 added to the gradient *before* momentum on all
 parameters (PyTorch ``SGD(weight_decay=...)``; ``weight_decay_on='kernels'``
 excludes biases and BatchNorm), cosine annealing per step. Their code anneals to
@@ -73,6 +74,13 @@ def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule
   elif name == "rmsprop":
     parts.append(optax.rmsprop(schedule, decay=cfg.b2, eps=cfg.eps,
                                momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  elif name == "lars":
+    # SimCLR (Chen et al. 2020): LARS with momentum 0.9; with weight_decay_on='kernels'
+    # biases and BatchNorm get neither weight decay nor the trust ratio, as in their code.
+    parts.append(optax.lars(schedule, weight_decay=cfg.weight_decay,
+                            weight_decay_mask=mask or True, trust_ratio_mask=mask or True,
+                            momentum=cfg.momentum, nesterov=cfg.nesterov))
   else:
-    raise ValueError(f"unknown config.optimizer.name {name!r}; known: sgd, adam, adamw, rmsprop.")
+    raise ValueError(f"unknown config.optimizer.name {name!r}; known: sgd, adam, adamw, "
+                     "rmsprop, lars.")
   return optax.chain(*parts)

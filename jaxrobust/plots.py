@@ -196,3 +196,23 @@ def ood_summary(in_scores, out_scores: "dict[str, np.ndarray]", *, score: str = 
                      xlabel=f"{score} (higher = in-dist.)", ax=ax, title=f"{score}: {name}")
   fig.suptitle(title if title is not None else f"OOD detection by {score}")
   return _finish(fig, path)
+
+
+def class_bars(values, *, class_names: Optional[Sequence[str]] = None, top: int = 0,
+               ylabel: str = "value", ax=None, path: Optional[str] = None,
+               title: Optional[str] = None):
+  """A bar per class (e.g. Ngiam et al.'s importance weights ``P_t(y)/P_s(y)``
+  per source class); ``top > 0`` shows only the ``top`` largest, in
+  decreasing order, named on the x axis."""
+  v = np.asarray(values, np.float64).reshape(-1)
+  names = list(class_names) if class_names is not None else [str(i) for i in range(len(v))]
+  if len(names) != len(v):
+    raise ValueError(f"class_names has {len(names)} entries for {len(v)} values.")
+  order = np.argsort(-v, kind="stable")[:top] if top > 0 else np.arange(len(v))
+  fig, ax = _figure(ax, (max(4.0, 0.22 * len(order) + 1.5), 3.2))
+  ax.bar(np.arange(len(order)), v[order], color="tab:blue")
+  ax.set_xticks(np.arange(len(order)), [names[i] for i in order], fontsize=7)
+  ax.set_xlim(-0.6, len(order) - 0.4)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title or "")
+  return _finish(fig, path)

@@ -83,7 +83,9 @@ def merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where
 
   Sub-dicts are updated key by key, so a stage can change one option of one
   stream; an empty mapping replaces (``evaluators={'ood': {'sets': {}}}``
-  removes the OOD sets). Unknown keys raise naming ``where``.
+  removes the OOD sets), and ``None`` removes one entry of a free-form
+  sub-dict (``losses={'cross_entropy': None}``). Unknown keys raise naming
+  ``where``.
   """
   out = copy.deepcopy(config)
   out.unlock()  # config_flags locks the recipe; free-form sub-dicts (evaluators, constants) grow
@@ -97,6 +99,10 @@ def merge(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where
         apply(target[k], v, key)
         continue
       free = any(key.startswith(f"{where}.{f}") for f in config_lib.FREE_FORM)
+      if v is None and free:  # None removes an entry of a free-form sub-dict (a loss term)
+        if k in target:
+          del target[k]
+        continue
       if k not in target and not free:
         raise ValueError(f"{key}: no such key in the config{suggest(k, target.keys())}.")
       value = ml_collections.ConfigDict(_plain(v)) if hasattr(v, "items") else _plain(v)
@@ -207,6 +213,19 @@ def _checkpoint_path(ctx: StageContext, checkpoint: str) -> str:
           else os.path.abspath(checkpoint))
 
 
+def check_label_space(params: Any, num_classes: int, *, where: str, data: str) -> None:
+  """Raises when a checkpoint's ``head`` has another number of classes than
+  the model the stage builds for ``data`` (e.g. a teacher or source model of
+  another label space), before anything is compiled."""
+  head = params.get("head") if hasattr(params, "get") else None
+  kernel = head.get("kernel") if hasattr(head, "get") else None
+  if kernel is not None and kernel.shape[-1] != num_classes:
+    raise RegistryError(
+        f"{where}: the checkpoint's head has {kernel.shape[-1]} classes, but the stage's model "
+        f"has {num_classes} (config.data.name={data!r}); the checkpoint was trained on another "
+        "label space.")
+
+
 def predict_outputs(ctx: StageContext, *, checkpoint: str, data: str = "", split: str = "train",
                     fields: Sequence[str] = ("logits", "label"), module: str = "classifier"
                     ) -> dict[str, Any]:
@@ -229,6 +248,8 @@ def predict_outputs(ctx: StageContext, *, checkpoint: str, data: str = "", split
                                cache=config.data.cache, image_size=config.data.image_size)
   params, stats = load_pretrained(_checkpoint_path(ctx, checkpoint), module=module,
                                   where=f"{where}.checkpoint")
+  check_label_space(params, modules[module].num_classes, where=f"{where}.checkpoint",
+                    data=config.data.name)
   mesh = sharding_lib.make_mesh(config.mesh)
   predictor = predict_lib.Predictor(
       modules[module], batch_size=config.eval_batch_size,

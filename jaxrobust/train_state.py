@@ -11,7 +11,7 @@ transformations are not part of it: they live in
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import jax
@@ -38,6 +38,8 @@ class TrainState:
   step: Array  # int32 scalar: number of steps applied
   modules: dict[str, ModuleState]
   rng: Array  # root key (uint32[2]); each step uses fold_in(rng, step)
+  # moving averages of loss terms (losses.normalize_momentum); empty unless used
+  loss_stats: dict[str, Array] = flax.struct.field(default_factory=dict)
 
   @property
   def classifier(self) -> ModuleState:
@@ -53,17 +55,20 @@ class TrainState:
     return self.classifier.batch_stats
 
 
-def create_state(modules: Mapping[str, Module], rng: Array) -> TrainState:
-  """A fresh state: initial parameters, zero optimizer states, step 0."""
+def create_state(modules: Mapping[str, Module], rng: Array,
+                 loss_stats: Sequence[str] = ()) -> TrainState:
+  """A fresh state: initial parameters, zero optimizer states, step 0, and a
+  zero moving average for each term key in ``loss_stats``."""
   init_rng, run_rng = jax.random.split(rng)
   states = {}
   for name, m in modules.items():
     params, batch_stats = m.init(m.init_rng(init_rng))
     states[name] = ModuleState(params=params, batch_stats=batch_stats,
                                opt_state=m.tx.init(params))
-  return TrainState(step=jnp.zeros((), jnp.int32), modules=states, rng=run_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), modules=states, rng=run_rng,
+                    loss_stats={k: jnp.zeros((), jnp.float32) for k in loss_stats})
 
 
-def abstract_state(modules: Mapping[str, Module]) -> TrainState:
+def abstract_state(modules: Mapping[str, Module], loss_stats: Sequence[str] = ()) -> TrainState:
   """Shapes and dtypes of the state, without computing anything."""
-  return jax.eval_shape(lambda r: create_state(modules, r), jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda r: create_state(modules, r, loss_stats), jax.random.PRNGKey(0))

@@ -74,6 +74,7 @@ class Update:
   module: str
   loss_fn: losses_lib.LossFn
   streams: tuple[str, ...]
+  stats_keys: tuple[str, ...] = ()  # terms whose moving averages it keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,7 @@ def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, pa
     m, ms = spec.modules[name], modules[name]
     variables = ({"params": params, "batch_stats": ms.batch_stats} if name == trained
                  else jax.lax.stop_gradient(ms.variables))
-    logits, features, _ = m.apply(variables, x, train=train, rng=rng, update_stats=False)
-    return {"logits": logits, "features": features}
+    return m.apply_outputs(variables, x, train=train, rng=rng, update_stats=False)[0]
   return call
 
 
@@ -131,6 +131,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
     pp_rng, perturb_rng, dropout_rng, loss_rng = jax.random.split(rng, 4)
     x01 = images01(spec, batch, pp_rng)
     modules = dict(state.modules)
+    loss_stats = dict(state.loss_stats)
     metrics: dict[str, Array] = {}
     for u_i, u in enumerate(spec.updates):
       m, ms = spec.modules[u.module], modules[u.module]
@@ -157,11 +158,11 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
         params = unflat({**frozen, **train_params})
         outputs, new_stats = {}, None
         if x is not None:
-          logits, features, new_stats = m.apply(
+          out, new_stats = m.apply_outputs(
               {"params": params, "batch_stats": ms.batch_stats}, x, train=True, rng=u_dropout)
           start = 0
           for s, n in zip(u.streams, sizes):
-            outputs[s] = {"logits": logits[start:start + n], "features": features[start:start + n]}
+            outputs[s] = {k: v[start:start + n] for k, v in out.items()}
             start += n
         inputs = losses_lib.LossInputs(
             outputs=losses_lib._Outputs(outputs, u.module, u.streams), batch=batch,
@@ -169,7 +170,8 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
             rng=jax.random.fold_in(loss_rng, u_i), step=state.step, images=fed,
             constants=dict(constants or {}), module=u.module,
             call=_caller(spec, modules, u.module, params, u_dropout),
-            views={s: st.views for s, st in spec.streams.items()})
+            views={s: st.views for s, st in spec.streams.items()}, axis_name=axis_name,
+            loss_stats=loss_stats)
         total, terms = u.loss_fn(inputs)
         return total, (terms, new_stats)
 
@@ -178,6 +180,8 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
       if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         u_metrics = jax.lax.pmean(u_metrics, axis_name)
+      for k in [k for k in u_metrics if k.startswith(losses_lib.STATS)]:
+        loss_stats[k[len(losses_lib.STATS):]] = u_metrics.pop(k)
       u_metrics["grad_norm"] = optax.tree.norm(grads)
       u_metrics["learning_rate"] = jnp.asarray(m.schedule(state.step), jnp.float32)
       full_grads = unflat({**{p: jnp.zeros_like(v) for p, v in frozen.items()}, **grads})
@@ -186,7 +190,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
           params=optax.apply_updates(ms.params, updates),
           batch_stats=new_stats if new_stats else ms.batch_stats, opt_state=opt_state)
       metrics.update({f"{u.name}/{k}" if prefix else k: v for k, v in u_metrics.items()})
-    return state.replace(step=state.step + 1, modules=modules), metrics
+    return state.replace(step=state.step + 1, modules=modules, loss_stats=loss_stats), metrics
 
   return train_step
 

@@ -54,6 +54,7 @@ from jaxrobust.data import pipeline
 from jaxrobust.data import pp
 from jaxrobust.data import sources
 from jaxrobust.data import streams as streams_lib
+from jaxrobust.models import heads as heads_lib
 from jaxrobust.modules import CLASSIFIER, Module, masked_tx, trainable_paths
 
 log = logging.getLogger("jaxrobust")
@@ -120,6 +121,9 @@ def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
                                **kwargs)
     except (TypeError, ValueError) as e:
       raise ValueError(f"{where}: {e}") from None
+    head_specs = heads_lib.build_specs(m.get("heads") or {}, where=f"{where}.heads")
+    if head_specs:
+      model = heads_lib.WithHeads(model, head_specs)
     opt = ml_collections.ConfigDict(spec["optimizer"])
     opt_where = "config.optimizer" if name == CLASSIFIER else f"config.modules.{name}.optimizer"
     try:
@@ -136,7 +140,8 @@ def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
         mean=tuple(config.data.mean) if takes_images else None,
         std=tuple(config.data.std) if takes_images else None,
         tx=masked_tx(tx, trainable), schedule=schedule, trainable=trainable,
-        freeze_bn=bool(m.get("freeze_bn", False)))
+        freeze_bn=bool(m.get("freeze_bn", False)),
+        head_sizes=heads_lib.output_sizes(head_specs))
   return out
 
 
@@ -213,9 +218,10 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
                        "it) -- config.updates.{name}.streams=().")
     terms = losses_lib.build_terms(config.losses, u["losses"], num_classes=m.num_classes,
                                    constants=constants, streams=list(stream_steps),
-                                   resolve=resolve)
+                                   resolve=resolve, heads=list(m.head_sizes))
     out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
-                               streams=tuple(u["streams"])))
+                               streams=tuple(u["streams"]),
+                               stats_keys=tuple(losses_lib.normalized_keys(terms))))
   return out
 
 
@@ -267,7 +273,7 @@ def _initial_state(config, modules, abstract, state_shardings, checkpointer, met
     state = checkpointer.restore(step, target, data=train_input.restore_args())
     log.info("resumed from %s at step %d", checkpointer.directory, step)
     return state, step
-  state = jax.jit(lambda r: state_lib.create_state(modules, r),
+  state = jax.jit(lambda r: state_lib.create_state(modules, r, sorted(abstract.loss_stats)),
                   out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
   for name in modules:
     state = _init_from(config, name, state, state_shardings, artifacts)
@@ -320,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           steps_per_epoch=streams_lib.steps_per_epoch(main))
   constants = load_constants(config, artifacts)
   updates = build_updates(config, modules, stream_steps, constants, artifacts)
-  abstract = state_lib.abstract_state(modules)
+  loss_stats = sorted({k for u in updates for k in u.stats_keys})
+  abstract = state_lib.abstract_state(modules, loss_stats)
   for name, m in modules.items():
     where = ("config.model.trainable" if name == CLASSIFIER
              else f"config.modules.{name}.model.trainable")

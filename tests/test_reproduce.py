@@ -123,6 +123,37 @@ def test_cross_metric_and_non_inferiority_claims(tmp_path):
   assert "non-inferiority: holds unless worse by more than 0.01" in text
 
 
+def test_gain_claims_combine_arms_seed_by_seed_and_round_by_round(tmp_path):
+  """'a-b' sides: the gain of pre-training under S1 beats its gain under S4
+  (Zoph et al.'s form); per-seed and bootstrap values are the arm
+  combinations. A method task's DONE.json results count as an arm."""
+  accs = {"pre_s1": 0.90, "rand_s1": 0.80, "pre_s4": 0.86, "rand_s4": 0.85}
+  for s in range(3):
+    for arm, p in accs.items():
+      d = tmp_path / f"seed{s}" / arm
+      os.makedirs(d / "artifacts")
+      correct = (np.arange(200) < (p + 0.005 * s) * 200).astype(np.float64)
+      json.dump({"test/accuracy": correct.mean()}, open(d / "results.json", "w"))
+      np.savez(d / "artifacts" / "p.npz", correct=correct)
+    d = tmp_path / f"seed{s}" / "sample"
+    os.makedirs(d)
+    json.dump({"task": "x", "results": {"tv": 0.1 * s}}, open(d / "DONE.json", "w"))
+  acc = lambda arts, idx: float(arts["p"]["correct"][idx["test"]].mean())
+  paper = reproduce.Paper(
+      name="toy", title="toy", recipe=lambda seed, quick: None,
+      arms={**{a: a for a in accs}, "sample": "a method task"},
+      metrics=(reproduce.Metric("test/accuracy", "acc", True, acc),
+               reproduce.Metric("tv", "tv", False)),
+      claims=(reproduce.Claim("gain S1 > gain S4", "test/accuracy", "pre_s1-rand_s1",
+                              "pre_s4-rand_s4"),),
+      protocol="synthetic", resample=lambda arts, rng: {"test": rng.integers(0, 200, 200)})
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2], bootstrap=50)
+  claim = summary["claims"][0]
+  np.testing.assert_allclose(claim["difference"], (0.90 - 0.80) - (0.86 - 0.85), atol=1e-9)
+  assert claim["verdict"] == "holds" and claim["test_ci95"][0] > 0
+  assert summary["table"]["sample"]["tv"]["seeds"] == [0.0, 0.1, 0.2]
+
+
 def test_arms_a_mode_does_not_run_are_left_out_and_their_claims_not_run(tmp_path):
   _write_runs(tmp_path, 0.9, 0.6)
   paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad"),
@@ -150,7 +181,7 @@ def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
   else:
     assert ran == arms
   for claim in h2019.PAPER.claims:
-    assert {claim.side("better")[0], claim.side("worse")[0]} <= arms
+    assert {a for _, a, _ in claim.side("better") + claim.side("worse")} <= arms
   # Adversarial arms train on PGD examples and report PGD-20; clean arms report it too.
   _, _, adv = recipe["adv_scratch"]
   assert adv.streams.train.perturb.startswith("pgd(") and "steps=20" in str(

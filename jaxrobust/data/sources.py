@@ -322,6 +322,18 @@ def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
   )
 
 
+def class_names(name: str, *, data_dir: str | None = None) -> list[str]:
+  """The dataset's class names (tfds ``ClassLabel`` names; ids as strings
+  when it has none, ``[]`` for unlabelled data)."""
+  builder = _builder(name, data_dir)
+  _, label_key = _feature_keys(builder)
+  if label_key is None:
+    return []
+  label = builder.info.features[label_key]
+  return [str(n) for n in label.names] if label.names else [
+      str(i) for i in range(label.num_classes)]
+
+
 def prepare(name: str, *, data_dir: str | None = None) -> str:
   """Prepares a dataset in ``data_dir`` as array_record; returns its directory.
 

@@ -8,7 +8,8 @@ in ``config.streams.<name>``::
     views=1,                          # >1: the pp chain is drawn that many times (SimCLR)
     perturb='',                       # e.g. 'fgsm(eps=8/255)' (jaxrobust.attacks)
     index='',                         # population: '' = the whole split, or
-                                      #   'artifact:<stage>/<name>' / 'subset(indices=...)'
+                                      #   'artifact:<stage>/<name>' / 'subset(indices=...)' /
+                                      #   'per_class(num_per_class=20)'
     sampler='shuffle',                # how an epoch draws from it: shuffle,
                                       #   class_balanced, weighted(weights=...), sequential
     labels='dataset',                 # label source: dataset, unlabeled, 'artifact:<stage>/<name>'
@@ -127,6 +128,25 @@ def subset(data: StreamData, indices: Any) -> np.ndarray:
         f"{data.where}.index: indices must be in [0, {data.num_examples}) (the size of "
         f"the split); found {int(idx.min())}..{int(idx.max())}.")
   return idx
+
+
+@INDEX.register("per_class")
+def per_class(data: StreamData, num_per_class: int, seed: int | None = None) -> np.ndarray:
+  """A class-balanced labelled subset: ``num_per_class`` examples of every
+  class drawn uniformly without replacement, sorted -- the "small labelled
+  fraction" of transfer and semi-supervised experiments. ``seed`` defaults to
+  the stream's (derived from ``config.seed``), so every stage of a recipe
+  named ``train`` draws the same subset. A class with fewer examples keeps
+  them all."""
+  if isinstance(num_per_class, bool) or int(num_per_class) != num_per_class or num_per_class < 1:
+    raise RegistryError(f"{data.where}.index: per_class needs num_per_class >= 1, got "
+                        f"{num_per_class!r}.")
+  if data.num_classes is None:
+    raise RegistryError(f"{data.where}.index: per_class needs a labelled stream.")
+  rng = np.random.default_rng(data.seed if seed is None else seed)
+  keep = [rng.permutation(np.flatnonzero(data.labels == c))[:int(num_per_class)]
+          for c in range(data.num_classes)]
+  return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
 def build_index(spec: Any, data: StreamData) -> np.ndarray:

@@ -7,6 +7,7 @@ task. A new method is a new module here plus one line below.
 """
 
 from jaxrobust.methods import adversarial  # noqa: F401
+from jaxrobust.methods import domain_adaptive  # noqa: F401
 from jaxrobust.methods import energy  # noqa: F401
 from jaxrobust.methods import imbalance  # noqa: F401
 from jaxrobust.methods import label_noise  # noqa: F401
@@ -14,5 +15,7 @@ from jaxrobust.methods import mahalanobis  # noqa: F401
 from jaxrobust.methods import noisy_student  # noqa: F401
 from jaxrobust.methods import odin  # noqa: F401
 from jaxrobust.methods import outlier_exposure  # noqa: F401
+from jaxrobust.methods import self_training  # noqa: F401
+from jaxrobust.methods import simclr  # noqa: F401
 from jaxrobust.methods import transfer  # noqa: F401
 from jaxrobust.methods import tuning  # noqa: F401

@@ -9,14 +9,18 @@ can replace it for a new number of classes. Variables are ``params`` and
 ``batch_stats``; dropout uses the ``'dropout'`` rng.
 
 Registered names: ``wrn`` (``depth``, ``width``, ``dropout_rate``),
-``wrn_40_2``, ``wrn_28_10``, ``preact_resnet18``, ``resnet50``, ``small_cnn``.
+``wrn_40_2``, ``wrn_28_10``, ``preact_resnet18``, ``resnet50``, ``small_cnn``,
+``efficientnet`` (``width_coefficient``, ``depth_coefficient``),
+``efficientnet_b0``, ``efficientnet_b1``, ``efficientnet_b2``. The residual
+models take ``stochastic_depth_rate`` (0 by default except EfficientNet's 0.2).
 """
 
+from jaxrobust.models.efficientnet import EfficientNet
 from jaxrobust.models.layers import ImageClassifier
 from jaxrobust.models.registry import get_model, list_models, register_model
 from jaxrobust.models.resnet import PreActResNet18, ResNet50
 from jaxrobust.models.small_cnn import SmallCNN
 from jaxrobust.models.wide_resnet import WideResNet
 
-__all__ = ["ImageClassifier", "PreActResNet18", "ResNet50", "SmallCNN", "WideResNet",
-           "get_model", "list_models", "register_model"]
+__all__ = ["EfficientNet", "ImageClassifier", "PreActResNet18", "ResNet50", "SmallCNN",
+           "WideResNet", "get_model", "list_models", "register_model"]

@@ -16,6 +16,15 @@ layers here default to PyTorch's conventions:
 * the classifier is an ``nn.Dense`` named ``head`` with PyTorch's
   ``nn.Linear`` weight init, ``uniform(+-1/sqrt(fan_in))``.
 
+EfficientNet (:mod:`jaxrobust.models.efficientnet`) follows its TensorFlow
+reference instead and passes its own padding, BatchNorm constants and head
+init to these helpers.
+
+Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth")
+has one implementation here, :func:`drop_path` / :class:`StochasticDepth`,
+used by every residual model of the zoo, and one per-block rule,
+:func:`stochastic_depth_rate` (Noisy Student's / EfficientNet's).
+
 Every model in :mod:`jaxrobust.models` shares the attributes of
 :class:`ImageClassifier` and the call signature
 ``model.apply(variables, x, train=..., return_features=False)``.
@@ -24,6 +33,7 @@ Every model in :mod:`jaxrobust.models` shares the attributes of
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -59,14 +69,17 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
 
 def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None,
                scale_init: jax.nn.initializers.Initializer = nn.initializers.ones,
+               momentum: float = 0.9, epsilon: float = 1e-5,
                name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5).
 
   In train mode it normalises with the batch statistics and updates the
   running averages in the ``batch_stats`` collection; ``axis_name`` makes the
-  batch statistics a mean over that pmap/shard_map axis.
+  batch statistics a mean over that pmap/shard_map axis. ``momentum`` is
+  flax's (and TensorFlow's): ``running = momentum * running + (1 - momentum)
+  * batch``, so PyTorch's 0.1 is 0.9 here.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                       dtype=dtype, axis_name=axis_name, scale_init=scale_init,
                       name=name)
 
@@ -105,18 +118,77 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 def classify(features: jax.Array, num_classes: int, *, dtype: Dtype,
-             return_features: bool, bias_init=nn.initializers.zeros):
+             return_features: bool, bias_init=nn.initializers.zeros,
+             kernel_init=torch_linear_init, dropout_rate: float = 0.0,
+             train: bool = False):
   """Applies the ``head`` Dense layer; logits (and features) come back as >= float32.
 
   Must be called from inside a model's compact ``__call__`` so that the Dense
-  is created as the model's submodule ``head``.
+  is created as the model's submodule ``head``. ``dropout_rate > 0`` applies
+  dropout (``'dropout'`` rng, train mode only) to the head's input; the
+  returned features are the ones before dropout.
   """
-  logits = nn.Dense(num_classes, dtype=dtype, kernel_init=torch_linear_init,
-                    bias_init=bias_init, name="head")(features)
+  head_input = features
+  if dropout_rate > 0:
+    head_input = nn.Dropout(dropout_rate, deterministic=not train)(features)
+  logits = nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init,
+                    bias_init=bias_init, name="head")(head_input)
   upcast = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
   if return_features:
     return upcast(logits), upcast(features)
   return upcast(logits)
+
+
+def check_rate(value: float, name: str, model: str) -> None:
+  """Raises ``ValueError`` unless ``0 <= value < 1`` (a dropout-like rate)."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not 0.0 <= value < 1.0):
+    raise ValueError(f"{model} {name} must be a float in [0, 1), got {value!r}.")
+
+
+def stochastic_depth_rate(rate: float, index: int, num_blocks: int) -> float:
+  """Drop rate of residual block ``index`` (0-based) of ``num_blocks``:
+  ``rate * index / num_blocks``.
+
+  This is the rule of the Noisy Student / EfficientNet reference
+  (``efficientnet_model.py``: ``drop_rate *= float(idx) / len(self._blocks)``):
+  it grows linearly with depth, the first block is never dropped and the last
+  one is dropped with ``rate * (num_blocks - 1) / num_blocks`` (0.1875 for
+  EfficientNet-B0's 16 blocks at ``rate=0.2``, 0.1889 for WRN-40-2's 18).
+  Huang et al. 2016 instead use ``rate * (index + 1) / num_blocks`` (exactly
+  ``rate`` at the last block); the zoo uses the Noisy Student rule everywhere
+  so that ``stochastic_depth_rate`` means the same in every model.
+  """
+  return rate * index / num_blocks
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Per-example stochastic depth: zeroes ``x[i]`` with probability ``rate``
+  and scales the kept examples by ``1 / (1 - rate)``, so the expectation is
+  ``x`` (identity at eval time, as in the reference ``utils.stochastic_depth``).
+
+  ``x`` is a residual branch ``[batch, ...]``; one Bernoulli draw per example.
+  """
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class StochasticDepth(nn.Module):
+  """:func:`drop_path` in train mode (``'dropout'`` rng), identity otherwise.
+
+  Attributes:
+    rate: probability of dropping the branch of one example, in [0, 1).
+      ``rate == 0`` returns the input unchanged and draws no random numbers.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    check_rate(self.rate, "rate", "StochasticDepth")
+    if deterministic or self.rate == 0.0:
+      return x
+    return drop_path(x, self.rate, self.make_rng("dropout"))
 
 
 class ImageClassifier(nn.Module):
@@ -149,12 +221,15 @@ class PreActBasicBlock(nn.Module):
 
   BN-ReLU-conv3x3(stride)-BN-ReLU-[dropout]-conv3x3, plus the input, or, when
   the shape changes, a 1x1 conv (stride) of the *pre-activated* input.
+  ``drop_rate > 0`` applies :class:`StochasticDepth` to the residual branch
+  (the conv path; the shortcut is always kept) in train mode.
   """
   features: int
   stride: int
   dropout_rate: float
   dtype: Dtype
   bn_axis_name: str | None
+  drop_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -165,6 +240,8 @@ class PreActBasicBlock(nn.Module):
     if self.dropout_rate > 0:
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = conv(self.features, 3, name="conv2")(y)
+    if self.drop_rate > 0:
+      y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] == self.features and self.stride == 1:
       return x + y
     return conv(self.features, 1, self.stride, name="shortcut")(preact) + y

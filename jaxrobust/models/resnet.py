@@ -18,6 +18,14 @@ BN scale of every bottleneck to 0, torchvision's option of the same name.
 
 Initialisation follows torchvision: convs ``normal(0, sqrt(2 / fan_out))``, BN
 scale 1 / bias 0, linear weight and bias ``uniform(+-1/sqrt(fan_in))``.
+
+Both take ``stochastic_depth_rate`` (default 0: the models above, unchanged):
+in train mode block ``i`` of the ``N`` blocks (0-based, counted across the
+stages; N = 8 and 16) drops its residual branch per example with probability
+``stochastic_depth_rate * i / N``, the rule of Noisy Student / EfficientNet
+(:func:`~jaxrobust.models.layers.stochastic_depth_rate`); projection shortcuts
+are kept. For the bottleneck the branch is dropped after its last BN, before
+the addition and the final ReLU, as timm's ResNet ``drop_path``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.layers import (Dtype, ImageClassifier, PreActBasicBlock, check_images,
-                                     classify, conv_and_bn, torch_linear_bias_init)
+from jaxrobust.models.layers import (Dtype, ImageClassifier, PreActBasicBlock, StochasticDepth,
+                                     check_images, check_rate, classify, conv_and_bn,
+                                     stochastic_depth_rate, torch_linear_bias_init)
 from jaxrobust.models.registry import register_model
 
 
@@ -37,18 +46,25 @@ class PreActResNet18(ImageClassifier):
   Attributes:
     final_norm: BN-ReLU after the last block, as in He et al. 2016 (True) or
       not, as in pytorch-cifar (False).
+    stochastic_depth_rate: in [0, 1); block ``i`` of 8 drops its residual
+      branch with probability ``rate * i / 8`` in train mode (``'dropout'``
+      rng); 0 (default) disables it.
   """
   final_norm: bool = True
+  stochastic_depth_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
     check_images(x, type(self).__name__)
+    check_rate(self.stochastic_depth_rate, "stochastic_depth_rate", type(self).__name__)
     conv, bn = conv_and_bn(self, train)
     x = conv(64, 3, name="stem")(x)
     for s, (features, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
       for b in range(2):
+        drop = stochastic_depth_rate(self.stochastic_depth_rate, 2 * s + b, 8)
         x = PreActBasicBlock(features, stride if b == 0 else 1, 0.0, self.dtype,
-                             self.bn_axis_name, name=f"stage{s + 1}_block{b + 1}")(x, train)
+                             self.bn_axis_name, drop,
+                             name=f"stage{s + 1}_block{b + 1}")(x, train)
     if self.final_norm:
       x = nn.relu(bn(name="bn")(x))
     features = x.mean(axis=(1, 2))
@@ -58,12 +74,14 @@ class PreActResNet18(ImageClassifier):
 
 
 class Bottleneck(nn.Module):
-  """torchvision v1.5 bottleneck: 1x1, 3x3(stride), 1x1 (x4), each conv-BN."""
+  """torchvision v1.5 bottleneck: 1x1, 3x3(stride), 1x1 (x4), each conv-BN;
+  ``drop_rate > 0``: :class:`StochasticDepth` on the branch in train mode."""
   width: int
   stride: int
   zero_init_residual: bool
   dtype: Dtype
   bn_axis_name: str | None
+  drop_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -73,6 +91,8 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn(name="bn2")(conv(self.width, 3, self.stride, name="conv2")(y)))
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = bn(name="bn3", scale_init=last_scale)(conv(out_features, 1, name="conv3")(y))
+    if self.drop_rate > 0:
+      y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] != out_features or self.stride != 1:
       x = bn(name="downsample_bn")(conv(out_features, 1, self.stride, name="downsample_conv")(x))
     return nn.relu(x + y)
@@ -84,20 +104,28 @@ class ResNet50(ImageClassifier):
 
   Attributes:
     zero_init_residual: initialise the last BN scale of each bottleneck to 0.
+    stochastic_depth_rate: in [0, 1); block ``i`` of 16 drops its residual
+      branch with probability ``rate * i / 16`` in train mode (``'dropout'``
+      rng); 0 (default) disables it.
   """
   zero_init_residual: bool = False
+  stochastic_depth_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
     check_images(x, type(self).__name__)
+    check_rate(self.stochastic_depth_rate, "stochastic_depth_rate", type(self).__name__)
     conv, bn = conv_and_bn(self, train)
     x = nn.relu(bn(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for s, (width, blocks, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2),
-                                                 (512, 3, 2)]):
+    stages = [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]
+    num_blocks, index = sum(blocks for _, blocks, _ in stages), 0
+    for s, (width, blocks, stride) in enumerate(stages):
       for b in range(blocks):
+        drop = stochastic_depth_rate(self.stochastic_depth_rate, index, num_blocks)
         x = Bottleneck(width, stride if b == 0 else 1, self.zero_init_residual, self.dtype,
-                       self.bn_axis_name, name=f"layer{s + 1}_block{b + 1}")(x, train)
+                       self.bn_axis_name, drop, name=f"layer{s + 1}_block{b + 1}")(x, train)
+        index += 1
     features = x.mean(axis=(1, 2))
     return classify(features, self.num_classes, dtype=self.dtype,
                     return_features=return_features,

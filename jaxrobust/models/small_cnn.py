@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from jaxrobust.models.layers import (
-    ImageClassifier, check_images, classify, conv_and_bn, max_pool_2x2)
+    ImageClassifier, check_images, check_rate, classify, conv_and_bn, max_pool_2x2)
 from jaxrobust.models.registry import register_model
 
 
@@ -27,8 +27,11 @@ class SmallCNN(ImageClassifier):
   Attributes:
     stage_widths: output channels of the convs of each stage; a 2x2 max-pool
       separates consecutive stages. Features are ``stage_widths[-1][-1]``-d.
+    dropout_rate: dropout on the head's input (Noisy Student's model noise
+      on the classifier; ``'dropout'`` rng); returned features are before it.
   """
   stage_widths: Sequence[Sequence[int]] = ((32,), (32,), (64, 64))
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -43,5 +46,7 @@ class SmallCNN(ImageClassifier):
         name = f"stage{s + 1}_conv{c + 1}"
         x = nn.relu(bn(name=name + "_bn")(conv(features, 3, name=name)(x)))
     features = x.mean(axis=(1, 2))
+    check_rate(self.dropout_rate, "dropout_rate", type(self).__name__)
     return classify(features, self.num_classes, dtype=self.dtype,
+                    dropout_rate=self.dropout_rate, train=train,
                     return_features=return_features)

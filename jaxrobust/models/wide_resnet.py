@@ -11,6 +11,14 @@ hendrycks/pre-training (also used by the energy-OOD code of Liu et al. 2020):
 * final BN-ReLU, global average pool, linear ``head``;
 * PyTorch initialisation (see :mod:`jaxrobust.models.layers`), head bias 0.
 
+``stochastic_depth_rate`` (not in the reference; default 0, which leaves the
+model unchanged) adds stochastic depth as Noisy Student trains its students:
+block ``i`` of the ``N = 3 (depth - 4) / 6`` blocks (0-based, counted across
+the groups) drops its residual branch per example with probability
+``stochastic_depth_rate * i / N`` in train mode (see
+:func:`~jaxrobust.models.layers.stochastic_depth_rate`); the 1x1 shortcut of a
+projection block is kept.
+
 Difference from the reference: it pools with a fixed 8x8 window (32x32 inputs
 only); the global average pool here is the same on 32x32 inputs and also
 accepts other sizes.
@@ -23,8 +31,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.layers import (ImageClassifier, PreActBasicBlock, check_images, classify,
-                                     conv_and_bn)
+from jaxrobust.models.layers import (ImageClassifier, PreActBasicBlock, check_images, check_rate,
+                                     classify, conv_and_bn, stochastic_depth_rate)
 from jaxrobust.models.registry import register_model
 
 
@@ -39,10 +47,14 @@ class WideResNet(ImageClassifier):
     width: widening factor k (2 for WRN-40-2).
     dropout_rate: dropout between the two convs of each block (0.3 in the
       outlier-exposure / energy fine-tuning recipes); uses the ``'dropout'`` rng.
+    stochastic_depth_rate: stochastic depth, in [0, 1): block ``i`` of ``N``
+      drops its residual branch with probability ``rate * i / N`` in train
+      mode (``'dropout'`` rng); 0 (default) disables it.
   """
   depth: int = 40
   width: int = 2
   dropout_rate: float = 0.0
+  stochastic_depth_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -52,13 +64,16 @@ class WideResNet(ImageClassifier):
     if self.width < 1 or not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"Invalid WideResNet width={self.width} or "
                        f"dropout_rate={self.dropout_rate}.")
+    check_rate(self.stochastic_depth_rate, "stochastic_depth_rate", type(self).__name__)
     conv, bn = conv_and_bn(self, train)
     x = conv(16, 3, name="stem")(x)
+    n = (self.depth - 4) // 6
     for g, (features, stride) in enumerate(
         [(16 * self.width, 1), (32 * self.width, 2), (64 * self.width, 2)]):
-      for b in range((self.depth - 4) // 6):
+      for b in range(n):
+        drop = stochastic_depth_rate(self.stochastic_depth_rate, g * n + b, 3 * n)
         x = PreActBasicBlock(features, stride if b == 0 else 1, self.dropout_rate,
-                             self.dtype, self.bn_axis_name,
+                             self.dtype, self.bn_axis_name, drop,
                              name=f"group{g + 1}_block{b + 1}")(x, train)
     x = nn.relu(bn(name="bn")(x))
     features = x.mean(axis=(1, 2))

@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -60,10 +61,12 @@ class Claim:
   """``better`` beats ``worse`` on ``metric`` (the paper's statement in ``text``).
 
   ``better`` and ``worse`` are arms, or ``'arm:metric'`` to compare two
-  metrics (two scores of one model, say); ``metric`` gives the direction and
-  the default metric of both sides. With ``margin > 0`` the claim is one of
-  non-inferiority: ``better`` is at most ``margin`` worse (e.g. "accuracy
-  drops by at most about a point": margin 0.01).
+  metrics (two scores of one model, say), or sums and differences of those
+  (``'sup_s1-rand_s1'``: the gain of one arm over another, so a claim can
+  compare gains, seed by seed and bootstrap round by round); ``metric`` gives
+  the direction and the default metric of every term. With ``margin > 0`` the
+  claim is one of non-inferiority: ``better`` is at most ``margin`` worse
+  (e.g. "accuracy drops by at most about a point": margin 0.01).
   """
   text: str
   metric: str
@@ -72,9 +75,13 @@ class Claim:
   source: str = ""
   margin: float = 0.0
 
-  def side(self, which: str) -> tuple[str, str]:
-    arm, _, metric = getattr(self, which).partition(":")
-    return arm, metric or self.metric
+  def side(self, which: str) -> list[tuple[float, str, str]]:
+    """``[(sign, arm, metric), ...]`` of ``better`` or ``worse``."""
+    out = []
+    for sign, term in re.findall(r"([+-]?)\s*([^+-]+)", getattr(self, which)):
+      arm, _, metric = term.strip().partition(":")
+      out.append((-1.0 if sign == "-" else 1.0, arm, metric or self.metric))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,44 @@ class Paper:
   # More tables: (title, metrics) or (title, metrics, arms) -- only those arms.
   tables: Sequence[tuple] = ()
   main_arms: Sequence[str] = ()  # the arms of the first table (default: every arm)
+
+
+# --- metrics recomputed from a classification evaluator's saved predictions ------
+
+_PER_EXAMPLE: dict[tuple[int, str], np.ndarray] = {}
+
+
+def _per_example(arts: Mapping[str, Any], what: str) -> np.ndarray:
+  """Per-example correctness or NLL from ``predictions_test`` (cached)."""
+  key = (id(arts), what)
+  if key not in _PER_EXAMPLE:
+    from scipy import special
+    p = arts["predictions_test"]
+    logp = special.log_softmax(p["logits"].astype(np.float64), axis=1)
+    _PER_EXAMPLE[key] = ((logp.argmax(1) == p["label"]).astype(np.float64) if what == "correct"
+                         else -logp[np.arange(len(p["label"])), p["label"]])
+  return _PER_EXAMPLE[key]
+
+
+def _by_size(what: str):
+  def fn(arts, idx):
+    values = _per_example(arts, what)
+    return float(values[idx[str(len(values))]].mean())
+  return fn
+
+
+def resample_test_sets(sizes: Sequence[int]):
+  """A ``Paper.resample`` for papers whose arms are tested on test sets of
+  different sizes (one per target): one draw per size, shared by every arm
+  and seed of that size (paired); pair it with :data:`ACCURACY` / :data:`NLL`."""
+  def resample(arts, rng):
+    del arts
+    return {str(n): rng.integers(0, n, n) for n in sizes}
+  return resample
+
+
+ACCURACY = Metric("test/accuracy", "test accuracy", True, _by_size("correct"))
+NLL = Metric("test/nll", "test NLL", False, _by_size("nll"))
 
 
 def papers() -> list[str]:
@@ -115,10 +160,23 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool) -> 
     print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
 
 
+def _results_path(workdir: str, seed: int, arm: str) -> str | None:
+  """A train/evaluate stage's ``results.json``, else a method task's
+  ``DONE.json`` (whose ``results`` entry holds what the task returned)."""
+  stage = os.path.join(workdir, f"seed{seed}", arm)
+  for name in ("results.json", "DONE.json"):
+    if os.path.exists(os.path.join(stage, name)):
+      return os.path.join(stage, name)
+  return None
+
+
 def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict[str, Any]]:
   stage = os.path.join(workdir, f"seed{seed}", arm)
-  with open(os.path.join(stage, "results.json"), encoding="utf-8") as f:
+  path = _results_path(workdir, seed, arm)
+  with open(path, encoding="utf-8") as f:
     results = json.load(f)
+  if path.endswith("DONE.json"):
+    results = results["results"]
   arts = {}
   adir = os.path.join(stage, "artifacts")
   for fname in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
@@ -131,8 +189,7 @@ def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict
 def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
               bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
   """Mean, std and bootstrap intervals per arm and metric; claim verdicts."""
-  ran = [arm for arm in paper.arms if all(
-      os.path.exists(os.path.join(workdir, f"seed{s}", arm, "results.json")) for s in seeds)]
+  ran = [arm for arm in paper.arms if all(_results_path(workdir, s, arm) for s in seeds)]
   data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in ran}
   rng = np.random.default_rng(12345)
   # One set of resampled test indices per bootstrap round, shared by arms and
@@ -159,15 +216,15 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
   metrics = {m.key: m for m in every}
   for c in paper.claims:
     sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
-    (b_arm, b_key), (w_arm, w_key) = c.side("better"), c.side("worse")
-    if b_arm not in table or w_arm not in table:  # an arm this mode does not run (quick)
+    parts = [(s_, a, k) for s_, a, k in c.side("better")] + [
+        (-s_, a, k) for s_, a, k in c.side("worse")]
+    if any(a not in table for _, a, _ in parts):  # an arm this mode does not run (quick)
       claims.append({"claim": c.text, "source": c.source, "metric": c.metric,
                      "better": c.better, "worse": c.worse, "verdict": "not run"})
       continue
-    better, worse = table[b_arm][b_key], table[w_arm][w_key]
     # In the claimed direction, shifted by the margin: > 0 means the claim holds.
-    diff = sign * (better["mean"] - worse["mean"]) + c.margin
-    per_seed = sign * (np.array(better["seeds"]) - np.array(worse["seeds"])) + c.margin
+    per_seed = sign * sum(s_ * np.array(table[a][k]["seeds"]) for s_, a, k in parts) + c.margin
+    diff = float(per_seed.mean())
     entry = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
              "worse": c.worse, "margin": c.margin, "difference": float(diff - c.margin),
              "per_seed": (per_seed - c.margin).tolist(),
@@ -178,8 +235,8 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
                    / np.sqrt(len(per_seed)))
       entry["seed_ci95"] = [float(diff - half - c.margin), float(diff + half - c.margin)]
       lows.append(diff - half)
-    if (b_arm, b_key) in boot and (w_arm, w_key) in boot:
-      d = sign * (boot[(b_arm, b_key)] - boot[(w_arm, w_key)])
+    if all((a, k) in boot for _, a, k in parts):
+      d = sign * sum(s_ * boot[(a, k)] for s_, a, k in parts)
       entry["test_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
       lows.append(entry["test_ci95"][0] + c.margin)
     entry["verdict"] = ("does not hold" if diff <= 0 else
