@@ -82,3 +82,21 @@ def get_config(arg=None):
     c.model.name = args.model
     c.model.kwargs = {}
   return c
+
+
+def embedded_target(smoke: bool = False):
+  """The embedded ``digits`` config of recipes that train many small runs:
+  test-split classification only, no OOD sets; ``smoke``: an 8/16-wide CNN
+  and no plots (tests)."""
+  c = get_config("embedded")
+  c.evaluators.ood.sets = {}
+  c.evaluators.classification.splits = ("test",)
+  if smoke:
+    c.model.kwargs.stage_widths = ((8,), (16,))
+    c.plots = False
+  return c
+
+
+def embedded_source(smoke: bool = False) -> str:
+  """The pre-training source of the embedded recipes: ``glyphs`` (``glyphs/small`` for tests)."""
+  return "glyphs/small" if smoke else "glyphs"

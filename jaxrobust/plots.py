@@ -216,3 +216,31 @@ def class_bars(values, *, class_names: Optional[Sequence[str]] = None, top: int 
   ax.set_ylabel(ylabel)
   ax.set_title(title or "")
   return _finish(fig, path)
+
+
+def sample_grid(images, *, labels: Optional[Sequence] = None, columns: int = 8,
+                max_images: int = 32, ax=None, path: Optional[str] = None,
+                title: Optional[str] = None):
+  """A grid of images ``[N, H, W, C]`` in ``[0, 1]`` (e.g. a stream's batch
+  after its augmentation chain), gray for one channel, labels as captions."""
+  x = np.clip(np.asarray(images, np.float32)[:max_images], 0.0, 1.0)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"sample_grid expects [N, H, W, 1 or 3] images, got shape {x.shape}.")
+  n, h, w, c = x.shape
+  cols = max(1, min(columns, n))
+  rows = -(-n // cols)
+  pad = 2
+  grid = np.ones(((h + pad) * rows - pad, (w + pad) * cols - pad, c), np.float32)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = x[i]
+  fig, ax = _figure(ax, (1.1 * cols + 0.4, 1.1 * rows + 0.6))
+  ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+            interpolation="nearest")
+  if labels is not None:
+    for i, lab in enumerate(list(labels)[:n]):
+      r, k = divmod(i, cols)
+      ax.text(k * (w + pad) + 1, r * (h + pad) + 4, str(lab), color="yellow", fontsize=6)
+  ax.set_axis_off()
+  ax.set_title(title or "", fontsize=9)
+  return _finish(fig, path)

@@ -294,6 +294,35 @@ def _check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None,
   return values
 
 
+def _plot_stream_samples(config, stream_steps: Mapping[str, step_lib.StreamStep],
+                         host_batch: Mapping[str, Any], root_rng: np.ndarray,
+                         plots_dir: str) -> None:
+  """``plots/samples_<stream>.png``: the first step's images of every stream
+  with an augmentation chain or several views, as the jit step sees them
+  (this process's slice; the pmap step folds in the device index too)."""
+  from jaxrobust import plots
+  spec = step_lib.StepSpec(modules={}, streams=stream_steps, updates=(), num_classes=0)
+  shown = [n for n, s in stream_steps.items() if s.pp is not None or s.views > 1]
+  if not shown:
+    return
+  pp_rng = jax.random.split(jax.random.fold_in(jnp.asarray(root_rng), 0), 4)[0]
+  local = {n: {"image": jnp.asarray(b["image"])} for n, b in host_batch.items()}
+  images = jax.jit(lambda b, r: step_lib.images01(spec, b, r))(local, pp_rng)
+  os.makedirs(plots_dir, exist_ok=True)
+  for name in shown:
+    st = stream_steps[name]
+    n = host_batch[name]["image"].shape[0]
+    x = np.asarray(images[name])
+    k = min(n, 8) if st.views > 1 else len(x)  # several views: the first 8 images' side by side
+    x = np.stack([x[v * n:v * n + k] for v in range(st.views)], 1).reshape((-1,) + x.shape[1:])
+    labels = np.repeat(np.asarray(host_batch[name]["label"])[:k], st.views)
+    chain = config.streams[name].get("pp", "") or "none"
+    plots.sample_grid(x, labels=labels, columns=8 if st.views == 1 else 2 * st.views,
+                      path=os.path.join(plots_dir, f"samples_{name}.png"),
+                      title=f"Stream '{name}' at step 0 after pp '{chain}'"
+                      + (f", {st.views} views per image" if st.views > 1 else ""))
+
+
 # --- the loop ----------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -380,7 +409,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_train = time.time()
   try:
     for step in range(start_step, total_steps):
-      batch = put_batch(next(train_input))
+      host_batch = next(train_input)
+      if step == 0 and config.plots and is_main:
+        _plot_stream_samples(config, stream_steps, host_batch, root_rng,
+                             os.path.join(workdir, "plots"))
+      batch = put_batch(host_batch)
       state, metrics = compiled_step(state, batch, root_rng, const)
       # Reading the previous step's metrics keeps at most two steps in flight:
       # NaN is caught one step late at most, the host never runs far ahead,

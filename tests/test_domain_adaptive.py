@@ -4,13 +4,12 @@ histograms, replacement behaviour and determinism; the prior is the same on
 1 device, 8 devices and 2 (simulated) processes; the recipe end to end; bad
 input."""
 
-from unittest import mock
-
 import jax
 import numpy as np
 import pytest
 from scipy import special
 
+import processes
 from jaxrobust.methods import domain_adaptive as da
 from jaxrobust.registry import RegistryError
 
@@ -158,17 +157,7 @@ def test_prior_is_the_same_on_1_device_8_devices_and_2_processes(data_dir):
     return np.asarray(da.target_prior(predictor(variables, src)["logits"]))
 
   one, eight = prior(jax.devices()[:1]), prior(jax.devices())
-  eval_batches = pipeline.eval_batches
-
-  def two_processes(source, global_batch_size):
-    per = []
-    for p in range(2):
-      with mock.patch.object(pipeline, "process_shard", return_value=(p, 2)):
-        per.append(list(eval_batches(source, global_batch_size)))
-    for b0, b1 in zip(*per):
-      yield {k: np.concatenate([b0[k], b1[k]]) for k in b0}
-
-  with mock.patch.object(pipeline, "eval_batches", side_effect=two_processes):
+  with processes.two_processes():
     two = prior(jax.devices())
   np.testing.assert_allclose(eight, one, rtol=1e-6, atol=1e-8)
   np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-8)

@@ -3,12 +3,12 @@ the OOD protocol (draws), score specs, robust accuracy <= clean accuracy, and
 errors raised when the evaluators are built (before any compilation)."""
 
 import functools
-from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
+import processes
 from configs import default
 from jaxrobust import evaluators as ev
 from jaxrobust import predict as predict_lib
@@ -56,21 +56,12 @@ def test_predict_returns_dataset_index_order_under_process_interleaving(data_dir
                                     batch_sharding=batch_sharding)
   single = predictor(state.classifier.variables, src, fields=("logits", "label"))
 
-  eval_batches = pipeline.eval_batches
-
-  def two_processes(source, global_batch_size):
-    per = []
-    for p in range(2):
-      with mock.patch.object(pipeline, "process_shard", return_value=(p, 2)):
-        per.append(list(eval_batches(source, global_batch_size)))
-    for b0, b1 in zip(*per):
-      yield {k: np.concatenate([b0[k], b1[k]]) for k in b0}
-
-  with mock.patch.object(pipeline, "eval_batches", side_effect=two_processes):
+  with processes.two_processes():
     out = predictor(state.classifier.variables, src, fields=("logits", "label"))
   np.testing.assert_array_equal(out["label"], src.labels)
   np.testing.assert_allclose(out["logits"], single["logits"], rtol=1e-5, atol=1e-6)
-  arrival = np.concatenate([b["index"][b["mask"]] for b in two_processes(src, 64)])
+  arrival = np.concatenate([b["index"][b["mask"]]
+                            for b in processes.two_process_batches()(src, 64)])
   assert not np.array_equal(arrival, np.arange(len(src)))  # the reordering mattered
 
 

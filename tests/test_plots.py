@@ -128,3 +128,33 @@ def test_metrics_import_pulls_in_neither_matplotlib_nor_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
   assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
+
+
+def test_sample_grid_class_bars_and_the_trainers_augmentation_samples(tmp_path):
+  """The grid places every image; class bars sort by value; the trainer's
+  step-0 samples are the pp chain's output with the step's key, views side by
+  side."""
+  import jax
+  from jaxrobust import trainer
+  from jaxrobust import train_step as step_lib
+  from jaxrobust.data import pp
+  x = np.random.default_rng(0).uniform(size=(5, 6, 6, 1))
+  fig = plots.sample_grid(x, labels=[0, 1, 2, 3, 4], columns=2, title="five")
+  img = fig.axes[0].get_images()[0].get_array()
+  assert img.shape == (3 * 6 + 2 * 2, 2 * 6 + 2) and fig.axes[0].get_title() == "five"
+  np.testing.assert_allclose(img[:6, 8:14], x[1, ..., 0])
+  with pytest.raises(ValueError, match="sample_grid expects"):
+    plots.sample_grid(np.zeros((2, 6, 6, 2)))
+  fig = plots.class_bars([0.1, 3.0, 2.0], class_names=["a", "b", "c"], top=2)
+  assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["b", "c"]
+
+  class Cfg:
+    streams = {"train": {"pp": "pad_crop(2)"}, "two": {"pp": "flip"}}
+  streams = {"train": step_lib.StreamStep("train", pp=pp.build("pad_crop(2)")),
+             "two": step_lib.StreamStep("two", pp=pp.build("flip"), views=2),
+             "plain": step_lib.StreamStep("plain")}
+  images = (np.random.default_rng(1).uniform(size=(4, 8, 8, 1)) * 255).astype(np.uint8)
+  batch = {n: {"image": images, "label": np.arange(4)} for n in streams}
+  rng = np.asarray(jax.random.PRNGKey(3))
+  trainer._plot_stream_samples(Cfg, streams, batch, rng, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["samples_train.png", "samples_two.png"]

@@ -48,7 +48,7 @@ from jaxrobust.methods import domain_adaptive, transfer
 
 TARGETS = {"digits": "digits", "letters": "glyphs/lower"}
 MODES = ("adaptive", "compare")
-SOURCE = "glyphs"
+SOURCE = default.embedded_source()
 FINETUNE_LR = 0.1  # pretrain_finetune.EMBEDDED_FINETUNE_LR (digits:validation)
 SCRATCH_LR = 0.3  # configs/default.py (digits:validation)
 NO_OOD = {"ood": {"sets": {}}, "classification": {"splits": ("test",)}}
@@ -134,15 +134,9 @@ def get_config(arg=None):
   sizes = _list(args.sizes, int)
   if not sizes or min(sizes) < 1:
     raise ValueError(f"sizes must be positive integers joined by '+', got {args.sizes!r}.")
-  c = default.get_config("embedded")
+  c = default.embedded_target(args.smoke)
   c.data.name = TARGETS[targets[0]]
-  c.evaluators.ood.sets = {}
-  c.evaluators.classification.splits = ("test",)
-  source = SOURCE
-  if args.smoke:
-    c.model.kwargs.stage_widths = ((8,), (16,))
-    c.plots = False
-    source = "glyphs/small"
+  source = default.embedded_source(args.smoke)
   stages = {"source": {"task": "train", "config": pretrain(args.pretrain_steps, source=source)}}
   for target in targets:
     stages.update(target_stages(

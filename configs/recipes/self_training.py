@@ -44,7 +44,6 @@ from jaxrobust.methods import self_training, simclr, transfer
 MODES = ("noisy_student", "compare")
 AUG = {"s1": "pad_crop(2)", "s4": "randaugment(2, 10)|scale_jitter(0.5, 2.0)|pad_crop(2)"}
 TARGET = "digits"
-SOURCE = "glyphs"
 UNLABELED_PER_CLASS = 125  # ~ the 1,257 digits:train images over 10 classes
 FINETUNE_LR = 0.1  # pretrain_finetune.EMBEDDED_FINETUNE_LR (digits:validation)
 SIMCLR_LR = 0.3  # SimCLR: 0.3 x batch / 256 (LARS)
@@ -95,14 +94,8 @@ def get_config(arg=None):
     raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}.")
   if args.aug not in AUG:
     raise ValueError(f"aug must be one of {sorted(AUG)}, got {args.aug!r}.")
-  c = default.get_config("embedded")
-  c.evaluators.ood.sets = {}
-  c.evaluators.classification.splits = ("test",)
-  source = SOURCE
-  if args.smoke:
-    c.model.kwargs.stage_widths = ((8,), (16,))
-    c.plots = False
-    source = "glyphs/small"
+  c = default.embedded_target(args.smoke)
+  source = default.embedded_source(args.smoke)
   steps, per_class = int(args.steps), int(args.labeled_per_class)
   student_of = lambda aug, **kw: (lambda pl: student_stage(
       pl, aug, steps, per_class, unlabel_ratio=args.unlabel_ratio,
