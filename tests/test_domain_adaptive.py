@@ -159,8 +159,8 @@ def test_prior_is_the_same_on_1_device_8_devices_and_2_processes(data_dir):
   one, eight = prior(jax.devices()[:1]), prior(jax.devices())
   with processes.two_processes():
     two = prior(jax.devices())
-  np.testing.assert_allclose(eight, one, rtol=1e-6, atol=1e-8)
-  np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-8)
+  np.testing.assert_array_equal(eight, one)
+  np.testing.assert_array_equal(two, one)
 
 
 def test_recipe_end_to_end_and_a_source_model_of_another_label_space(tmp_path, data_dir):

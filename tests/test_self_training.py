@@ -98,3 +98,26 @@ def test_noisy_student_rounds_and_joint_training_run(tmp_path, data_dir):
   assert params["heads"]["source"]["dense"]["kernel"].shape[-1] == 62
   assert params["head"]["kernel"].shape[-1] == 10
   assert np.isfinite(res["joint/test/accuracy"])
+
+
+def test_recipe_initialisations_and_compare_arms_are_valid_configs():
+  """init=supervised|simclr puts that pre-training first and starts the
+  teacher and every student from it (SimCLR's projection head skipped); the
+  compare mode's stages all validate (artifact references included)."""
+  from configs.recipes import self_training as recipe
+  from jaxrobust import stages
+  for init, stage, skip in (("supervised", "pretrain_sup", ""),
+                            ("simclr", "pretrain_simclr", "heads/.*")):
+    c = recipe.get_config(f"init={init},rounds=2")
+    plan = stages.stage_configs(c)
+    assert list(plan)[0] == stage
+    for name in ("teacher", "student_1", "student_2"):
+      assert plan[name][2].init_from.path == f"artifact:{stage}/checkpoint"
+      assert plan[name][2].init_from.skip == skip
+  plan = stages.stage_configs(recipe.get_config("mode=compare"))
+  assert {"rand_s1", "sup_s4", "simclr_s4", "st_s4_r3", "st_nonorm_s4", "sup_st_s4",
+          "joint_s4"} <= set(plan)
+  assert plan["st_nonorm_s4"][2].losses.pseudo.get("normalize_by") is None
+  assert plan["st_s4"][2].losses.pseudo.normalize_by == "cross_entropy"
+  with pytest.raises(ValueError, match="init must be random or one of"):
+    recipe.get_config("init=imagenet")

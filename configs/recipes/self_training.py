@@ -6,6 +6,7 @@
   --config configs/recipes/self_training.py:mode=compare           # Zoph et al.'s arms (below), S1 and S4
   --config configs/recipes/self_training.py:normalize=False        # Noisy Student's L_h + α L_p
   --config configs/recipes/self_training.py:student=wide           # a student twice as wide
+  --config configs/recipes/self_training.py:init=simclr            # teacher and students from SimCLR
 
 Target: ``digits`` with ``labeled_per_class`` labelled images per class (20:
 200 images, a seeded subset); unlabelled: all 1,257 ``digits:train`` images,
@@ -25,6 +26,11 @@ augmentation on both, dropout 0.2 before the head, loss-normalised); the
 student is as large as the teacher (``student=wide``: twice as wide). The
 small CNN has no residual blocks, so no stochastic depth here (``wrn``,
 ``preact_resnet18``, ``resnet50`` and EfficientNet have ``stochastic_depth_rate``).
+
+``init=supervised|simclr`` (default ``random``) adds that pre-training stage
+(``pretrain_sup``: supervised on ``glyphs``; ``pretrain_simclr``: SimCLR on
+``glyphs`` images) and fine-tunes the teacher and every student from it
+(self-training on top of pre-training).
 
 ``mode=compare`` adds Zoph et al.'s comparison, each at S1 and S4 (suffix):
 ``rand_*`` (random init: the teachers), ``sup_*`` (fine-tuned from
@@ -50,6 +56,8 @@ SIMCLR_LR = 0.3  # SimCLR: 0.3 x batch / 256 (LARS)
 NO_OOD = {"ood": {"sets": {}}, "classification": {"splits": ("test",)}}
 # The student's trunk: as large as the teacher, or twice as wide (Noisy Student: student >= teacher).
 STUDENTS = {"same": None, "wide": ((64,), (64,), (128, 128))}
+# Initialisations besides random: (pre-training stage, init_from.skip).
+INITS = {"supervised": ("pretrain_sup", ""), "simclr": ("pretrain_simclr", simclr.fine_tune_skip())}
 
 
 def labeled(per_class: int) -> str:
@@ -71,12 +79,39 @@ def student_stage(labels_stage: str, aug: str, steps: int, per_class: int, *,
   kwargs = {"dropout_rate": dropout, **({"stage_widths": widths} if widths else {})}
   base = supervised(aug, steps, per_class, model={"kwargs": kwargs})
   if init:
-    base = transfer.fine_tune(base, source=init, num_epochs=None, learning_rate=FINETUNE_LR,
-                              batch_size=64)
-    base["num_steps"] = int(steps)
+    base = _from_pretrained(base, init, steps)
   return {"task": "train", "config": self_training.student(
       base, labels_stage=labels_stage, data=TARGET, batch_size=64,
       unlabel_ratio=unlabel_ratio, pp=AUG[aug], normalize=normalize)}
+
+
+def _from_pretrained(overrides: dict, init: str, steps: int) -> dict:
+  """Fine-tuning from a pre-training stage of :data:`INITS` (its checkpoint,
+  a new head, SimCLR's projection head dropped), ``steps`` steps."""
+  stage, skip = INITS[init]
+  out = transfer.fine_tune(overrides, source=f"artifact:{stage}/checkpoint",
+                           learning_rate=FINETUNE_LR, batch_size=64)
+  out["num_steps"] = int(steps)
+  out["init_from"]["skip"] = skip
+  return out
+
+
+def pretrain_stages(source: str, steps: int) -> dict:
+  """Supervised pre-training on ``source`` and SimCLR on its images."""
+  common = {"data": {"name": source}, "num_steps": int(steps),
+            "streams": {"train": {"batch_size": 128}},
+            "checkpoint_every_steps": max(int(steps) // 2, 1)}
+  return {
+      "pretrain_sup": {"task": "train", "config": {
+          **common, "optimizer": {"learning_rate": default.GLYPHS_LR},
+          "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}}}},
+      "pretrain_simclr": {"task": "train", "config": simclr.pretrain(
+          {**common, "optimizer": {"name": "lars", "learning_rate": SIMCLR_LR * 128 / 256,
+                                   "weight_decay": 1e-6, "weight_decay_on": "kernels",
+                                   "nesterov": False},
+           "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ()}}},
+          pp_chain="simclr_gray")},
+  }
 
 
 def pseudo_label_options(threshold: float = 0.3) -> dict:
@@ -87,7 +122,9 @@ def pseudo_label_options(threshold: float = 0.3) -> dict:
 def get_config(arg=None):
   args = parse_arg(arg, mode="noisy_student", aug="s4", rounds=3, steps=400,
                    pretrain_steps=400, labeled_per_class=20, unlabel_ratio=1.0, normalize=True,
-                   threshold=0.3, student="same", smoke=False)
+                   threshold=0.3, student="same", init="random", smoke=False)
+  if args.init not in ("random", *INITS):
+    raise ValueError(f"init must be random or one of {sorted(INITS)}, got {args.init!r}.")
   if args.student not in STUDENTS:
     raise ValueError(f"student must be one of {sorted(STUDENTS)}, got {args.student!r}.")
   if args.mode not in MODES:
@@ -102,12 +139,19 @@ def get_config(arg=None):
       widths=None if args.smoke else STUDENTS[args.student], **kw)["config"])
   stages = {}
   augs = [args.aug] if args.mode == "noisy_student" else ["s1", "s4"]
+  init = "" if args.mode == "compare" or args.init == "random" else args.init
+  if args.mode == "compare" or init:
+    pre = pretrain_stages(source, int(args.pretrain_steps))
+    stages.update(pre if args.mode == "compare" else {INITS[init][0]: pre[INITS[init][0]]})
   for aug in augs:
     teacher = "teacher" if args.mode == "noisy_student" else f"rand_{aug}"
-    stages[teacher] = {"task": "train", "config": supervised(aug, steps, per_class)}
+    base = supervised(aug, steps, per_class)
+    stages[teacher] = {"task": "train",
+                       "config": _from_pretrained(base, init, steps) if init else base}
     if args.mode == "noisy_student":
       stages.update(self_training.rounds(
-          teacher, int(args.rounds), student_config=student_of(aug, normalize=args.normalize),
+          teacher, int(args.rounds),
+          student_config=student_of(aug, normalize=args.normalize, init=init),
           pseudo_label=pseudo_label_options(args.threshold), labels_stage=lambda k: f"labels_{k}",
           student_stage=lambda k: f"student_{k}"))
     else:  # round 1 is st_<aug>; more rounds (s4 only): st_s4_r2, st_s4_r3, ...
@@ -118,34 +162,15 @@ def get_config(arg=None):
           labels_stage=lambda k, a=aug: f"labels_{a}" + (f"_r{k}" if k > 1 else ""),
           student_stage=lambda k, a=aug: f"st_{a}" + (f"_r{k}" if k > 1 else "")))
   if args.mode == "compare":
-    pre_steps = int(args.pretrain_steps)
-    stages["pretrain_sup"] = {"task": "train", "config": {
-        "data": {"name": source}, "num_steps": pre_steps,
-        "streams": {"train": {"batch_size": 128}},
-        "optimizer": {"learning_rate": default.GLYPHS_LR},
-        "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}},
-        "checkpoint_every_steps": max(pre_steps // 2, 1)}}
-    stages["pretrain_simclr"] = {"task": "train", "config": simclr.pretrain(
-        {"data": {"name": source}, "num_steps": pre_steps,
-         "streams": {"train": {"batch_size": 128}},
-         "optimizer": {"name": "lars", "learning_rate": SIMCLR_LR * 128 / 256,
-                       "weight_decay": 1e-6, "weight_decay_on": "kernels", "nesterov": False},
-         "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ()}},
-         "checkpoint_every_steps": max(pre_steps // 2, 1)}, pp_chain="simclr_gray")}
     for aug in augs:
-      for init, ref, skip in (("sup", "artifact:pretrain_sup/checkpoint", ""),
-                              ("simclr", "artifact:pretrain_simclr/checkpoint",
-                               simclr.fine_tune_skip())):
-        ft = transfer.fine_tune(supervised(aug, steps, per_class), source=ref,
-                                learning_rate=FINETUNE_LR, batch_size=64)
-        ft["num_steps"] = steps
-        ft["init_from"]["skip"] = skip
-        stages[f"{init}_{aug}"] = {"task": "train", "config": ft}
+      for name, which in (("sup", "supervised"), ("simclr", "simclr")):
+        stages[f"{name}_{aug}"] = {"task": "train", "config": _from_pretrained(
+            supervised(aug, steps, per_class), which, steps)}
     stages["st_nonorm_s4"] = {"task": "train",
                               "config": student_of("s4", normalize=False)("labels_s4")}
     stages.update(self_training.rounds(
-        "sup_s4", 1, student_config=student_of(
-            "s4", normalize=args.normalize, init="artifact:pretrain_sup/checkpoint"),
+        "sup_s4", 1, student_config=student_of("s4", normalize=args.normalize,
+                                               init="supervised"),
         pseudo_label=pseudo_label_options(args.threshold), labels_stage=lambda k: "labels_sup_s4",
         student_stage=lambda k: "sup_st_s4"))
     stages["joint_s4"] = {"task": "train", "config": self_training.joint_training(
