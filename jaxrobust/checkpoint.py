@@ -33,6 +33,20 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model/config that tries to load it."""
 
 
+class CheckpointDamagedError(RuntimeError):
+  """No checkpoint of a directory can be read."""
+
+
+DAMAGED = "damaged_checkpoints"  # sibling directory damaged steps are moved to
+log = logging.getLogger("jaxrobust")
+
+
+def _why(e: BaseException) -> str:
+  """One line saying what failed (orbax/tensorstore errors span many lines)."""
+  first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+  return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+
+
 def param_shapes(params: Any) -> dict[str, list[int]]:
   """{'conv1/kernel': [3, 3, 1, 16], ...} for the checkpoint metadata."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -40,9 +54,24 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
 
 
 def resolve_directory(path: str) -> str:
-  """A run's workdir or its ``checkpoints/`` directory -> the latter."""
+  """A run's workdir or its ``checkpoints/`` directory (relative or absolute)
+  -> the latter, absolute (orbax needs absolute paths)."""
+  path = os.path.abspath(os.path.expanduser(path))
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
+
+
+def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
+  """``(checkpoints directory, step)`` from a workdir, a ``checkpoints/``
+  directory or one step's directory (``.../checkpoints/400``, which fixes the
+  step), relative or absolute; ``step=-1``: the newest intact one."""
+  path = os.path.abspath(os.path.expanduser(path))
+  name = os.path.basename(path.rstrip(os.sep))
+  if name.isdigit() and os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
+    if step >= 0 and step != int(name):
+      raise FileNotFoundError(f"{path} is the checkpoint of step {name}, not of step {step}.")
+    return os.path.dirname(path), int(name)
+  return resolve_directory(path), step
 
 
 class Checkpointer:
@@ -108,6 +137,51 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **dict(data))
     return self.manager.restore(int(step), args=args)["state"]
 
+  def restore_latest(self, abstract_state: Any, *, data: Mapping[str, Any],
+                     expected_meta: Mapping[str, Any]) -> tuple[Any, int] | tuple[None, None]:
+    """The newest checkpoint that reads back whole, as ``(state, step)``;
+    ``(None, None)`` when there is none.
+
+    A damaged step (missing or truncated array files, unreadable metadata or
+    iterator state, an empty directory) is skipped with one log line saying
+    which and why, and moved to ``<run>/damaged_checkpoints/<step>`` so the
+    run can write that step again; the previous one is tried. A checkpoint
+    that reads but belongs to another model is not damage: that raises
+    :class:`CheckpointMismatchError`. When every step is damaged,
+    :class:`CheckpointDamagedError` names the directory.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        self.check_compatible(step, expected_meta)
+        return self.restore(step, abstract_state, data=data), step
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 -- any failure to read is damage
+        why = _why(e)
+        damaged.append(f"{step} ({why})")
+        log.warning("checkpoint %s/%d is damaged (%s); skipping it", self.directory, step, why)
+        self._set_aside(step)
+    if damaged:
+      raise CheckpointDamagedError(
+          f"no intact checkpoint in {self.directory}: {'; '.join(damaged)}. The damaged steps "
+          f"were moved to {os.path.join(os.path.dirname(self.directory), DAMAGED)}; start the run "
+          "again to train from scratch, or use a new --workdir.")
+    return None, None
+
+  def _set_aside(self, step: int) -> None:
+    src = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(src):
+      dst = os.path.join(os.path.dirname(self.directory), DAMAGED, str(step))
+      suffix = 1
+      while os.path.exists(dst):
+        dst = os.path.join(os.path.dirname(self.directory), DAMAGED, f"{step}.{suffix}")
+        suffix += 1
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.rename(src, dst)
+    self.manager.reload()
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -116,9 +190,11 @@ class Checkpointer:
 def load_pretrained(path: str, step: int = -1, *, module: str = "classifier",
                     where: str = "config.init_from") -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads ``(params, batch_stats)`` of ``module`` as host numpy arrays from a
-  run's checkpoint (``step=-1``: the latest), for fine-tuning. ``path`` is a
-  run's workdir or its ``checkpoints/`` directory."""
-  directory = resolve_directory(path)
+  run's checkpoint (``step=-1``: the newest that reads back whole; damaged
+  ones are skipped with a log line), for fine-tuning. ``path``: a run's
+  workdir, its ``checkpoints/`` directory or one step's directory, relative
+  or absolute."""
+  directory, step = resolve_checkpoint(path, step)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{where}.path: no checkpoint directory at {path!r}.")
   with _orbax_quiet():
@@ -146,10 +222,27 @@ def _load_module(directory: str, step: int, module: str, where: str
   steps = list(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f"{where}.path: no checkpoint in {directory!r}.")
-  if step < 0:
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f"{where}.step={step}: not in {directory!r} (has {sorted(steps)}).")
+  if step >= 0:
+    if step not in steps:
+      raise FileNotFoundError(f"{where}.step={step}: not in {directory!r} (has {sorted(steps)}).")
+    return _read_module(manager, directory, step, module, where)
+  damaged = []
+  for s in sorted(steps, reverse=True):  # the newest that reads back whole
+    try:
+      return _read_module(manager, directory, s, module, where)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- any failure to read is damage
+      damaged.append(f"{s} ({_why(e)})")
+      log.warning("%s: checkpoint %s/%d is damaged (%s); trying the previous one", where,
+                  directory, s, _why(e))
+  manager.close()
+  raise CheckpointDamagedError(f"{where}: no intact checkpoint in {directory}: "
+                               f"{'; '.join(damaged)}.")
+
+
+def _read_module(manager, directory: str, step: int, module: str, where: str
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
   tree = manager.item_metadata(step)["state"].tree
   modules = tree.get("modules", {})
   if module not in modules:

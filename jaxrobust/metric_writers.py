@@ -33,11 +33,18 @@ def _scalar(v: Any) -> float | int:
 
 
 class JsonlWriter:
-  """Appends ``{"step": s, **scalars}`` lines to ``path``."""
+  """Appends ``{"step": s, **scalars}`` lines to ``path``.
 
-  def __init__(self, path: str):
+  ``resume_step``: a run resumed from this step first drops the lines of
+  later steps (written before the run stopped, about to be written again),
+  atomically, so no step appears twice.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if resume_step is not None and os.path.exists(path):
+      _drop_after(path, resume_step)
     self._f = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -61,9 +68,10 @@ class JsonlWriter:
 class TensorBoardXWriter:
   """TensorBoard event files through tensorboardX (no TensorFlow needed)."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, purge_step: int | None = None):
     from tensorboardX import SummaryWriter
-    self._w = SummaryWriter(logdir=logdir)
+    # purge_step: TensorBoard hides the points at and after it from earlier event files
+    self._w = SummaryWriter(logdir=logdir, purge_step=purge_step)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     for k, v in scalars.items():
@@ -124,18 +132,39 @@ class MultiWriter:
     return call
 
 
-def _tensorboard_writer(logdir: str) -> Any:
+def _drop_after(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl without the lines of steps after ``step``
+  (an unreadable trailing line, from a kill mid-write, goes too)."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _tensorboard_writer(logdir: str, resume_step: int | None = None) -> Any:
   try:  # needs tensorflow and tensorboard (the `tf` extra)
     from clu import metric_writers
   except ImportError:
-    return TensorBoardXWriter(logdir)
+    return TensorBoardXWriter(logdir, purge_step=None if resume_step is None
+                              else resume_step + 1)
   return metric_writers.SummaryWriter(logdir)
 
 
-def create_writer(workdir: str) -> MultiWriter:
+def create_writer(workdir: str, resume_step: int | None = None) -> MultiWriter:
   """Log + JSONL (``workdir/metrics.jsonl``) + TensorBoard (``workdir/tensorboard``)
-  on process 0; only the log on other processes."""
+  on process 0; only the log on other processes. A run resumed from
+  ``resume_step`` drops the JSONL lines and (tensorboardX) the TensorBoard
+  points of the steps after it, which it is about to write again."""
   if jax.process_index() > 0:
     return MultiWriter([LogWriter()])
-  return MultiWriter([LogWriter(), JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-                      _tensorboard_writer(os.path.join(workdir, "tensorboard"))])
+  return MultiWriter([LogWriter(), JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
+                                               resume_step),
+                      _tensorboard_writer(os.path.join(workdir, "tensorboard"), resume_step)])

@@ -265,13 +265,12 @@ def _initial_state(config, modules, abstract, state_shardings, checkpointer, met
   """Resume from the workdir's latest checkpoint (state and input positions),
   else initialise (pre-trained parameters where ``init_from`` says); returns
   the state, sharded as ``state_shardings``, and its step."""
-  step = checkpointer.latest_step()
-  if step is not None:
-    checkpointer.check_compatible(step, meta)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
-    state = checkpointer.restore(step, target, data=train_input.restore_args())
-    log.info("resumed from %s at step %d", checkpointer.directory, step)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_shardings)
+  state, step = checkpointer.restore_latest(target, data=train_input.restore_args(),
+                                            expected_meta=meta)
+  if state is not None:
+    log.warning("resumed from step %d (%s/%d)", step, checkpointer.directory, step)
     return state, step
   state = jax.jit(lambda r: state_lib.create_state(modules, r, sorted(abstract.loss_stats)),
                   out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
@@ -392,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     put_batch = lambda b: pipeline.to_global(b, batch_sharding)
     host_state = lambda s: s
 
-  writer = metric_writers.create_writer(workdir)
+  writer = metric_writers.create_writer(workdir, resume_step=start_step or None)
   if start_step == 0 and is_main:
     writer.write_hparams(config_lib.flat_hparams(config))
 

@@ -12,6 +12,8 @@ launch/README.md).
 """
 
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -34,6 +36,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 0, "CPU only: split the host into this many XLA devices (0 = leave as is).")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show the Python traceback of a configuration error instead of one line.")
 _CPU_CONV_FLAG = flags.DEFINE_bool(
     "cpu_conv_tuning", True,
     f"Add {CPU_CONV_XLA_FLAG} to XLA_FLAGS: about 2x faster convnet training on XLA:CPU "
@@ -58,11 +62,58 @@ def main(argv):
   from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
-  results = stages.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = stages.run(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    _fail(str(e))
   if jax.process_index() == 0:
     width = max(map(len, results))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(results.items())))
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """What a bad config, path or checkpoint raises (not a bug in jaxrobust)."""
+  from jaxrobust.artifacts import ArtifactError
+  from jaxrobust.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+  from jaxrobust.registry import RegistryError
+  return (ValueError, RegistryError, ArtifactError, FileNotFoundError, CheckpointMismatchError,
+          CheckpointDamagedError)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _fail(message: str) -> None:
+  sys.stderr.write(f"error: {message.strip()}\n")
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a config override that does not apply (an unknown
+  key, a value of the wrong type) reported as one line naming the flag."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    if "--traceback" in argv:
+      raise
+    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
+    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    bad = re.search(r'instead of "([^"]+)"', text) or re.search(r"'([A-Za-z_]\w*)'", text)
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    key = bad.group(1) if bad else None
+    culprit = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key
+                    and f".{key}." in a.split("=", 1)[0] + "."), "--config")
+    if isinstance(e, (KeyError, AttributeError)) and key:
+      _fail(f"{culprit}: the config has no key {key!r}"
+            + (f"; did you mean {guess.group(1)!r}?" if guess else "."))
+    _fail(f"{culprit}: {' '.join(text.split())}")
+  return []
+
+
 if __name__ == "__main__":
-  app.run(main)
+  USER_ERRORS = _user_errors()
+  app.run(main, flags_parser=_parse_flags)

@@ -73,7 +73,8 @@ def test_run_writes_results_config_metrics_and_tensorboard(tmp_path, data_dir):
     np.testing.assert_allclose(on_disk[f"ood/{score}/mean/auroc"], np.mean(
         [on_disk[f"ood/{score}/{s}/auroc"] for s in ("blobs", "noise")]))
   assert sorted(os.listdir(tmp_path / "plots")) == [
-      "ood_energy.png", "ood_msp.png", "reliability_test.png"]
+      "ood_energy.png", "ood_msp.png", "reliability_test.png",
+      "samples_train.png"]  # the train stream's step-0 batch after its pp chain
 
 
 def test_same_config_and_seed_give_the_same_numbers(tmp_path, data_dir):

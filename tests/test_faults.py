@@ -1,0 +1,175 @@
+"""Faults, table-driven (grows with every case): a damaged newest checkpoint
+is skipped with one line and the run resumes from the previous intact one,
+ending identical to an uninterrupted run; none intact is one clear error;
+init_from skips damaged steps too and accepts every kind of path."""
+
+import glob
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxrobust import checkpoint as ckpt_lib
+from jaxrobust import trainer
+
+# tensorstore reports the failed reads of damaged files from its event loop after the test
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _largest(pattern):
+  return max(glob.glob(pattern, recursive=True), key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  f = _largest(os.path.join(step_dir, "state", "**", "d", "*"))
+  with open(f, "r+b") as fh:
+    fh.truncate(os.path.getsize(f) // 2)
+
+
+def _remove_array_file(step_dir):
+  os.remove(_largest(os.path.join(step_dir, "state", "**", "d", "*")))
+
+
+def _remove_state_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _corrupt_meta(step_dir):
+  with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+    f.write("{not json")
+
+
+def _garbage_iterator_state(step_dir):
+  with open(os.path.join(step_dir, "data_train", "process_0-of-1.json"), "w") as f:
+    f.write("\x00garbage")
+
+
+def _empty_step_directory(step_dir):
+  for entry in os.listdir(step_dir):
+    path = os.path.join(step_dir, entry)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+DAMAGE = {
+    "truncated array file": _truncate,
+    "missing array file": _remove_array_file,
+    "missing state metadata": _remove_state_metadata,
+    "corrupt run metadata": _corrupt_meta,
+    "garbage data-iterator state": _garbage_iterator_state,
+    "empty step directory": _empty_step_directory,
+}
+
+
+def _config(data_dir):
+  from tiny_config import tiny_config
+  c = tiny_config(data_dir, steps=6)
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = 3
+  c.async_checkpointing = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  """A finished 6-step run (checkpoints 2, 4, 6) and its final parameters."""
+  root = tmp_path_factory.mktemp("finished")
+  trainer.train_and_evaluate(_config(data_dir), str(root / "run"))
+  params, _ = ckpt_lib.load_pretrained(str(root / "run"))
+  return root / "run", params
+
+
+def _assert_same_params(a, b):
+  flat_a = ckpt_lib.param_shapes(a)
+  assert flat_a == ckpt_lib.param_shapes(b)
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_and_ends_identical(
+    damage, finished_run, data_dir, tmp_path, caplog):
+  run, final_params = finished_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  os.remove(copy / "results.json")
+  DAMAGE[damage](str(copy / "checkpoints" / "6"))
+  with caplog.at_level(logging.WARNING, logger="jaxrobust"):
+    results = trainer.train_and_evaluate(_config(data_dir), str(copy))
+  lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(lines) == 1 and "/6 is damaged" in lines[0] and "\n" not in lines[0]
+  assert any("resumed from step 4" in r.getMessage() for r in caplog.records)
+  assert (copy / "damaged_checkpoints" / "6").is_dir()  # set aside, not deleted
+  params, _ = ckpt_lib.load_pretrained(str(copy))
+  _assert_same_params(params, final_params)
+  assert results["train/steps"] == 6
+  # metrics.jsonl: the steps after 4 were dropped and written once again
+  import json
+  train_steps = [json.loads(line)["step"] for line in open(copy / "metrics.jsonl")
+                 if "train/loss" in line]
+  assert train_steps == sorted(set(train_steps))
+
+
+def test_no_intact_checkpoint_is_one_clear_error(finished_run, data_dir, tmp_path):
+  run, _ = finished_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  for step in ("2", "4", "6"):
+    _remove_state_metadata(str(copy / "checkpoints" / step))
+  with pytest.raises(ckpt_lib.CheckpointDamagedError,
+                     match=r"no intact checkpoint in .*/checkpoints: 6 \(.*\); 4 .*; 2 "):
+    trainer.train_and_evaluate(_config(data_dir), str(copy))
+
+
+def test_init_from_skips_damaged_steps_and_takes_any_path(finished_run, tmp_path, monkeypatch):
+  run, final_params = finished_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  step4, _ = ckpt_lib.load_pretrained(str(copy), step=4)
+  _truncate(str(copy / "checkpoints" / "6"))
+  params, _ = ckpt_lib.load_pretrained(str(copy))
+  _assert_same_params(params, step4)
+  # a workdir, its checkpoints/ and one step's directory, relative or absolute
+  monkeypatch.chdir(tmp_path)
+  for path, want in (("run", step4), ("run/checkpoints", step4), (str(copy), step4),
+                     ("run/checkpoints/4", step4)):
+    got, _ = ckpt_lib.load_pretrained(path)
+    _assert_same_params(got, want)
+  _assert_same_params(ckpt_lib.load_pretrained(str(run / "checkpoints" / "6"))[0], final_params)
+  with pytest.raises(FileNotFoundError, match="checkpoint of step 4, not of step 2"):
+    ckpt_lib.load_pretrained("run/checkpoints/4", step=2)
+  for step in ("2", "4"):
+    _remove_state_metadata(str(copy / "checkpoints" / step))
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match="no intact checkpoint"):
+    ckpt_lib.load_pretrained("run")
+
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optimzer.learning_rate=0.1",
+     "--config.optimzer.learning_rate: the config has no key 'optimzer'; did you mean "
+     "'optimizer'?"),
+    ("--config.optimizer.learning_rat=0.1",
+     "--config.optimizer.learning_rat: the config has no key 'learning_rat'; did you mean "
+     "'learning_rate'?"),
+    ("--config.zzz=1", "--config.zzz: the config has no key 'zzz'."),
+    ("--config.optimizer.learning_rate=-1",
+     "config.optimizer.learning_rate must be >= 0, got -1.0."),
+])
+def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config", "configs/default.py", override,
+       "--workdir", str(tmp_path / "w")], cwd=repo, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == f"error: {message}"
