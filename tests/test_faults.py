@@ -161,6 +161,10 @@ def test_init_from_skips_damaged_steps_and_takes_any_path(finished_run, tmp_path
     ("--config.zzz=1", "--config.zzz: the config has no key 'zzz'."),
     ("--config.optimizer.learning_rate=-1",
      "config.optimizer.learning_rate must be >= 0, got -1.0."),
+    ("--config.optimizer.weight_decay=-1", "config.optimizer.weight_decay must be >= 0, got -1.0."),
+    ("--config.optimizer.schedule=cosinus", "config.optimizer: unknown config.optimizer.schedule "
+     "'cosinus'; known: cosine, constant, linear, step."),
+    ("--config.mesh=(('data',3),)", "config.mesh (('data', 3),) needs 3 devices; "),
 ])
 def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
   import subprocess
@@ -172,4 +176,17 @@ def test_command_line_errors_are_one_line_without_traceback(override, message, t
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 2
   assert "Traceback" not in out.stderr
-  assert out.stderr.strip().splitlines()[-1] == f"error: {message}"
+  assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_a_damaged_prepared_dataset_names_itself_and_how_to_rebuild(tmp_path):
+  from jaxrobust.data import pipeline, sources
+  sources.prepare("digits", data_dir=str(tmp_path))
+  f = sorted(glob.glob(str(tmp_path / "digits" / "**" / "*train.array_record*"),
+                       recursive=True))[0]
+  with open(f, "r+b") as fh:
+    fh.truncate(os.path.getsize(f) // 2)
+  with pytest.raises(sources.DatasetDamagedError,
+                     match=r"dataset 'digits' \(split 'train'\) in .*/digits is damaged: .*"
+                           r"Delete .*/digits and run again"):
+    pipeline.load_split("digits", "train", data_dir=str(tmp_path))

@@ -185,6 +185,22 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
   if cache != "none" and key in _DECODED:
     _DECODED.move_to_end(key)
     return _DECODED[key]
+  try:
+    return _load_split(key, name, split, data_dir=data_dir, cache=cache, image_size=image_size)
+  except (RuntimeError, OSError) as e:
+    text = str(e)
+    if not any(w in text for w in ("Riegeli", "array_record", "orrupt", "Failed to read")):
+      raise
+    where = os.path.join(key[2], sources.base_name(name))
+    raise sources.DatasetDamagedError(
+        f"dataset {name!r} (split {split!r}) in {where} is damaged: "
+        f"{text.splitlines()[0][:160]}. Delete {where} and run again: embedded datasets are "
+        f"rebuilt on first use; others with `python -m jaxrobust.data.prepare {name} "
+        f"--data_dir {key[2]}`.") from None
+
+
+def _load_split(key, name: str, split: str, *, data_dir: str | None, cache: str,
+                image_size: int) -> Any:
   src = sources.get_source(name, split, data_dir=data_dir)
   if image_size:
     src = ResizedSource(src, image_size)

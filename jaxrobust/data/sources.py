@@ -124,12 +124,17 @@ def default_data_dir() -> str:
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def _base_name(name: str) -> str:
+class DatasetDamagedError(ValueError):
+  """A prepared dataset's files cannot be read back."""
+
+
+def base_name(name: str) -> str:
+  """``'glyphs/small:1.0.0'`` -> ``'glyphs'`` (the dataset's directory name)."""
   return name.split(":", 1)[0].split("/", 1)[0]
 
 
 def _unknown_name_error(name: str) -> ValueError:
-  base = _base_name(name)
+  base = base_name(name)
   known = sorted(set(EMBEDDED) | set(tfds.list_builders(with_community_datasets=False)))
   hint = suggest(base, known, n=5)
   return ValueError(
@@ -141,7 +146,7 @@ def _unknown_name_error(name: str) -> ValueError:
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   if not isinstance(name, str) or not name:
     raise TypeError(f"dataset name must be a non-empty string, got {name!r}.")
-  base = _base_name(name)
+  base = base_name(name)
   try:
     return tfds.builder(name, data_dir=data_dir or default_data_dir())
   except tfds.core.registered.DatasetNotFoundError:
@@ -202,11 +207,11 @@ def _random_access_formats(builder: tfds.core.DatasetBuilder) -> set[Any]:
 def _how_to_prepare(name: str, data_dir: str) -> str:
   return (
       f"On a machine with internet access run\n"
-      f"  tfds build {_base_name(name)} --file_format=array_record --data_dir={data_dir}\n"
+      f"  tfds build {base_name(name)} --file_format=array_record --data_dir={data_dir}\n"
       f"or\n"
       f"  python -m jaxrobust.data.prepare {name} --data_dir {data_dir}\n"
       f"(i.e. tfds.builder({name!r}, data_dir=...).download_and_prepare("
-      f"file_format='array_record')), then copy {data_dir}/{_base_name(name)} here. "
+      f"file_format='array_record')), then copy {data_dir}/{base_name(name)} here. "
       f"Datasets that only exist as tfrecord need TensorFlow: pip install 'jaxrobust[tf]'.")
 
 
@@ -296,7 +301,7 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
   be prepared as array_record in ``data_dir``; otherwise a ValueError says how.
   Unknown names or splits raise a ValueError listing the alternatives.
   """
-  base = _base_name(name)
+  base = base_name(name)
   builder = _builder(name, data_dir)
   _check_split(name, split, _known_splits(builder))
   if base in EMBEDDED:
@@ -343,7 +348,7 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
   access (and, for some datasets, TensorFlow or manual downloads); failures
   are re-raised as a RuntimeError that says so.
   """
-  if _base_name(name) in EMBEDDED:
+  if base_name(name) in EMBEDDED:
     builder, _ = _prepare_embedded(name, data_dir)
     return str(builder.data_dir)
   builder = _builder(name, data_dir)
@@ -360,5 +365,5 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
           "Preparing a catalog dataset downloads it (internet access needed); some "
           "datasets also need TensorFlow (pip install 'jaxrobust[tf]') or files you "
           "download by hand (see https://www.tensorflow.org/datasets/catalog/"
-          f"{_base_name(name)}).") from e
+          f"{base_name(name)}).") from e
   return str(builder.data_dir)
