@@ -3,6 +3,12 @@
   python -m launch.train --workdir /tmp/run                       # configs/default.py (digits)
   python -m launch.train --config configs/default.py:cifar10 --workdir gs://bucket/run
   python -m launch.train --config configs/default.py --config.num_epochs=5 --workdir /tmp/run
+  python -m launch.train --config configs/default.py \
+      --config.evaluators.ood.sets.letters=glyphs/lower:test --workdir /tmp/run   # a new OOD set
+
+A mistyped key or a bad value ends with one line naming it (``--traceback``
+shows the Python traceback); entries of free-form sub-dicts (evaluators,
+streams, losses, model.heads, ...) can be added from the command line.
 
 The config may be a recipe (config.stages): its stages run in order in
 <workdir>/<stage>. Restarting with the same --workdir skips finished stages and
@@ -25,7 +31,7 @@ from jaxrobust.xla_flags import CPU_CONV_XLA_FLAG, with_cpu_conv_tuning
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (file.py[:arg]).",
-                                          lock_config=True)
+                                          lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.",
                                required=True)
 _MULTIHOST = flags.DEFINE_bool(
@@ -62,6 +68,7 @@ def main(argv):
   from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
+  _apply_free_form(_CONFIG.value)
   try:
     results = stages.run(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
@@ -90,11 +97,58 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+_FREE_FORM_OVERRIDES: list[tuple[str, str, str]] = []  # (flag, path, raw value)
+
+
+def _split_free_form(argv: list[str]) -> list[str]:
+  """Takes out the ``--config.<path>=<value>`` overrides inside free-form
+  sub-dicts (``evaluators``, ``streams``, ``losses``, ``model.heads``, ...):
+  they may add entries (a new OOD set, stream or loss term), which absl's
+  config flags cannot; :func:`_apply_free_form` sets them after parsing."""
+  from jaxrobust.config import FREE_FORM
+  kept = []
+  for a in argv:
+    flag, eq, raw = a.partition("=")
+    path = flag[len("--config."):] if flag.startswith("--config.") else ""
+    if eq and any(path.startswith(f + ".") for f in FREE_FORM):
+      _FREE_FORM_OVERRIDES.append((flag, path, raw))
+    else:
+      kept.append(a)
+  return kept
+
+
+def _apply_free_form(config) -> None:
+  import ast
+
+  import ml_collections
+  for flag, path, raw in _FREE_FORM_OVERRIDES:
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+      if not isinstance(node, ml_collections.ConfigDict):
+        _fail(f"{flag}: {p!r} is a value, not a sub-dict.")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    if leaf in node and isinstance(node[leaf], str):
+      value = raw
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      _fail(f"{flag}: {' '.join(str(e).split())}")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with a config override that does not apply (an unknown
   key, a value of the wrong type) reported as one line naming the flag."""
+  kept = _split_free_form(argv)
+  sys.argv[:] = kept  # config_flags also reads its overrides from sys.argv
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(kept)
   except flags.Error as e:
     _fail(str(e))
   except (KeyError, AttributeError, TypeError, ValueError) as e:

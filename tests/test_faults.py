@@ -165,6 +165,10 @@ def test_init_from_skips_damaged_steps_and_takes_any_path(finished_run, tmp_path
     ("--config.optimizer.schedule=cosinus", "config.optimizer: unknown config.optimizer.schedule "
      "'cosinus'; known: cosine, constant, linear, step."),
     ("--config.mesh=(('data',3),)", "config.mesh (('data', 3),) needs 3 devices; "),
+    ("--config.losses.oe.name=outlier_exposur", "config.losses.oe: unknown loss term "
+     "'outlier_exposur' (did you mean 'outlier_exposure'?)"),
+    ("--config.streams.train.batchsize=8", "config.streams.train has unknown key(s) "
+     "['batchsize'] (did you mean 'batch_size'?)"),
 ])
 def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
   import subprocess
@@ -190,3 +194,24 @@ def test_a_damaged_prepared_dataset_names_itself_and_how_to_rebuild(tmp_path):
                      match=r"dataset 'digits' \(split 'train'\) in .*/digits is damaged: .*"
                            r"Delete .*/digits and run again"):
     pipeline.load_split("digits", "train", data_dir=str(tmp_path))
+
+
+def test_free_form_entries_can_be_added_from_the_command_line():
+  """A new OOD set, a new stream and a new loss term from flags (absl's
+  config flags only override existing keys); the result validates."""
+  from configs import default
+  from jaxrobust import config as config_lib
+  from launch import train
+  train._FREE_FORM_OVERRIDES.clear()
+  kept = train._split_free_form([
+      "prog", "--config.num_steps=2", "--config.evaluators.ood.sets.letters=glyphs/lower:test",
+      "--config.streams.outliers.data=glyphs/upper", "--config.streams.outliers.batch_size=16",
+      "--config.streams.outliers.labels=unlabeled", "--config.losses.oe.name=outlier_exposure",
+      "--config.losses.oe.stream=outliers", "--config.optimizer.learning_rate=0.05"])
+  assert kept == ["prog", "--config.num_steps=2", "--config.optimizer.learning_rate=0.05"]
+  c = default.get_config()
+  train._apply_free_form(c)
+  assert c.evaluators.ood.sets.letters == "glyphs/lower:test"
+  assert c.streams.outliers.batch_size == 16 and c.losses.oe.stream == "outliers"
+  config_lib.validate(c)
+  train._FREE_FORM_OVERRIDES.clear()
