@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import zlib
 from typing import Any, Mapping
@@ -62,6 +64,45 @@ log = logging.getLogger("jaxrobust")
 
 class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN or inf."""
+
+
+class PreemptedError(RuntimeError):
+  """SIGTERM arrived: the run finished its step, saved a checkpoint and
+  stopped; the same command resumes it."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved in {directory}; "
+                     "run the same command again to resume.")
+    self.step = step
+
+
+class _Preemption:
+  """Whether to stop after this step: SIGTERM seen by this process or, on
+  several processes, JAX's preemption sync point (every process stops at the
+  same step, so none waits forever in a collective)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def due(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # the preemption service is off: this process's signal
+        pass
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -406,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (config.progress_bar and is_main), desc="train")
   t_train = time.time()
+  preemption = _Preemption()
   try:
     for step in range(start_step, total_steps):
       host_batch = next(train_input)
@@ -445,10 +487,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if eval_due and done != total_steps:
         writer.write_scalars(done, evaluators_lib.run(evaluators, host_state(state), step=done))
       bar.update(1)
+      if done != total_steps and preemption.due(done):
+        if pending is not None:
+          window.append(_check_finite(*pending, last_saved, ckpt_dir))
+        if last_saved != done:
+          save(done)  # finished by the close() below, before the error leaves
+        writer.flush()
+        log.warning("preempted (SIGTERM) at step %d: checkpoint saved", done)
+        raise PreemptedError(done, ckpt_dir)
   except BaseException:
     checkpointer.close()  # finish the asynchronous saves already started (the last good one)
     raise
   finally:
+    preemption.close()
     bar.close()
   train_seconds = time.time() - t_train
   if start_step < total_steps:

@@ -68,9 +68,13 @@ def main(argv):
   from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
+  from jaxrobust.trainer import PreemptedError
   _apply_free_form(_CONFIG.value)
   try:
     results = stages.run(_CONFIG.value, _WORKDIR.value)
+  except PreemptedError as e:
+    sys.stderr.write(f"{e}\n")
+    sys.exit(143)  # 128 + SIGTERM: schedulers see a preempted job, not a finished one
   except USER_ERRORS as e:
     if _TRACEBACK.value:
       raise

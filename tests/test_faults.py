@@ -215,3 +215,50 @@ def test_free_form_entries_can_be_added_from_the_command_line():
   assert c.streams.outliers.batch_size == 16 and c.losses.oe.stream == "outliers"
   config_lib.validate(c)
   train._FREE_FORM_OVERRIDES.clear()
+
+
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_bit_identically(tmp_path, data_dir):
+  """SIGTERM mid-training: the step finishes, a checkpoint of that step is
+  written, the process exits with 143 and one line; the same command resumes
+  and ends with the parameters of an uninterrupted run."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def launch(workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.train", "--config", "tests/run_configs/two_streams.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.num_steps=40",
+         "--config.checkpoint_every_steps=1000", "--config.log_every_steps=2",
+         "--config.progress_bar=False"],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  straight = launch(tmp_path / "straight")
+  proc = launch(tmp_path / "term")
+  metrics = tmp_path / "term" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("preempted (SIGTERM) at step ") and "run the same command" in last
+  step = int(last.split("at step ")[1].split(":")[0])
+  assert 1 <= step < 40
+  assert ckpt_lib.Checkpointer(str(tmp_path / "term" / "checkpoints"),
+                               read_only=True).latest_step() == step
+  resumed = launch(tmp_path / "term")
+  _, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  _, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+  for x, y in zip(_leaves(ckpt_lib.load_pretrained(str(tmp_path / "term"))[0]),
+                  _leaves(ckpt_lib.load_pretrained(str(tmp_path / "straight"))[0])):
+    np.testing.assert_array_equal(x, y)
