@@ -63,6 +63,8 @@ def main(argv):
   os.environ["XLA_FLAGS"] = xla_flags.strip()
   import jax  # after XLA_FLAGS
   if _MULTIHOST.value:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _has_accelerator():
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from jaxrobust import stages
@@ -82,6 +84,12 @@ def main(argv):
   if jax.process_index() == 0:
     width = max(map(len, results))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(results.items())))
+
+
+def _has_accelerator() -> bool:
+  import importlib.util
+  return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin",
+                                                                  "libtpu", "jax_rocm60_plugin"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
