@@ -14,7 +14,7 @@ import numpy as np
 from jaxrobust import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config", "tests/run_configs/two_stage.py", "--config.progress_bar=False"]
+ARGS = ["--config", "tests/run_configs/train_predict.py", "--config.progress_bar=False"]
 
 
 def _run(cmd, env=None):

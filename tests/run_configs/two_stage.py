@@ -1,16 +1,20 @@
-"""A tiny two-stage recipe for the multi-process test: `train` (two streams,
-2 steps) then `predict` (validation logits in dataset index order, saved as
-an artifact)."""
+"""A tiny pre-train -> fine-tune recipe (glyphs/small -> digits) for the
+kill-and-resume test: the fine-tuning stage checkpoints every 2 steps."""
 
-from tests.run_configs import two_streams
+from configs.recipes import pretrain_finetune
 
 
 def get_config(arg=None):
-  c = two_streams.get_config(arg)
-  c.num_steps = 2
-  c.checkpoint_every_steps = 1
+  del arg
+  c = pretrain_finetune.get_config("embedded")
+  c.model.kwargs.stage_widths = ((8,), (16,))
   c.progress_bar = False
-  c.stages = {"train": {"task": "train"},
-              "predict": {"task": "predict", "checkpoint": "artifact:train/checkpoint",
-                          "split": "validation", "fields": ("logits", "label")}}
+  c.plots = False
+  c.evaluators.ood.sets = {}
+  c.evaluators.classification.splits = ("test",)
+  c.stages.pretrain.config.data.name = "glyphs/small"
+  c.stages.pretrain.config.num_steps = 6
+  c.stages.finetune.config.num_steps = 30
+  c.stages.finetune.config.checkpoint_every_steps = 2
+  c.stages.finetune.config.log_every_steps = 2
   return c
