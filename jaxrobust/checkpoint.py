@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -130,15 +131,33 @@ class Checkpointer:
           + "\n  ".join(problems)
           + "\nUse a new --workdir, or config.init_from to fine-tune from it.")
 
-  def restore(self, step: int, abstract_state: Any, *, data: Mapping[str, Any]
-              ) -> Any:
+  def restore(self, step: int, abstract_state: Any, *, data: Mapping[str, Any],
+              seek: Callable[[int], None] | None = None) -> Any:
     """Restores the state (into the shardings of ``abstract_state``, a pytree
-    of ``jax.ShapeDtypeStruct``) and the input iterators in ``data`` in place."""
+    of ``jax.ShapeDtypeStruct``) and the input iterators in ``data`` in place.
+
+    A checkpoint saved by another number of processes has no iterator state
+    for this process: the state alone is restored and ``seek(step)`` sets the
+    iterators (their position is the step for any process count).
+    """
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **dict(data))
-    return self.manager.restore(int(step), args=args)["state"]
+    try:
+      return self.manager.restore(int(step), args=args)["state"]
+    except Exception as e:  # noqa: BLE001
+      text = str(e)
+      if seek is None or not re.search(r"process_\d+-of-\d+", text):
+        raise
+    state = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+    seek(int(step))
+    log.warning("checkpoint %s/%d was saved by another number of processes: input positions "
+                "set from the step", self.directory, step)
+    return state
 
   def restore_latest(self, abstract_state: Any, *, data: Mapping[str, Any],
-                     expected_meta: Mapping[str, Any]) -> tuple[Any, int] | tuple[None, None]:
+                     expected_meta: Mapping[str, Any],
+                     seek: Callable[[int], None] | None = None
+                     ) -> tuple[Any, int] | tuple[None, None]:
     """The newest checkpoint that reads back whole, as ``(state, step)``;
     ``(None, None)`` when there is none.
 
@@ -155,7 +174,7 @@ class Checkpointer:
     for step in steps:
       try:
         self.check_compatible(step, expected_meta)
-        return self.restore(step, abstract_state, data=data), step
+        return self.restore(step, abstract_state, data=data, seek=seek), step
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 -- any failure to read is damage

@@ -309,7 +309,7 @@ def _initial_state(config, modules, abstract, state_shardings, checkpointer, met
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_shardings)
   state, step = checkpointer.restore_latest(target, data=train_input.restore_args(),
-                                            expected_meta=meta)
+                                            expected_meta=meta, seek=train_input.seek)
   if state is not None:
     log.warning("resumed from step %d (%s/%d)", step, checkpointer.directory, step)
     return state, step

@@ -394,6 +394,16 @@ class TrainInput:
     return {f"data_{n}": grain.checkpoint.CheckpointRestore(s.iterator)
             for n, s in self.streams.items()}
 
+  def seek(self, step: int) -> None:
+    """Every stream to the position after ``step`` steps. Element ``k`` of a
+    stream's iterator is global batch ``k`` (this process's slice), so the
+    position is the step whatever the number of processes: a checkpoint
+    saved by another number of processes resumes with this."""
+    for s in self.streams.values():
+      state = s.iterator.get_state()
+      state["next_index"] = int(step)
+      s.iterator.set_state(state)
+
 
 def steps_per_epoch(stream: Stream) -> float:
   return stream.examples_per_epoch / stream.global_batch_size
