@@ -48,6 +48,26 @@ def _why(e: BaseException) -> str:
   return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
 
 
+def newest_readable(steps, read: Callable[[int], Any], on_damage: Callable[[int, str], None],
+                    message: Callable[[str], str]) -> tuple[Any, int]:
+  """``(read(step), step)`` for the newest of ``steps`` that reads back
+  whole. Any failure but :class:`CheckpointMismatchError` (a checkpoint of
+  another model, not damage) is damage: ``on_damage(step, why)``, then the
+  previous step; none readable -> :class:`CheckpointDamagedError` with
+  ``message('<step> (<why>); ...')``."""
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return read(step), step
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- any failure to read is damage
+      why = _why(e)
+      damaged.append(f"{step} ({why})")
+      on_damage(step, why)
+  raise CheckpointDamagedError(message("; ".join(damaged)))
+
+
 def param_shapes(params: Any) -> dict[str, list[int]]:
   """{'conv1/kernel': [3, 3, 1, 16], ...} for the checkpoint metadata."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -169,25 +189,23 @@ class Checkpointer:
     :class:`CheckpointMismatchError`. When every step is damaged,
     :class:`CheckpointDamagedError` names the directory.
     """
-    steps = sorted(self.all_steps(), reverse=True)
-    damaged = []
-    for step in steps:
-      try:
-        self.check_compatible(step, expected_meta)
-        return self.restore(step, abstract_state, data=data, seek=seek), step
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # noqa: BLE001 -- any failure to read is damage
-        why = _why(e)
-        damaged.append(f"{step} ({why})")
-        log.warning("checkpoint %s/%d is damaged (%s); skipping it", self.directory, step, why)
-        self._set_aside(step)
-    if damaged:
-      raise CheckpointDamagedError(
-          f"no intact checkpoint in {self.directory}: {'; '.join(damaged)}. The damaged steps "
-          f"were moved to {os.path.join(os.path.dirname(self.directory), DAMAGED)}; start the run "
-          "again to train from scratch, or use a new --workdir.")
-    return None, None
+    steps = self.all_steps()
+    if not steps:
+      return None, None
+
+    def read(step: int) -> Any:
+      self.check_compatible(step, expected_meta)
+      return self.restore(step, abstract_state, data=data, seek=seek)
+
+    def damaged(step: int, why: str) -> None:
+      log.warning("checkpoint %s/%d is damaged (%s); skipping it", self.directory, step, why)
+      self._set_aside(step)
+
+    return newest_readable(
+        steps, read, damaged,
+        lambda listed: f"no intact checkpoint in {self.directory}: {listed}. The damaged steps "
+        f"were moved to {os.path.join(os.path.dirname(self.directory), DAMAGED)}; start the run "
+        "again to train from scratch, or use a new --workdir.")
 
   def _set_aside(self, step: int) -> None:
     src = os.path.join(self.directory, str(step))
@@ -245,19 +263,15 @@ def _load_module(directory: str, step: int, module: str, where: str
     if step not in steps:
       raise FileNotFoundError(f"{where}.step={step}: not in {directory!r} (has {sorted(steps)}).")
     return _read_module(manager, directory, step, module, where)
-  damaged = []
-  for s in sorted(steps, reverse=True):  # the newest that reads back whole
-    try:
-      return _read_module(manager, directory, s, module, where)
-    except CheckpointMismatchError:
-      raise
-    except Exception as e:  # noqa: BLE001 -- any failure to read is damage
-      damaged.append(f"{s} ({_why(e)})")
-      log.warning("%s: checkpoint %s/%d is damaged (%s); trying the previous one", where,
-                  directory, s, _why(e))
-  manager.close()
-  raise CheckpointDamagedError(f"{where}: no intact checkpoint in {directory}: "
-                               f"{'; '.join(damaged)}.")
+  try:
+    return newest_readable(
+        steps, lambda s: _read_module(manager, directory, s, module, where),
+        lambda s, why: log.warning("%s: checkpoint %s/%d is damaged (%s); trying the previous "
+                                   "one", where, directory, s, why),
+        lambda listed: f"{where}: no intact checkpoint in {directory}: {listed}.")[0]
+  except CheckpointDamagedError:
+    manager.close()
+    raise
 
 
 def _read_module(manager, directory: str, step: int, module: str, where: str

@@ -115,6 +115,15 @@ def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, pa
   return call
 
 
+def step_keys(rng: Array, step: Any, axis_name: str | None = None) -> Array:
+  """The ``(pp, perturb, dropout, loss)`` keys of step ``step``:
+  ``fold_in(rng, step)`` (and the device index in the pmap form), split."""
+  rng = jax.random.fold_in(rng, step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  return jax.random.split(rng, 4)
+
+
 def make_train_step(spec: StepSpec, *, axis_name: str | None = None
                     ) -> Callable[[TrainState, Batch, Array, Mapping[str, Array]],
                                   tuple[TrainState, dict[str, Array]]]:
@@ -125,10 +134,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
   def train_step(state: TrainState, batch: Batch, rng: Array,
                  constants: Mapping[str, Array] | None = None
                  ) -> tuple[TrainState, dict[str, Array]]:
-    rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    pp_rng, perturb_rng, dropout_rng, loss_rng = jax.random.split(rng, 4)
+    pp_rng, perturb_rng, dropout_rng, loss_rng = step_keys(rng, state.step, axis_name)
     x01 = images01(spec, batch, pp_rng)
     modules = dict(state.modules)
     loss_stats = dict(state.loss_stats)

@@ -345,7 +345,7 @@ def _plot_stream_samples(config, stream_steps: Mapping[str, step_lib.StreamStep]
   shown = [n for n, s in stream_steps.items() if s.pp is not None or s.views > 1]
   if not shown:
     return
-  pp_rng = jax.random.split(jax.random.fold_in(jnp.asarray(root_rng), 0), 4)[0]
+  pp_rng = step_lib.step_keys(jnp.asarray(root_rng), 0)[0]
   local = {n: {"image": jnp.asarray(b["image"])} for n, b in host_batch.items()}
   images = jax.jit(lambda b, r: step_lib.images01(spec, b, r))(local, pp_rng)
   os.makedirs(plots_dir, exist_ok=True)

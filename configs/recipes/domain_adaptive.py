@@ -72,8 +72,8 @@ def pretrain(steps: int, *, index: str = "", labels: str = "dataset", source: st
 def finetune(source: str, steps: int, labeled: str) -> dict:
   """A fine-tuning stage's overrides: a new head on the labelled target subset."""
   out = transfer.fine_tune({"streams": {"train": {"index": labeled}}, "evaluators": NO_OOD},
-                           source=source, learning_rate=FINETUNE_LR, batch_size=64)
-  out["num_steps"] = int(steps)
+                           source=source, learning_rate=FINETUNE_LR, batch_size=64,
+                           num_steps=steps)
   out["checkpoint_every_steps"] = max(int(steps) // 2, 1)
   return out
 

@@ -90,8 +90,7 @@ def _from_pretrained(overrides: dict, init: str, steps: int) -> dict:
   a new head, SimCLR's projection head dropped), ``steps`` steps."""
   stage, skip = INITS[init]
   out = transfer.fine_tune(overrides, source=f"artifact:{stage}/checkpoint",
-                           learning_rate=FINETUNE_LR, batch_size=64)
-  out["num_steps"] = int(steps)
+                           learning_rate=FINETUNE_LR, batch_size=64, num_steps=steps)
   out["init_from"]["skip"] = skip
   return out
 

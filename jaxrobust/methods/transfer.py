@@ -42,15 +42,18 @@ MODES = ("full", "last_layer", "scratch", "compare")
 
 
 def fine_tune(overrides: dict[str, Any], *, source: str, num_epochs: float | None = None,
-              learning_rate: float | None = None, batch_size: int | None = None
-              ) -> dict[str, Any]:
+              learning_rate: float | None = None, batch_size: int | None = None,
+              num_steps: int | None = None) -> dict[str, Any]:
   """Adds the fine-tuning settings to a stage's config ``overrides``:
   initialise from ``source`` (a checkpoint or ``'artifact:<stage>/checkpoint'``)
-  with a fresh head, and Hendrycks et al.'s optimiser defaults unless given."""
+  with a fresh head, and Hendrycks et al.'s optimiser defaults unless given.
+  ``num_steps`` (which overrides the epochs) fixes the length in steps."""
   d = FINE_TUNE_DEFAULTS
   out = dict(overrides)
   out["init_from"] = {**dict(out.get("init_from", {})), "path": source, "reset_head": "auto"}
   out["num_epochs"] = float(d["num_epochs"] if num_epochs is None else num_epochs)
+  if num_steps is not None:
+    out["num_steps"] = int(num_steps)
   out["optimizer"] = {**dict(out.get("optimizer", {})),
                       "learning_rate": d["learning_rate"] if learning_rate is None
                       else learning_rate, "momentum": d["momentum"], "nesterov": d["nesterov"],
