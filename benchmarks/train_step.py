@@ -52,6 +52,10 @@ class Config:
   memory_format: str = "nchw"      # torch: "nchw" | "channels_last"
   repo: str = ""                   # jax: import jaxrobust from this checkout (--ref)
   note: str = ""
+  model: str = "wrn_40_2"          # a jaxrobust model name (torch: wrn_D_W or resnet50)
+  image_size: int = 32
+  num_classes: int = NUM_CLASSES
+  device: str = "cpu"              # torch: "cpu" | "cuda"
 
 
 # The flag the launcher sets on CPU (jaxrobust/xla_flags.py; benchmarks/README.md).
@@ -135,20 +139,22 @@ def _jaxrobust_step(cfg: Config, mesh):
   from jaxrobust.config import base_config
   from jaxrobust.models import get_model
 
-  model = get_model("wrn_40_2", num_classes=NUM_CLASSES, dtype=jnp.dtype(cfg.dtype))
+  k = cfg.num_classes
+  model = get_model(cfg.model, num_classes=k, dtype=jnp.dtype(cfg.dtype))
   config = base_config()
   mean = std = (0.5, 0.5, 0.5)
+  shape = (cfg.image_size, cfg.image_size, 3)
   schedule = optim.learning_rate_schedule(config.optimizer, 10_000, 390)
   tx = optim.create_optimizer(config.optimizer, schedule)
   if hasattr(state_lib, "ModuleState"):  # the current API
     from jaxrobust.modules import Module
-    module = Module(name="classifier", model=model, num_classes=NUM_CLASSES,
-                    input_shape=(32, 32, 3), mean=mean, std=std, tx=tx, schedule=schedule)
+    module = Module(name="classifier", model=model, num_classes=k,
+                    input_shape=shape, mean=mean, std=std, tx=tx, schedule=schedule)
     spec = step_lib.StepSpec(
         modules={"classifier": module}, streams={"train": step_lib.StreamStep("train")},
         updates=[step_lib.Update("classifier", "classifier",
                                  losses.build_loss(config.losses), ("train",))],
-        num_classes=NUM_CLASSES)
+        num_classes=k)
     step = step_lib.make_train_step(spec)
     abstract = state_lib.abstract_state({"classifier": module})
     create = lambda r: state_lib.create_state({"classifier": module}, r)
@@ -158,10 +164,10 @@ def _jaxrobust_step(cfg: Config, mesh):
     preprocess = {"train": lambda im, r, train: augment.preprocess(
         im, r, train=False, flip=False, crop_padding=0, mean=mean, std=std)}
     step = step_lib.make_train_step(model, tx, losses.build_loss(config.losses),
-                                    num_classes=NUM_CLASSES, preprocess=preprocess,
+                                    num_classes=k, preprocess=preprocess,
                                     learning_rate=schedule)
-    abstract = state_lib.abstract_state(model, tx, (1, 32, 32, 3))
-    create = functools.partial(state_lib.create_state, model, tx, input_shape=(1, 32, 32, 3))
+    abstract = state_lib.abstract_state(model, tx, (1,) + shape)
+    create = functools.partial(state_lib.create_state, model, tx, input_shape=(1,) + shape)
     extra = ()
   state_sh = sharding_lib.tree_shardings(abstract, mesh, ((".*", "replicate"),))
   state = jax.jit(create, out_shardings=state_sh)(jax.random.PRNGKey(0))
@@ -186,8 +192,9 @@ def _jax_worker(cfg: Config, batch: int):
   mesh = sharding_lib.make_mesh((("data", cfg.devices),), devices=jax.devices()[:cfg.devices])
   step, state, state_sh, extra = _jaxrobust_step(cfg, mesh)
   rng = np.random.RandomState(0)
-  batch_np = {"train": {"image": rng.randint(0, 256, (batch, 32, 32, 3)).astype(np.uint8),
-                        "label": rng.randint(0, NUM_CLASSES, batch).astype(np.int32),
+  size = cfg.image_size
+  batch_np = {"train": {"image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
+                        "label": rng.randint(0, cfg.num_classes, batch).astype(np.int32),
                         "index": np.arange(batch, dtype=np.int32),
                         "mask": np.ones(batch, bool)}}
   if not extra:
@@ -272,31 +279,51 @@ def _torch_wrn(depth: int = 40, width: int = 2, num_classes: int = NUM_CLASSES):
   return WRN()
 
 
+def _torch_model(cfg: Config):
+  """The PyTorch twin of ``cfg.model``: ``wrn_<depth>_<width>`` (written
+  below) or ``resnet50`` (torchvision's, which must be installed)."""
+  if cfg.model.startswith("wrn_"):
+    _, depth, width = cfg.model.split("_")
+    return _torch_wrn(int(depth), int(width), cfg.num_classes)
+  if cfg.model == "resnet50":
+    import torchvision
+    return torchvision.models.resnet50(num_classes=cfg.num_classes)
+  raise ValueError(f"no PyTorch twin of {cfg.model!r} in this benchmark")
+
+
 def _torch_worker(cfg: Config, batch: int, threads: int):
+  import contextlib
+
   import numpy as np
   import torch
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = _torch_wrn()
+  device = torch.device(cfg.device)
+  model = _torch_model(cfg).to(device)
   fmt = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
   model = model.to(memory_format=fmt).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                         weight_decay=5e-4)
   rng = np.random.RandomState(0)
-  images = torch.from_numpy(rng.randn(batch, 3, 32, 32).astype(np.float32))
+  size = cfg.image_size
+  images = torch.from_numpy(rng.randn(batch, 3, size, size).astype(np.float32)).to(device)
   images = images.contiguous(memory_format=fmt)
-  labels = torch.from_numpy(rng.randint(0, NUM_CLASSES, batch))
+  labels = torch.from_numpy(rng.randint(0, cfg.num_classes, batch)).to(device)
   loss_fn = torch.nn.CrossEntropyLoss()
+  # bfloat16 as jax's dtype=bfloat16: activations and matmuls in bf16, float32 parameters.
+  cast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+          if cfg.dtype == "bfloat16" else contextlib.nullcontext())
 
   def run(steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
       opt.zero_grad(set_to_none=True)
-      loss = loss_fn(model(images), labels)
+      with cast:
+        loss = loss_fn(model(images), labels)
       loss.backward()
       opt.step()
-    loss.item()
+    loss.item()  # waits for the device
     return time.perf_counter() - t
 
   return run, {"compile_s": 0.0, "flops_per_step": 0.0, "torch": torch.__version__,

@@ -97,6 +97,18 @@ def embedded_target(smoke: bool = False):
   return c
 
 
+def pretrain_overrides(source: str, steps: int, **train_stream) -> dict:
+  """A supervised pre-training stage's overrides on an embedded source:
+  ``steps`` steps of batch 128 at the glyphs learning rate, validation accuracy
+  only, a checkpoint half-way; ``train_stream`` adds keys to the train stream
+  (an index list, a label source)."""
+  return {"data": {"name": source}, "num_steps": int(steps),
+          "streams": {"train": {"batch_size": 128, **train_stream}},
+          "optimizer": {"learning_rate": GLYPHS_LR},
+          "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}},
+          "checkpoint_every_steps": max(int(steps) // 2, 1)}
+
+
 def embedded_source(smoke: bool = False) -> str:
   """The pre-training source of the embedded recipes: ``glyphs`` (``glyphs/small`` for tests)."""
   return "glyphs/small" if smoke else "glyphs"

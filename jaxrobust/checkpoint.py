@@ -116,8 +116,10 @@ class Checkpointer:
            meta: Mapping[str, Any]) -> None:
     """Starts an (async) save of ``state`` at ``step``; ``data`` holds grain
     ``CheckpointSave`` args keyed ``data_<stream>``."""
+    # The iterator files are per process: the count says whether they fit a restore.
+    meta = {**meta, "process_count": jax.process_count()}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(dict(meta)), **dict(data))
+                              meta=ocp.args.JsonSave(meta), **dict(data))
     self.manager.save(int(step), args=args, force=True)
 
   def read_meta(self, step: int) -> dict[str, Any]:
@@ -160,18 +162,22 @@ class Checkpointer:
     for this process: the state alone is restored and ``seek(step)`` sets the
     iterators (their position is the step for any process count).
     """
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **dict(data))
-    try:
-      return self.manager.restore(int(step), args=args)["state"]
-    except Exception as e:  # noqa: BLE001
-      text = str(e)
-      if seek is None or not re.search(r"process_\d+-of-\d+", text):
-        raise
+    saved_by = self.read_meta(step).get("process_count") if seek is not None else None
+    if saved_by is None or saved_by == jax.process_count():
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **dict(data))
+      try:
+        return self.manager.restore(int(step), args=args)["state"]
+      except Exception as e:  # noqa: BLE001
+        # Checkpoints written before "process_count" was recorded: grain names
+        # the missing per-process file.
+        if saved_by is not None or seek is None or not re.search(r"process_\d+-of-\d+", str(e)):
+          raise
     state = self.manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]
     seek(int(step))
-    log.warning("checkpoint %s/%d was saved by another number of processes: input positions "
-                "set from the step", self.directory, step)
+    log.warning("checkpoint %s/%d was saved by %s processes, this run has %d: input positions "
+                "set from the step", self.directory, step, saved_by or "another number of",
+                jax.process_count())
     return state
 
   def restore_latest(self, abstract_state: Any, *, data: Mapping[str, Any],

@@ -43,9 +43,10 @@ def make_mesh(spec: Sequence[tuple[str, int]],
           f"config.mesh {tuple(spec)}: {len(devices)} devices are not divisible by {known}.")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
+    n = len(devices)
     raise ValueError(
         f"config.mesh {tuple(spec)} needs {int(np.prod(sizes))} devices; "
-        f"{len(devices)} are available.")
+        f"{n} {'is' if n == 1 else 'are'} available.")
   if devices == list(jax.devices()):
     return jax.make_mesh(tuple(sizes), names,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(names))

@@ -44,6 +44,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from jaxrobust import artifacts as artifacts_lib
@@ -182,6 +183,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
       if jax.process_index() == 0:
         trainer.write_json(done, {"task": task, "results": stage_results})
+      if jax.process_count() > 1:  # the stage's artifacts, written by process 0, are in place
+        multihost_utils.sync_global_devices(f"jaxrobust stage {name} done")
     results.update({f"{name}/{k}": v for k, v in stage_results.items()})
   if jax.process_index() == 0:
     trainer.write_json(os.path.join(workdir, "results.json"), results)

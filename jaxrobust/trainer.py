@@ -84,20 +84,28 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    # Several processes: JAX's preemption notifier (installed by
+    # jax.distributed.initialize) must keep SIGTERM; a Python handler would
+    # replace it and the sync point would never come.
+    if (threading.current_thread() is threading.main_thread()
+        and not self._sync_service()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  @staticmethod
+  def _sync_service() -> bool:
+    if jax.process_count() == 1:
+      return False
+    from jax._src import distributed
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
     self.requested = True
 
   def due(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._sync_service():
       from jax.experimental import multihost_utils
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # the preemption service is off: this process's signal
-        pass
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def close(self) -> None:
@@ -297,7 +305,10 @@ def _init_from(config, name: str, state, shardings, artifacts) -> Any:
   modules[name] = ms.replace(
       params=jax.device_put(params, shardings.modules[name].params),
       batch_stats=jax.device_put(stats, shardings.modules[name].batch_stats))
-  log.info("module %s initialised from %s (fresh: %s)", name, path, reset or "nothing")
+  total = len(jax.tree.leaves(ms.params))
+  log.warning("init_from: module %s loaded %d of %d parameter arrays from %s; re-initialised: %s",
+              name, total - len(reset), total,
+              path, ", ".join(reset) if reset else "none")
   return state.replace(modules=modules)
 
 

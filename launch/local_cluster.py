@@ -8,7 +8,8 @@ without a cluster.
 
 Everything after ``--`` goes to ``python -m launch.train`` of every process
 (with ``--multihost`` and the coordinator flags added). The output of process
-``i`` is prefixed ``[i]``. If one process fails, the others are stopped after
+``i`` is prefixed ``[i]``. SIGTERM and SIGINT are passed on to every
+process (a preemption: they save a checkpoint and exit with 143). If one process fails, the others are stopped after
 ``--grace_seconds``, so a failure never hangs in a collective; the exit status
 is the first non-zero one.
 """
@@ -16,6 +17,7 @@ is the first non-zero one.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +31,9 @@ _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "CPU devices per proce
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0: a free one).")
 _GRACE = flags.DEFINE_float("grace_seconds", 30.0,
                             "After one process fails, how long the others get before SIGKILL.")
+_MODULE = flags.DEFINE_string(
+    "module", "launch.train", "The module every process runs (python -m MODULE); it must take "
+    "--multihost, --coordinator_address, --num_processes and --process_id.")
 
 
 def free_port() -> int:
@@ -37,11 +42,21 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def commands(train_args: list[str], processes: int, port: int) -> list[list[str]]:
-  """The ``launch.train`` command line of every process."""
-  return [[sys.executable, "-m", "launch.train", *train_args, "--multihost",
+def commands(train_args: list[str], processes: int, port: int,
+             module: str = "launch.train") -> list[list[str]]:
+  """The command line of every process."""
+  return [[sys.executable, "-m", module, *train_args, "--multihost",
            f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
            f"--process_id={i}"] for i in range(processes)]
+
+
+def environment(devices: int) -> dict[str, str]:
+  """The environment of every process: ``devices`` CPU devices, CPU only."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
 
 
 def _pump(i: int, stream) -> None:
@@ -51,16 +66,17 @@ def _pump(i: int, stream) -> None:
 
 
 def run(train_args: list[str], processes: int, devices: int, port: int = 0,
-        grace_seconds: float = 30.0) -> int:
+        grace_seconds: float = 30.0, module: str = "launch.train") -> int:
   if processes < 1 or devices < 1:
     raise app.UsageError("--processes and --devices_per_process must be >= 1.")
   port = port or free_port()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={devices}").strip()
-  env["JAX_PLATFORMS"] = "cpu"
+  env = environment(devices)
   procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env) for cmd in commands(train_args, processes, port)]
+                            env=env) for cmd in commands(train_args, processes, port, module)]
+  # A scheduler's SIGTERM (or Ctrl-C) reaches every process, as on a pod.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: [p.send_signal(signum) for p in procs
+                                              if p.poll() is None])
   pumps = [threading.Thread(target=_pump, args=(i, p.stdout), daemon=True)
            for i, p in enumerate(procs)]
   for t in pumps:
@@ -77,14 +93,19 @@ def run(train_args: list[str], processes: int, devices: int, port: int = 0,
   for t in pumps:
     t.join(timeout=5)
   codes = [p.returncode for p in procs]
-  return next((c for c in codes if c != 0), 0)
+  for i, c in enumerate(codes):
+    if c:
+      how = (f"was killed by {signal.Signals(-c).name}" if c < 0 else f"exited with {c}")
+      sys.stderr.write(f"local_cluster: process {i} {how}\n")
+  return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
 
 
 def main(argv: list[str]) -> None:
   train_args = argv[1:]
   if train_args and train_args[0] == "--":
     train_args = train_args[1:]
-  sys.exit(run(train_args, _PROCESSES.value, _DEVICES.value, _PORT.value, _GRACE.value))
+  sys.exit(run(train_args, _PROCESSES.value, _DEVICES.value, _PORT.value, _GRACE.value,
+               _MODULE.value))
 
 
 if __name__ == "__main__":

@@ -13,17 +13,18 @@ streams, losses, model.heads, ...) can be added from the command line.
 The config may be a recipe (config.stages): its stages run in order in
 <workdir>/<stage>. Restarting with the same --workdir skips finished stages and
 resumes the interrupted one from its latest checkpoint. On
-multi-host TPU/GPU, pass --multihost to call jax.distributed.initialize() (see
-launch/README.md).
+multi-host TPU/GPU, pass --multihost to call jax.distributed.initialize(); the
+processes check that they run the same config, and an error on one ends all
+of them (README: "Multi-host runs and faults"; launch/tpu_pod.sh,
+launch/slurm.sbatch, launch/gpu_multinode.sh, launch/local_cluster.py).
 """
 
 import os
 import re
 import sys
+import traceback
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxrobust.xla_flags import CPU_CONV_XLA_FLAG, with_cpu_conv_tuning
@@ -42,6 +43,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 0, "CPU only: split the host into this many XLA devices (0 = leave as is).")
+_COORDINATOR_TIMEOUT = flags.DEFINE_float(
+    "coordinator_timeout_seconds", 300.0,
+    "--multihost: how long every process may take to join before the run stops with an error.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100,
+    "--multihost: a process silent this long (killed, host lost) ends the run on every process.")
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "Show the Python traceback of a configuration error instead of one line.")
 _CPU_CONV_FLAG = flags.DEFINE_bool(
@@ -62,25 +69,52 @@ def main(argv):
     xla_flags = with_cpu_conv_tuning(xla_flags)
   os.environ["XLA_FLAGS"] = xla_flags.strip()
   import jax  # after XLA_FLAGS
+  _apply_free_form(_CONFIG.value)
+  watch = None
   if _MULTIHOST.value:
+    from jaxrobust import distributed
     if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _has_accelerator():
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             timeout_seconds=_COORDINATOR_TIMEOUT.value,
+                             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    except ValueError as e:
+      _fail(str(e))
+    watch = distributed.ErrorWatch()
   from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   from jaxrobust.trainer import PreemptedError
-  _apply_free_form(_CONFIG.value)
   try:
+    if watch is not None:
+      distributed.check_same_config({"config": _CONFIG.value.to_dict(),
+                                     "workdir": _WORKDIR.value}, _COORDINATOR_TIMEOUT.value)
     results = stages.run(_CONFIG.value, _WORKDIR.value)
-  except PreemptedError as e:
+  except PreemptedError as e:  # every process stops at the same step (trainer._Preemption)
+    if watch is not None:
+      watch.close()
     sys.stderr.write(f"{e}\n")
     sys.exit(143)  # 128 + SIGTERM: schedulers see a preempted job, not a finished one
   except USER_ERRORS as e:
     if _TRACEBACK.value:
+      if watch is None:
+        raise
+      traceback.print_exc()
+    if watch is None:
+      _fail(str(e))
+    watch.fail(" ".join(str(e).split()), 2)
+  except BaseException as e:
+    if watch is None or isinstance(e, SystemExit):
       raise
-    _fail(str(e))
+    text = " ".join(str(e).split())[:500]
+    if isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer is gone
+      watch.fail(f"{text} (a collective failed: another process has probably stopped; see its "
+                 "log)", 1)
+    traceback.print_exc()  # a bug: the whole story on this process
+    watch.fail(f"{type(e).__name__}: {text}", 1)
+  if watch is not None:
+    watch.close()
   if jax.process_index() == 0:
     width = max(map(len, results))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(results.items())))
@@ -96,9 +130,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   """What a bad config, path or checkpoint raises (not a bug in jaxrobust)."""
   from jaxrobust.artifacts import ArtifactError
   from jaxrobust.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+  from jaxrobust.distributed import DistributedError
   from jaxrobust.registry import RegistryError
   return (ValueError, RegistryError, ArtifactError, FileNotFoundError, CheckpointMismatchError,
-          CheckpointDamagedError)
+          CheckpointDamagedError, DistributedError)
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()

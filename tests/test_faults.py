@@ -262,3 +262,16 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_bit_identically(tm
   for x, y in zip(_leaves(ckpt_lib.load_pretrained(str(tmp_path / "term"))[0]),
                   _leaves(ckpt_lib.load_pretrained(str(tmp_path / "straight"))[0])):
     np.testing.assert_array_equal(x, y)
+
+
+def test_config_differences_name_every_differing_leaf():
+  """What processes started with different command lines are told (the
+  multi-process check itself: tests/test_multiprocess.py)."""
+  from jaxrobust.distributed import config_differences
+  a = {"config": {"seed": 0, "streams": {"train": {"batch_size": 32}}}, "workdir": "/runs/a"}
+  b = {"config": {"seed": 0, "streams": {"train": {"batch_size": 48, "pp": "flip"}}},
+       "workdir": "/runs/b"}
+  assert config_differences(b, a) == [("config.streams.train.batch_size", 48, 32),
+                                      ("config.streams.train.pp", "flip", None),
+                                      ("workdir", "/runs/b", "/runs/a")]
+  assert config_differences(a, a) == []

@@ -154,7 +154,7 @@ def test_resuming_with_another_model_is_a_clear_error(tmp_path, data_dir):
     trainer.train_and_evaluate(c, str(tmp_path))
 
 
-def test_fine_tune_from_glyphs_checkpoint_with_new_head(tmp_path, data_dir):
+def test_fine_tune_from_glyphs_checkpoint_with_new_head(tmp_path, data_dir, caplog):
   src = tiny_config(data_dir, num_steps=2)
   src.data.name = "glyphs/small"
   trainer.train_and_evaluate(src, str(tmp_path / "pre"))
@@ -166,7 +166,11 @@ def test_fine_tune_from_glyphs_checkpoint_with_new_head(tmp_path, data_dir):
   ft.optimizer.learning_rate = 0.0
   ft.optimizer.weight_decay = 0.0
   ft.optimizer.schedule = "constant"
-  trainer.train_and_evaluate(ft, str(tmp_path / "ft"))
+  with caplog.at_level("WARNING", logger="jaxrobust"):
+    trainer.train_and_evaluate(ft, str(tmp_path / "ft"))
+  total = len(jax.tree.leaves(pre))
+  assert (f"init_from: module classifier loaded {total - 2} of {total} parameter arrays from "
+          f"{tmp_path / 'pre'}; re-initialised: head/bias, head/kernel") in caplog.text
   tuned = _final_params(tmp_path / "ft")
   assert tuned["head"]["kernel"].shape[-1] == 10
   trunk = lambda p: {k: v for k, v in p.items() if k != "head"}

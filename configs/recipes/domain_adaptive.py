@@ -62,11 +62,7 @@ def pretrain(steps: int, *, index: str = "", labels: str = "dataset", source: st
              ) -> dict:
   """A pre-training stage's overrides: the source data (optionally an index
   list or a label source), ``steps`` steps, no target evaluation."""
-  return {"data": {"name": source}, "num_steps": int(steps),
-          "streams": {"train": {"batch_size": 128, "index": index, "labels": labels}},
-          "optimizer": {"learning_rate": default.GLYPHS_LR},
-          "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}},
-          "checkpoint_every_steps": max(int(steps) // 2, 1)}
+  return default.pretrain_overrides(source, steps, index=index, labels=labels)
 
 
 def finetune(source: str, steps: int, labeled: str) -> dict:

@@ -97,15 +97,11 @@ def _from_pretrained(overrides: dict, init: str, steps: int) -> dict:
 
 def pretrain_stages(source: str, steps: int) -> dict:
   """Supervised pre-training on ``source`` and SimCLR on its images."""
-  common = {"data": {"name": source}, "num_steps": int(steps),
-            "streams": {"train": {"batch_size": 128}},
-            "checkpoint_every_steps": max(int(steps) // 2, 1)}
+  supervised = default.pretrain_overrides(source, steps)
   return {
-      "pretrain_sup": {"task": "train", "config": {
-          **common, "optimizer": {"learning_rate": default.GLYPHS_LR},
-          "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ("validation",)}}}},
+      "pretrain_sup": {"task": "train", "config": supervised},
       "pretrain_simclr": {"task": "train", "config": simclr.pretrain(
-          {**common, "optimizer": {"name": "lars", "learning_rate": SIMCLR_LR * 128 / 256,
+          {**supervised, "optimizer": {"name": "lars", "learning_rate": SIMCLR_LR * 128 / 256,
                                    "weight_decay": 1e-6, "weight_decay_on": "kernels",
                                    "nesterov": False},
            "evaluators": {"ood": {"sets": {}}, "classification": {"splits": ()}}},
