@@ -69,7 +69,7 @@ class Module:
   schedule: optax.Schedule
   trainable: str = ".*"
   freeze_bn: bool = False
-  head_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  heads: tuple[str, ...] = ()  # extra heads (config.model.heads): outputs 'head:<name>'
 
   @property
   def takes_images(self) -> bool:

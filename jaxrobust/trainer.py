@@ -190,7 +190,7 @@ def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
         std=tuple(config.data.std) if takes_images else None,
         tx=masked_tx(tx, trainable), schedule=schedule, trainable=trainable,
         freeze_bn=bool(m.get("freeze_bn", False)),
-        head_sizes=heads_lib.output_sizes(head_specs))
+        heads=tuple(name for name, _ in head_specs))
   return out
 
 
@@ -267,7 +267,7 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
                        "it) -- config.updates.{name}.streams=().")
     terms = losses_lib.build_terms(config.losses, u["losses"], num_classes=m.num_classes,
                                    constants=constants, streams=list(stream_steps),
-                                   resolve=resolve, heads=list(m.head_sizes))
+                                   resolve=resolve, heads=list(m.heads))
     out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
                                streams=tuple(u["streams"]),
                                stats_keys=tuple(losses_lib.normalized_keys(terms))))

@@ -17,6 +17,7 @@ is the first non-zero one.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,10 +60,19 @@ def environment(devices: int) -> dict[str, str]:
   return env
 
 
+_BREAK = re.compile(rb"(\r\n|\r|\n)(?!$)")
+
+
 def _pump(i: int, stream) -> None:
-  for line in stream:
-    sys.stdout.write(f"[{i}] {line}")
-  sys.stdout.flush()
+  """Copies process ``i``'s output with ``[i] `` before every line, keeping
+  carriage returns, so process 0's progress bar stays one live line."""
+  prefix = f"[{i}] ".encode()
+  at_start = True
+  for chunk in iter(lambda: stream.read1(1 << 16), b""):
+    text = _BREAK.sub(lambda m: m.group(1) + prefix, chunk)
+    sys.stdout.buffer.write((prefix if at_start else b"") + text)
+    sys.stdout.flush()
+    at_start = chunk.endswith((b"\n", b"\r"))
 
 
 def run(train_args: list[str], processes: int, devices: int, port: int = 0,
@@ -71,7 +81,7 @@ def run(train_args: list[str], processes: int, devices: int, port: int = 0,
     raise app.UsageError("--processes and --devices_per_process must be >= 1.")
   port = port or free_port()
   env = environment(devices)
-  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env) for cmd in commands(train_args, processes, port, module)]
   # A scheduler's SIGTERM (or Ctrl-C) reaches every process, as on a pod.
   for sig in (signal.SIGTERM, signal.SIGINT):

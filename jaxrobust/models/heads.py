@@ -111,10 +111,6 @@ def build_specs(heads: Mapping[str, Any], where: str = "config.model.heads"
   return tuple(out)
 
 
-def output_sizes(specs) -> dict[str, int]:
-  return {name: dict(desc)["features"] for name, desc in specs}
-
-
 class _Heads(nn.Module):
   specs: tuple
   dtype: Any = None
