@@ -1,8 +1,8 @@
 """Checkpoints across topologies: a run saved on 8 devices resumes on 4, on
 1, on 2 processes × 4 devices, and with FSDP-sharded instead of replicated
-parameters, ending where an uninterrupted 8-device run ends (constant
-learning rate, so stopping at step 2 and going on to step 4 is the same
-trajectory)."""
+parameters (and one saved FSDP-sharded resumes replicated), ending where an
+uninterrupted 8-device run ends (constant learning rate, so stopping at step 2
+and going on to step 4 is the same trajectory)."""
 
 import os
 import shutil
@@ -43,19 +43,21 @@ def runs(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("topology")
   _train(root / "straight", data_dir, 4, 8)
   _train(root / "half", data_dir, 2, 8)
+  _train(root / "half_fsdp", data_dir, 2, 8, FSDP)
   return root
 
 
-@pytest.mark.parametrize("how", ["4 devices", "1 device", "2 processes x 4", "fsdp on 8"])
+@pytest.mark.parametrize("how", ["4 devices", "1 device", "2 processes x 4", "fsdp on 8",
+                                 "replicated on 8 from fsdp"])
 def test_resume_on_another_topology_ends_like_the_straight_run(how, runs, data_dir, tmp_path):
   work = tmp_path / "resumed"
-  shutil.copytree(runs / "half", work)
+  shutil.copytree(runs / ("half_fsdp" if how.endswith("from fsdp") else "half"), work)
   os.remove(work / "results.json")
   if how == "2 processes x 4":
     log = _run([sys.executable, "-m", "launch.local_cluster", "--processes", "2",
                 "--devices_per_process", "4", "--", *_args(work, data_dir, 4)])
   else:
-    devices = {"4 devices": 4, "1 device": 1, "fsdp on 8": 8}[how]
+    devices = {"4 devices": 4, "1 device": 1, "fsdp on 8": 8, "replicated on 8 from fsdp": 8}[how]
     log = _train(work, data_dir, 4, devices, *([FSDP] if how == "fsdp on 8" else []))
   assert "resumed from step 2" in log
   got = ckpt_lib.load_pretrained(str(work))[0]
