@@ -33,6 +33,8 @@ import zlib
 from typing import Any, Mapping
 
 import jax
+from jax._src import distributed as distributed_state  # preemption service state
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -84,27 +86,20 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1 and getattr(
+        distributed_state.global_state, "preemption_sync_manager", None) is not None
     # Several processes: JAX's preemption notifier (installed by
     # jax.distributed.initialize) must keep SIGTERM; a Python handler would
     # replace it and the sync point would never come.
-    if (threading.current_thread() is threading.main_thread()
-        and not self._sync_service()):
+    if threading.current_thread() is threading.main_thread() and not self._synced:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  @staticmethod
-  def _sync_service() -> bool:
-    if jax.process_count() == 1:
-      return False
-    from jax._src import distributed
-    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
     self.requested = True
 
   def due(self, step: int) -> bool:
-    if self._sync_service():
-      from jax.experimental import multihost_utils
+    if self._synced:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 

@@ -9,9 +9,9 @@ without a cluster.
 Everything after ``--`` goes to ``python -m launch.train`` of every process
 (with ``--multihost`` and the coordinator flags added). The output of process
 ``i`` is prefixed ``[i]``. SIGTERM and SIGINT are passed on to every
-process (a preemption: they save a checkpoint and exit with 143). If one process fails, the others are stopped after
-``--grace_seconds``, so a failure never hangs in a collective; the exit status
-is the first non-zero one.
+process (a preemption: they save a checkpoint and exit with 143). If one
+process fails, the others are stopped after ``--grace_seconds``, so a failure
+never hangs in a collective; the exit status is the first non-zero one.
 """
 
 from __future__ import annotations

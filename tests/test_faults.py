@@ -251,7 +251,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_bit_identically(tm
   last = err.strip().splitlines()[-1]
   assert last.startswith("preempted (SIGTERM) at step ") and "run the same command" in last
   step = int(last.split("at step ")[1].split(":")[0])
-  assert 1 <= step < 40
+  assert 4 <= step < 40  # signalled after step 4 was logged: never stops before it
   assert ckpt_lib.Checkpointer(str(tmp_path / "term" / "checkpoints"),
                                read_only=True).latest_step() == step
   resumed = launch(tmp_path / "term")
