@@ -12,7 +12,7 @@ takes an array, an index list, labels or a checkpoint:
   (``<workdir>/pretrain/checkpoints``), e.g. for ``init_from.path``.
 
 Arrays are loaded with ``allow_pickle=False``: no pickle anywhere. Writes are
-atomic (temporary file, then rename) and made by process 0 only.
+atomic (:mod:`jaxrobust.files`) and made by process 0 only.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from jaxrobust import files
 
 PREFIX = "artifact:"
 CHECKPOINT = "checkpoint"
@@ -165,30 +167,10 @@ class Artifacts:
     ref = f"{PREFIX}{self.current}/{name}"
     if jax.process_index() != 0:
       return ref
-    os.makedirs(d, exist_ok=True)
     if isinstance(value, np.ndarray) or (isinstance(value, Mapping) and value and all(
         isinstance(v, (np.ndarray, jax.Array)) for v in value.values())):
       arrays = {"array": np.asarray(value)} if not isinstance(value, Mapping) else value
-      write_npz(os.path.join(d, name + ".npz"), arrays)
-      return ref
+      files.write_npz(os.path.join(d, name + ".npz"), arrays)
     else:
-      path = os.path.join(d, name + ".json")
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
+      files.write_json(os.path.join(d, name + ".json"), value, what="artifact", indent=1)
     return ref
-
-
-def write_npz(path: str, arrays: Mapping[str, Any]) -> None:
-  """Atomic ``np.savez`` (temporary file, then rename) of host arrays."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-  if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
-  return str(x)

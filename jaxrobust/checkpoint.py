@@ -18,15 +18,19 @@ this module small means moving to orbax's V1 API touches only this file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
+import threading
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrobust.files import WriteError
 from jaxrobust.sharding import path_str
 
 
@@ -95,8 +99,38 @@ def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
   return resolve_directory(path), step
 
 
+def _write_reason(e: BaseException) -> str:
+  """What the operating system said about a failed write (tensorstore reports
+  it inside its own message, with the errno)."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  code = re.search(r"os_error_code='(\d+)'", str(e))
+  return os.strerror(int(code.group(1))) if code else _why(e)
+
+
+def _quiet_orbax_thread_errors(args: Any, previous: Callable[[Any], None]) -> None:
+  """``threading.excepthook``: an exception in one of orbax's save threads is
+  re-raised by ``wait_until_finished`` in the main thread (and reported
+  there as one line); everything else goes to the previous hook."""
+  tb = args.exc_traceback
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      log.debug("orbax save thread failed: %s", args.exc_value)
+      return
+    tb = tb.tb_next
+  previous(args)
+
+
 class Checkpointer:
-  """Saves and restores a run's state, input positions and metadata."""
+  """Saves and restores a run's state, input positions and metadata.
+
+  A save that fails (a full disk, a read-only directory) raises
+  :class:`~jaxrobust.files.WriteError` naming the step and what the
+  operating system said -- at :meth:`save` or, for an asynchronous save, at
+  the next :meth:`save` or :meth:`close`. The checkpoints written before stay
+  intact; orbax's temporary directory of the failed one is removed when the
+  run starts again.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                asynchronous: bool = True, read_only: bool = False):
@@ -105,6 +139,39 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving: int | None = None  # the step of a save that may still be in flight
+    self._hook = None
+    if not read_only:
+      previous = threading.excepthook
+      self._hook = lambda args: _quiet_orbax_thread_errors(args, previous)
+      self._previous_hook = previous
+      threading.excepthook = self._hook
+
+  def _check_room(self, step: int, state: Any) -> None:
+    """A save that cannot fit is refused before orbax starts it (a failed
+    orbax write leaves its threads printing tracebacks): this process's
+    share of the state's bytes, plus 5% and 64 KiB of metadata, must be free."""
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state) if hasattr(x, "shape"))
+    need = int(need / jax.process_count() * 1.05) + (64 << 10)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise WriteError(
+          f"could not write the checkpoint of step {step} in {self.directory}: "
+          f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, the checkpoint needs about "
+          f"{need / 2**20:.1f} MiB). The checkpoints written before are intact; run the same "
+          "command again, once there is room, to resume.")
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+      step = self._saving if step is None else step
+      self._saving = None
+      raise WriteError(f"could not write the checkpoint of step {step} in {self.directory}: "
+                       f"{_write_reason(e)}. The checkpoints written before are intact; run "
+                       "the same command again, once there is room, to resume.") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -120,7 +187,12 @@ class Checkpointer:
     meta = {**meta, "process_count": jax.process_count()}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(meta), **dict(data))
-    self.manager.save(int(step), args=args, force=True)
+    with self._writing(None):
+      self.manager.wait_until_finished()  # the previous save's failure is reported as its own
+    self._check_room(int(step), state)
+    self._saving = int(step)
+    with self._writing(int(step)):
+      self.manager.save(int(step), args=args, force=True)
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -226,8 +298,16 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes the saves in flight (raising :class:`WriteError` if one
+    failed) and releases the manager."""
+    try:
+      with self._writing(None):
+        self.manager.wait_until_finished()
+      self._saving = None
+    finally:
+      self.manager.close()
+      if self._hook is not None and threading.excepthook is self._hook:
+        threading.excepthook = self._previous_hook
 
 
 def load_pretrained(path: str, step: int = -1, *, module: str = "classifier",

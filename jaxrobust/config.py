@@ -18,6 +18,8 @@ on the command line (``--config configs/default.py:cifar10`` or
 from __future__ import annotations
 
 import ast
+import copy
+import graphlib
 from typing import Any, Mapping
 
 import ml_collections
@@ -223,12 +225,14 @@ def order(entries: Mapping[str, Any], where: str, *,
 
   ``ConfigDict`` sorts its keys, so order is never taken from how a config
   lists them: an entry runs after the names in its ``after`` tuple (and, for
-  stages, after every stage it takes an artifact from: ``implicit``). Ties are
-  broken by name. With ``total=True`` (the updates of one step) the order
-  must be fully determined: any two entries must be ordered by ``after``.
+  stages, after every stage it takes an artifact from: ``implicit``). Among
+  the entries ready to run, the first by name goes first (the smallest
+  topological order, so the order never depends on dict order). With
+  ``total=True`` (the updates of one step) the order must be fully
+  determined: any two entries must be ordered by ``after``.
   """
   names = list(entries.keys())
-  deps = {}
+  sorter: graphlib.TopologicalSorter = graphlib.TopologicalSorter()
   for n in names:
     after = entries[n].get("after", ()) if hasattr(entries[n], "get") else ()
     after = (after,) if isinstance(after, str) else tuple(after or ())
@@ -236,20 +240,78 @@ def order(entries: Mapping[str, Any], where: str, *,
       if a not in names:
         raise ValueError(f"{where}.{n}.after: no {a!r}{suggest(a, names)}; "
                          f"known: {', '.join(names)}.")
-    deps[n] = set(after) | set((implicit or {}).get(n, ()))
+    sorter.add(n, *after, *(implicit or {}).get(n, ()))
+  try:
+    sorter.prepare()
+  except graphlib.CycleError as e:
+    cycle = sorted(set(e.args[1]))
+    raise ValueError(f"{where}: {', '.join(cycle)} depend on each other (a cycle in 'after' "
+                     "or artifact references).") from None
   out: list[str] = []
-  while len(out) < len(names):
-    ready = sorted(n for n in names if n not in out and deps[n] <= set(out))
-    if not ready:
-      cycle = sorted(n for n in names if n not in out)
-      raise ValueError(f"{where}: {', '.join(cycle)} depend on each other (a cycle in 'after' "
-                       "or artifact references).")
+  ready: list[str] = []
+  while sorter.is_active():
+    ready = sorted(set(ready) | set(sorter.get_ready()))
     if total and len(ready) > 1:
       raise ValueError(
           f"{where}: the order of {', '.join(repr(r) for r in ready)} is not determined "
           f"(config dicts are unordered); set e.g. {where}.{ready[1]}.after=({ready[0]!r},).")
-    out.append(ready[0])
+    first = ready.pop(0)
+    out.append(first)
+    sorter.done(first)
   return out
+
+
+def merge(base: Any, overrides: Mapping[str, Any] | None, where: str | None = None) -> Any:
+  """A copy of ``base`` (a config or a dict of overrides) with ``overrides``
+  applied: the one way configs and overrides are combined.
+
+  Mappings are updated key by key, so an override can change one option of
+  one stream; an empty mapping replaces (``evaluators={'ood': {'sets': {}}}``
+  removes the OOD sets). On a config (``where`` given), ``None`` removes one
+  entry of a free-form sub-dict (``losses={'cross_entropy': None}``) and an
+  unknown key raises naming ``where``; in a dict of overrides ``None`` stays,
+  to remove that entry when the overrides are applied to a config.
+  """
+  on_config = isinstance(base, ml_collections.ConfigDict)
+  out = copy.deepcopy(base) if on_config else _plain_copy(base)
+  if on_config:
+    out.unlock()  # config_flags locks a recipe; free-form sub-dicts (evaluators, constants) grow
+
+  def apply(target, upd, path):
+    for k, v in upd.items():
+      key = f"{path}.{k}"
+      v = v.to_dict() if hasattr(v, "to_dict") else v
+      if (isinstance(v, Mapping) and v and k in target
+          and isinstance(target[k], (Mapping, ml_collections.ConfigDict))):
+        apply(target[k], v, key)
+        continue
+      if not on_config:
+        target[k] = _plain_copy(v)
+        continue
+      free = any(key.startswith(f"{where}.{f}") for f in FREE_FORM)
+      if v is None and free:
+        if k in target:
+          del target[k]
+        continue
+      if k not in target and not free:
+        raise ValueError(f"{key}: no such key in the config{suggest(k, target.keys())}.")
+      value = ml_collections.ConfigDict(v) if isinstance(v, Mapping) else v
+      try:
+        target[k] = value
+      except TypeError:  # another type than the default (a score list given as a mapping)
+        del target[k]
+        target[k] = value
+
+  apply(out, dict(overrides or {}), where or "overrides")
+  return out
+
+
+def _plain_copy(x: Any) -> Any:
+  """A deep copy with every mapping a dict (ConfigDicts included)."""
+  x = x.to_dict() if hasattr(x, "to_dict") else x
+  if isinstance(x, Mapping):
+    return {k: _plain_copy(v) for k, v in x.items()}
+  return copy.deepcopy(x)
 
 
 def module_names(config: ml_collections.ConfigDict) -> list[str]:

@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from jaxrobust import files
+
 log = logging.getLogger("jaxrobust")
 
 
@@ -42,16 +44,18 @@ class JsonlWriter:
 
   def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if resume_step is not None and os.path.exists(path):
       _drop_after(path, resume_step)
-    self._f = open(path, "a", encoding="utf-8")
+    with files.writing(path, "metrics"):
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      self._f = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {"step": int(step)}
     row.update({k: _scalar(v) for k, v in scalars.items()})
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    with files.writing(self.path, "metrics"):
+      self._f.write(json.dumps(row) + "\n")
+      self._f.flush()
 
   def write_images(self, step, images) -> None: ...
   def write_histograms(self, step, arrays, num_buckets=None) -> None: ...
@@ -59,10 +63,12 @@ class JsonlWriter:
   def write_hparams(self, hparams) -> None: ...
 
   def flush(self) -> None:
-    self._f.flush()
+    with files.writing(self.path, "metrics"):
+      self._f.flush()
 
   def close(self) -> None:
-    self._f.close()
+    with files.writing(self.path, "metrics"):
+      self._f.close()
 
 
 class TensorBoardXWriter:
@@ -143,10 +149,7 @@ def _drop_after(path: str, step: int) -> None:
           kept.append(line if line.endswith("\n") else line + "\n")
       except (ValueError, KeyError, TypeError):
         continue
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  files.write_text(path, "".join(kept), what="metrics")
 
 
 def _tensorboard_writer(logdir: str, resume_step: int | None = None) -> Any:

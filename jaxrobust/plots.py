@@ -56,8 +56,14 @@ def _figure(ax, figsize):
 
 
 def _finish(fig, path: Optional[str]):
+  """Saves ``fig`` atomically (its directory made; a failed write is a
+  :class:`jaxrobust.files.WriteError` naming the path)."""
   if path is not None:
-    fig.savefig(path, dpi=150)
+    import os
+
+    from jaxrobust import files
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150), what="plot",
+                       suffix=os.path.splitext(path)[1])
   return fig
 
 

@@ -20,6 +20,19 @@ with them bound. Spec values are Python literals plus arithmetic on numbers
 Unknown names raise :class:`RegistryError` (a ``ValueError``) listing what is
 registered and the closest matches (:func:`suggest`, the one "did you mean"
 helper of the project).
+
+**Methods are found by name, on demand.** The engine imports no method
+module. When a registry is asked for a name it does not hold (or for the list
+of its names), it first imports the method modules -- every module of the
+package ``jaxrobust.methods``, then the modules other packages declare under
+the entry-point group ``jaxrobust.methods`` -- and looks again: a method
+registers its hooks when its module is imported. So ``stages.run``,
+``scores.build``, ``losses.build_terms`` and the other Python entry points see
+every method without anything importing them by name, and a package of one's
+own methods joins by declaring, in its ``pyproject.toml``::
+
+    [project.entry-points."jaxrobust.methods"]
+    my_methods = "my_package.methods"
 """
 
 from __future__ import annotations
@@ -28,11 +41,40 @@ import ast
 import dataclasses
 import difflib
 import functools
+import importlib
 import inspect
+import logging
 import operator
+import pkgutil
+from importlib import metadata
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-__all__ = ["Registry", "RegistryError", "Spec", "parse_spec", "suggest"]
+__all__ = ["Registry", "RegistryError", "Spec", "load_methods", "parse_spec", "suggest"]
+
+METHOD_PACKAGE = "jaxrobust.methods"
+ENTRY_POINT_GROUP = "jaxrobust.methods"
+_methods_loaded = False
+log = logging.getLogger("jaxrobust")
+
+
+def load_methods() -> None:
+  """Imports every method module once (see the module docstring): the
+  modules of :data:`METHOD_PACKAGE`, then the ``jaxrobust.methods`` entry
+  points of installed packages."""
+  global _methods_loaded
+  if _methods_loaded:
+    return
+  _methods_loaded = True
+  package = importlib.import_module(METHOD_PACKAGE)
+  for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+    if not info.name.startswith("_"):
+      importlib.import_module(f"{METHOD_PACKAGE}.{info.name}")
+  for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    try:
+      entry.load()
+    except Exception as e:  # noqa: BLE001 -- a broken plugin must not stop the run
+      log.warning("could not load the jaxrobust methods of %s (%s): %s", entry.name,
+                  entry.value, e)
 
 
 class RegistryError(ValueError):
@@ -170,12 +212,18 @@ class Registry:
     self._entries.pop(name, None)
 
   def names(self) -> list[str]:
+    """Every registered name, the methods' included."""
+    load_methods()
     return sorted(self._entries)
 
   def __contains__(self, name: str) -> bool:
+    if name not in self._entries:
+      load_methods()
     return name in self._entries
 
   def _entry(self, name: str, where: str) -> _Entry:
+    if name not in self._entries:
+      load_methods()
     if name not in self._entries:
       at = f"{where}: " if where else ""
       raise RegistryError(

@@ -1,22 +1,20 @@
-"""The one trainer: config in, trained modules and ``results.json`` out.
+"""The one trainer: the loop over a built run.
 
-:func:`train_and_evaluate` builds everything from the config -- mesh, modules
-(models, optimizers, what trains), streams (data, pp, perturbations, samplers,
-label sources), the updates of one step (composed loss terms), constants from
-earlier stages, evaluators -- and checks all of it before anything is
-compiled. It then resumes from ``<workdir>/checkpoints`` when a checkpoint
-exists (else initialises, from ``config.init_from`` where given), runs the
-compiled step, logs, checkpoints, evaluates, and writes
+:func:`train` takes a :class:`~jaxrobust.build.Run` -- everything derived from
+the config and checked before anything is compiled (:mod:`jaxrobust.build`)
+-- resumes from ``<workdir>/checkpoints`` when a checkpoint exists (else
+initialises, from ``init_from`` where given), runs the compiled step, logs,
+checkpoints, evaluates, and writes
 
 * ``<workdir>/config.json`` -- the resolved config,
 * ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard/`` -- training curves,
 * ``<workdir>/results.json`` -- flat final metrics such as ``test/accuracy``,
 * ``<workdir>/plots/`` -- the evaluators' figures.
 
-Methods extend it only through the registries its hooks read (loss terms,
-scores, pp ops, perturbations, samplers, index lists, label sources,
-evaluators, stage tasks); it imports no method by name. Multi-stage recipes
-call it once per ``train`` stage (:mod:`jaxrobust.stages`).
+:func:`train_and_evaluate` is both steps from a config. Methods extend the
+run only through the registries the builder reads; the trainer imports no
+method. Multi-stage recipes run it once per ``train`` stage
+(:mod:`jaxrobust.stages`); the ``train`` stage task is registered here.
 """
 
 from __future__ import annotations
@@ -29,11 +27,9 @@ import re
 import signal
 import threading
 import time
-import zlib
 from typing import Any, Mapping
 
 import jax
-from jax._src import distributed as distributed_state  # preemption service state
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
@@ -41,25 +37,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrobust import artifacts as artifacts_lib
-from jaxrobust import attacks
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import config as config_lib
 from jaxrobust import evaluators as evaluators_lib
-from jaxrobust import losses as losses_lib
-from jaxrobust import methods  # noqa: F401  (registers every method's hooks)
+from jaxrobust import files
 from jaxrobust import metric_writers
-from jaxrobust import models
-from jaxrobust import optim
 from jaxrobust import pretrained
-from jaxrobust import sharding as sharding_lib
+from jaxrobust import tasks
 from jaxrobust import train_state as state_lib
 from jaxrobust import train_step as step_lib
+from jaxrobust.build import Run, build_run, where_of
 from jaxrobust.data import pipeline
-from jaxrobust.data import pp
-from jaxrobust.data import sources
-from jaxrobust.data import streams as streams_lib
-from jaxrobust.models import heads as heads_lib
-from jaxrobust.modules import CLASSIFIER, Module, masked_tx, trainable_paths
 
 log = logging.getLogger("jaxrobust")
 
@@ -86,11 +74,11 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
-    self._synced = jax.process_count() > 1 and getattr(
-        distributed_state.global_state, "preemption_sync_manager", None) is not None
-    # Several processes: JAX's preemption notifier (installed by
-    # jax.distributed.initialize) must keep SIGTERM; a Python handler would
-    # replace it and the sync point would never come.
+    # Several processes with JAX's preemption service (on by default): its
+    # notifier, installed by jax.distributed.initialize, must keep SIGTERM; a
+    # Python handler would replace it and the sync point would never come.
+    self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
+                    and bool(jax.config.jax_enable_preemption_service))
     if threading.current_thread() is threading.main_thread() and not self._synced:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -108,188 +96,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temporary file, then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
-def stream_seed(seed: int, name: str) -> int:
-  return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
-
-
-def resolve_num_classes(config: ml_collections.ConfigDict, spec: sources.DatasetSpec) -> int:
-  given, found = config.data.num_classes, spec.num_classes
-  if found is None and given is None:
-    raise ValueError(f"dataset {config.data.name!r} has no class labels; it cannot be the "
-                     "task (config.data.name); use it as a stream or an OOD eval set.")
-  if given is not None and found is not None and given != found:
-    raise ValueError(f"config.data.num_classes={given} but dataset {config.data.name!r} has "
-                     f"{found} classes.")
-  return int(given if given is not None else found)
-
-
-# --- modules ----------------------------------------------------------------------
-
-def _module_specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
-  """name -> {model, optimizer, input_shape, num_classes, init_from} (plain dicts)."""
-  specs = {CLASSIFIER: {"model": config.model.to_dict(), "optimizer": config.optimizer.to_dict(),
-                        "input_shape": None, "num_classes": None,
-                        "init_from": config.init_from.to_dict()}}
-  for name, m in config.modules.items():
-    m = m.to_dict() if hasattr(m, "to_dict") else dict(m)
-    model = {**config_lib.base_config().model.to_dict(), "kwargs": {}, **m["model"]}
-    optimizer = {**config.optimizer.to_dict(), **dict(m.get("optimizer", {}))}
-    init_from = {**config_lib.base_config().init_from.to_dict(), **dict(m.get("init_from", {}))}
-    specs[name] = {"model": model, "optimizer": optimizer, "input_shape": m.get("input_shape"),
-                   "num_classes": m.get("num_classes"), "init_from": init_from}
-  return specs
-
-
-def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
-                  image_shape: tuple[int, int, int], total_steps: int, steps_per_epoch: float
-                  ) -> dict[str, Module]:
-  """Every module: model, normalisation, optimizer with frozen parameters masked."""
-  out = {}
-  for name, spec in _module_specs(config).items():
-    where = "config.model" if name == CLASSIFIER else f"config.modules.{name}.model"
-    m = spec["model"]
-    kwargs = dict(m.get("kwargs") or {})
-    if config.parallelism == "pmap":
-      kwargs["bn_axis_name"] = "batch"
-    k = int(spec["num_classes"] or num_classes)
-    try:
-      model = models.get_model(m["name"], num_classes=k, dtype=jnp.dtype(m.get("dtype", "float32")),
-                               **kwargs)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"{where}: {e}") from None
-    head_specs = heads_lib.build_specs(m.get("heads") or {}, where=f"{where}.heads")
-    if head_specs:
-      model = heads_lib.WithHeads(model, head_specs)
-    opt = ml_collections.ConfigDict(spec["optimizer"])
-    opt_where = "config.optimizer" if name == CLASSIFIER else f"config.modules.{name}.optimizer"
-    try:
-      schedule = optim.learning_rate_schedule(opt, total_steps, steps_per_epoch)
-      tx = optim.create_optimizer(opt, schedule)
-    except ValueError as e:
-      raise ValueError(f"{opt_where}: {e}") from None
-    custom = spec["input_shape"]
-    takes_images = custom is None
-    trainable = m.get("trainable", ".*") or ".*"
-    out[name] = Module(
-        name=name, model=model, num_classes=k,
-        input_shape=tuple(image_shape) if takes_images else tuple(custom),
-        mean=tuple(config.data.mean) if takes_images else None,
-        std=tuple(config.data.std) if takes_images else None,
-        tx=masked_tx(tx, trainable), schedule=schedule, trainable=trainable,
-        freeze_bn=bool(m.get("freeze_bn", False)),
-        heads=tuple(name for name, _ in head_specs))
-  return out
-
-
-# --- streams and updates ---------------------------------------------------------
-
-def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
-                  image_shape: tuple[int, int, int], artifacts: artifacts_lib.Artifacts
-                  ) -> tuple[streams_lib.TrainInput, dict[str, step_lib.StreamStep]]:
-  """The training streams (data read, hooks resolved) and how the step treats them."""
-  defaults = streams_lib.stream_defaults()
-  data_dir = config.data.data_dir
-  inputs, steps = {}, {}
-  for name, cfg in config.streams.items():
-    where = f"config.streams.{name}"
-    spec = {**defaults, **cfg.to_dict()}
-    dataset = spec["data"] or config.data.name
-    ds_spec = sources.get_spec(dataset, data_dir=data_dir)
-    got = pipeline.image_shape(ds_spec, config.data.image_size)
-    if spec["through_model"] and got != tuple(image_shape):
-      raise ValueError(f"{where}: {dataset!r} has images of shape {got}; the model takes "
-                       f"{tuple(image_shape)}.")
-    if ds_spec.splits and spec["split"] not in ds_spec.splits and "[" not in spec["split"]:
-      raise ValueError(f"{where}.split: dataset {dataset!r} has no split {spec['split']!r}; "
-                       f"it has {sorted(ds_spec.splits)}.")
-    own_labels = spec["labels"] in ("", "dataset")
-    same_space = ds_spec.num_classes is not None and (
-        dataset == config.data.name or ds_spec.num_classes == num_classes)
-    if own_labels and not same_space:
-      spec["labels"] = "unlabeled"  # its labels are not the task's classes
-    labelled = same_space or not own_labels
-    source = pipeline.load_split(dataset, spec["split"], data_dir=data_dir,
-                                 cache=config.data.cache, image_size=config.data.image_size)
-    inputs[name] = streams_lib.build_stream(
-        name, spec, source, num_classes=num_classes if labelled else None,
-        seed=stream_seed(config.seed, name), artifacts=artifacts)
-    steps[name] = step_lib.StreamStep(
-        name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
-        views=int(spec["views"]),
-        perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
-        else None)
-  return streams_lib.TrainInput(inputs), steps
-
-
-def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.Artifacts
-                   ) -> dict[str, np.ndarray]:
-  return {name: artifacts.load_array(ref, f"config.constants.{name}")
-          for name, ref in config.constants.items()}
-
-
-def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Module],
-                  stream_steps: Mapping[str, step_lib.StreamStep],
-                  constants: Mapping[str, np.ndarray],
-                  artifacts: artifacts_lib.Artifacts | None = None) -> list[step_lib.Update]:
-  """The updates of one step, their loss terms built and checked (option
-  values that are artifact references are loaded: scalars or arrays)."""
-  def resolve(value, where):
-    if not artifacts_lib.is_ref(value):
-      return value
-    loaded = (artifacts or artifacts_lib.Artifacts()).load(value, where)
-    return float(loaded) if np.ndim(loaded) == 0 else loaded
-  through = [n for n in stream_steps if config.streams[n].get("through_model", True)]
-  specs = ({"classifier": {"module": CLASSIFIER, "losses": tuple(config.losses.keys()),
-                           "streams": tuple(through)}} if not len(config.updates) else
-           {n: {"module": config.updates[n].get("module", CLASSIFIER),
-                "losses": tuple(config.updates[n].get("losses", config.losses.keys())),
-                "streams": tuple(config.updates[n].get("streams", through))}
-            for n in config_lib.order(config.updates, "config.updates", total=True)})
-  out = []
-  for name, u in specs.items():
-    m = modules[u["module"]]
-    if u["streams"] and not m.takes_images:
-      raise ValueError(f"config.updates.{name}: module {u['module']!r} takes inputs of shape "
-                       f"{m.input_shape}, not images; give it no streams (its loss terms call "
-                       "it) -- config.updates.{name}.streams=().")
-    terms = losses_lib.build_terms(config.losses, u["losses"], num_classes=m.num_classes,
-                                   constants=constants, streams=list(stream_steps),
-                                   resolve=resolve, heads=list(m.heads))
-    out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
-                               streams=tuple(u["streams"]),
-                               stats_keys=tuple(losses_lib.normalized_keys(terms))))
-  return out
-
-
 # --- state -----------------------------------------------------------------------
 
-def _meta(config, modules, abstract) -> dict[str, Any]:
-  return {"dataset": config.data.name,
-          "modules": {n: {"model": _model_name(config, n), "num_classes": m.num_classes,
-                          "param_shapes": ckpt_lib.param_shapes(abstract.modules[n].params)}
-                      for n, m in modules.items()}}
-
-
-def _model_name(config, name: str) -> str:
-  return config.model.name if name == CLASSIFIER else config.modules[name].model.name
-
-
-def _init_from(config, name: str, state, shardings, artifacts) -> Any:
+def _init_from(run: Run, name: str, state: state_lib.TrainState) -> state_lib.TrainState:
   """Copies pre-trained parameters into module ``name`` as its init_from says."""
-  spec = _module_specs(config)[name]["init_from"]
+  spec = run.init_from[name]
   if not spec["path"]:
     return state
-  where = ("config.init_from" if name == CLASSIFIER else f"config.modules.{name}.init_from")
+  where = where_of(name, "init_from")
   path = spec["path"]
-  path = (artifacts.path(path, f"{where}.path") if artifacts_lib.is_ref(path)
+  path = (run.artifacts.path(path, f"{where}.path") if artifacts_lib.is_ref(path)
           else os.path.abspath(path))
   src_params, src_stats = ckpt_lib.load_pretrained(path, spec["step"], where=where)
   ms = state.modules[name]
@@ -297,9 +113,9 @@ def _init_from(config, name: str, state, shardings, artifacts) -> Any:
       ms.params, ms.batch_stats, src_params, src_stats, reset_head=spec["reset_head"],
       load_batch_stats=spec["load_batch_stats"], skip=spec.get("skip", ""))
   modules = dict(state.modules)
-  modules[name] = ms.replace(
-      params=jax.device_put(params, shardings.modules[name].params),
-      batch_stats=jax.device_put(stats, shardings.modules[name].batch_stats))
+  shardings = run.state_shardings.modules[name]
+  modules[name] = ms.replace(params=jax.device_put(params, shardings.params),
+                             batch_stats=jax.device_put(stats, shardings.batch_stats))
   total = len(jax.tree.leaves(ms.params))
   log.warning("init_from: module %s loaded %d of %d parameter arrays from %s; re-initialised: %s",
               name, total - len(reset), total,
@@ -307,22 +123,23 @@ def _init_from(config, name: str, state, shardings, artifacts) -> Any:
   return state.replace(modules=modules)
 
 
-def _initial_state(config, modules, abstract, state_shardings, checkpointer, meta, train_input,
-                   artifacts) -> tuple[state_lib.TrainState, int]:
+def initial_state(run: Run, checkpointer: ckpt_lib.Checkpointer
+                  ) -> tuple[state_lib.TrainState, int]:
   """Resume from the workdir's latest checkpoint (state and input positions),
   else initialise (pre-trained parameters where ``init_from`` says); returns
-  the state, sharded as ``state_shardings``, and its step."""
+  the state, sharded as the run's state shardings, and its step."""
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, state_shardings)
-  state, step = checkpointer.restore_latest(target, data=train_input.restore_args(),
-                                            expected_meta=meta, seek=train_input.seek)
+                        run.abstract, run.state_shardings)
+  state, step = checkpointer.restore_latest(target, data=run.train_input.restore_args(),
+                                            expected_meta=run.meta, seek=run.train_input.seek)
   if state is not None:
     log.warning("resumed from step %d (%s/%d)", step, checkpointer.directory, step)
     return state, step
-  state = jax.jit(lambda r: state_lib.create_state(modules, r, sorted(abstract.loss_stats)),
-                  out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-  for name in modules:
-    state = _init_from(config, name, state, state_shardings, artifacts)
+  loss_stats = sorted(run.abstract.loss_stats)
+  state = jax.jit(lambda r: state_lib.create_state(run.modules, r, loss_stats),
+                  out_shardings=run.state_shardings)(jax.random.PRNGKey(run.config.seed))
+  for name in run.modules:
+    state = _init_from(run, name, state)
   return state, 0
 
 
@@ -354,7 +171,6 @@ def _plot_stream_samples(config, stream_steps: Mapping[str, step_lib.StreamStep]
   pp_rng = step_lib.step_keys(jnp.asarray(root_rng), 0)[0]
   local = {n: {"image": jnp.asarray(b["image"])} for n, b in host_batch.items()}
   images = jax.jit(lambda b, r: step_lib.images01(spec, b, r))(local, pp_rng)
-  os.makedirs(plots_dir, exist_ok=True)
   for name in shown:
     st = stream_steps[name]
     n = host_batch[name]["image"].shape[0]
@@ -373,59 +189,33 @@ def _plot_stream_samples(config, stream_steps: Mapping[str, step_lib.StreamStep]
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        artifacts: artifacts_lib.Artifacts | None = None) -> dict[str, float]:
-  """Trains and evaluates as ``config`` says; returns the final results.
+  """Builds the run ``config`` describes (:func:`jaxrobust.build.build_run`),
+  trains and evaluates it; returns the final results.
 
   ``artifacts`` resolves ``artifact:`` references when this run is a stage
   of a recipe (:func:`jaxrobust.stages.run`).
   """
-  config_lib.validate(config)
-  artifacts = artifacts or artifacts_lib.Artifacts()
+  return train(build_run(config, workdir, artifacts=artifacts))
+
+
+def train(run: Run) -> dict[str, float]:
+  """The loop over a built run; returns the final results."""
+  config, workdir = run.config, run.workdir
   t_start = time.time()
-  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-  # Everything below is built and checked before the first compilation.
-  mesh = sharding_lib.make_mesh(config.mesh)
-  spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
-  num_classes = resolve_num_classes(config, spec)
-  image_shape = pipeline.image_shape(spec, config.data.image_size)
-  train_input, stream_steps = build_streams(config, num_classes=num_classes,
-                                            image_shape=image_shape, artifacts=artifacts)
-  main = train_input.streams["train"]
-  total_steps = streams_lib.num_steps(config.num_steps, config.num_epochs, main)
-  modules = build_modules(config, num_classes=num_classes, image_shape=image_shape,
-                          total_steps=total_steps,
-                          steps_per_epoch=streams_lib.steps_per_epoch(main))
-  constants = load_constants(config, artifacts)
-  updates = build_updates(config, modules, stream_steps, constants, artifacts)
-  loss_stats = sorted({k for u in updates for k in u.stats_keys})
-  abstract = state_lib.abstract_state(modules, loss_stats)
-  for name, m in modules.items():
-    where = ("config.model.trainable" if name == CLASSIFIER
-             else f"config.modules.{name}.model.trainable")
-    trainable_paths(abstract.modules[name].params, m.trainable, where)
-  state_shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding_rules)
-  batch_sharding = sharding_lib.data_sharding(mesh, config.data_axes)
-  replicated = sharding_lib.replicated(mesh)
-  evaluators = evaluators_lib.build_evaluators(
-      config, modules, num_classes=num_classes, image_shape=image_shape,
-      batch_sharding=batch_sharding, save_dir=os.path.join(workdir, "artifacts"),
-      artifacts=artifacts)
-  meta = _meta(config, modules, abstract)
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+    files.write_json(os.path.join(workdir, "config.json"),
+                     json.loads(config.to_json_best_effort()), what="config")
+  evaluators = run.evaluators
+  ckpt_dir = run.checkpoint_dir
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
                                        asynchronous=config.async_checkpointing)
-  state, start_step = _initial_state(config, modules, abstract, state_shardings, checkpointer,
-                                     meta, train_input, artifacts)
+  state, start_step = initial_state(run, checkpointer)
+  total_steps = run.total_steps
   step_fn = step_lib.make_train_step(
-      step_lib.StepSpec(modules=modules, streams=stream_steps, updates=updates,
-                        num_classes=num_classes),
-      axis_name="batch" if config.parallelism == "pmap" else None)
-  const = {k: jnp.asarray(v) for k, v in constants.items()}
+      run.step_spec, axis_name="batch" if config.parallelism == "pmap" else None)
+  const = {k: jnp.asarray(v) for k, v in run.constants.items()}
   if config.parallelism == "pmap":
     devices = jax.local_devices()
     compiled_step = step_lib.pmap_train_step(step_fn)
@@ -433,17 +223,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     put_batch = lambda b: pipeline.to_pmap(b, len(devices))
     host_state = step_lib.unreplicate
   else:
-    compiled_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, replicated)
-    const = jax.device_put(const, replicated)
-    put_batch = lambda b: pipeline.to_global(b, batch_sharding)
+    compiled_step = step_lib.jit_train_step(step_fn, run.state_shardings, run.batch_sharding,
+                                            run.replicated)
+    const = jax.device_put(const, run.replicated)
+    put_batch = lambda b: pipeline.to_global(b, run.batch_sharding)
     host_state = lambda s: s
 
   writer = metric_writers.create_writer(workdir, resume_step=start_step or None)
   if start_step == 0 and is_main:
     writer.write_hparams(config_lib.flat_hparams(config))
+  train_input = run.train_input
 
   def save(step: int) -> None:
-    checkpointer.save(step, host_state(state), data=train_input.checkpoint_args(), meta=meta)
+    checkpointer.save(step, host_state(state), data=train_input.checkpoint_args(), meta=run.meta)
 
   last_saved = start_step if start_step else None
   pending: tuple[int, Any] | None = None
@@ -458,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start_step, total_steps):
       host_batch = next(train_input)
       if step == 0 and config.plots and is_main:
-        _plot_stream_samples(config, stream_steps, host_batch, root_rng,
+        _plot_stream_samples(config, run.stream_steps, host_batch, root_rng,
                              os.path.join(workdir, "plots"))
       batch = put_batch(host_batch)
       state, metrics = compiled_step(state, batch, root_rng, const)
@@ -502,7 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         log.warning("preempted (SIGTERM) at step %d: checkpoint saved", done)
         raise PreemptedError(done, ckpt_dir)
   except BaseException:
-    checkpointer.close()  # finish the asynchronous saves already started (the last good one)
+    try:
+      checkpointer.close()  # finish the asynchronous saves already started (the last good one)
+    except files.WriteError as e:  # the error on its way out says why the run stopped
+      log.warning("%s", e)
     raise
   finally:
     preemption.close()
@@ -515,12 +310,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer.close()
   results.update({"train/steps": float(total_steps), "train/seconds": train_seconds,
                   "train/examples_per_second":
-                      (total_steps - start_step) * main.global_batch_size
+                      (total_steps - start_step) * run.global_batch_size
                       / max(train_seconds, 1e-9),
                   "wall_seconds": time.time() - t_start})
   writer.write_scalars(total_steps, results)
   writer.flush()
   writer.close()
   if is_main:
-    write_json(os.path.join(workdir, "results.json"), results)
+    files.write_json(os.path.join(workdir, "results.json"), results, what="results")
   return results
+
+
+@tasks.TASKS.register("train")
+def train_task(ctx: tasks.StageContext) -> dict[str, float]:
+  """Trains and evaluates (:func:`train`) in the stage's directory; its
+  checkpoint is ``artifact:<stage>/checkpoint``."""
+  return train(build_run(ctx.config, ctx.workdir, artifacts=ctx.artifacts,
+                         validated=True))
+
+
+# Kept importable from here until the tests move to jaxrobust.build.
+from jaxrobust.build import (  # noqa: E402,F401
+    build_modules, build_streams, build_updates, load_constants, resolve_num_classes,
+    stream_seed)

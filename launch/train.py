@@ -20,7 +20,6 @@ launch/slurm.sbatch, launch/gpu_multinode.sh, launch/local_cluster.py).
 """
 
 import os
-import re
 import sys
 import traceback
 
@@ -31,8 +30,7 @@ from jaxrobust.xla_flags import CPU_CONV_XLA_FLAG, with_cpu_conv_tuning
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (file.py[:arg]).",
-                                          lock_config=False)
+_CONFIG: "flags.FlagHolder | None" = None  # defined by _parse_flags, from the loaded config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.",
                                required=True)
 _MULTIHOST = flags.DEFINE_bool(
@@ -69,7 +67,8 @@ def main(argv):
     xla_flags = with_cpu_conv_tuning(xla_flags)
   os.environ["XLA_FLAGS"] = xla_flags.strip()
   import jax  # after XLA_FLAGS
-  _apply_free_form(_CONFIG.value)
+  config = _CONFIG.value
+  _apply_free_form(config)
   watch = None
   if _MULTIHOST.value:
     from jaxrobust import distributed
@@ -88,9 +87,9 @@ def main(argv):
   from jaxrobust.trainer import PreemptedError
   try:
     if watch is not None:
-      distributed.check_same_config({"config": _CONFIG.value.to_dict(),
+      distributed.check_same_config({"config": config.to_dict(),
                                      "workdir": _WORKDIR.value}, _COORDINATOR_TIMEOUT.value)
-    results = stages.run(_CONFIG.value, _WORKDIR.value)
+    results = stages.run(config, _WORKDIR.value)
   except PreemptedError as e:  # every process stops at the same step (trainer._Preemption)
     if watch is not None:
       watch.close()
@@ -131,9 +130,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from jaxrobust.artifacts import ArtifactError
   from jaxrobust.checkpoint import CheckpointDamagedError, CheckpointMismatchError
   from jaxrobust.distributed import DistributedError
+  from jaxrobust.files import WriteError
   from jaxrobust.registry import RegistryError
   return (ValueError, RegistryError, ArtifactError, FileNotFoundError, CheckpointMismatchError,
-          CheckpointDamagedError, DistributedError)
+          CheckpointDamagedError, DistributedError, WriteError)
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
@@ -189,28 +189,87 @@ def _apply_free_form(config) -> None:
       _fail(f"{flag}: {' '.join(str(e).split())}")
 
 
+def _config_spec(argv: list[str]) -> tuple[str, list[str]]:
+  """The ``--config FILE[:ARG]`` of the command line (default
+  ``configs/default.py``) and the arguments without it."""
+  spec, kept, i = _DEFAULT_CONFIG, [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--config" and i + 1 < len(argv):
+      spec, i = argv[i + 1], i + 2
+      continue
+    if a.startswith("--config="):
+      spec = a[len("--config="):]
+    else:
+      kept.append(a)
+    i += 1
+  return spec, kept
+
+
+def load_config_file(spec: str):
+  """``get_config(arg)`` of the config file ``FILE[:ARG]``."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config {spec}: no config file {path!r}.")
+  module_spec = importlib.util.spec_from_file_location("jaxrobust_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config {spec}: {path} defines no get_config(arg=None).")
+  return module.get_config(arg or None)
+
+
+def _check_override_paths(config, argv: list[str]) -> None:
+  """Every ``--config.<path>`` names an existing key (free-form entries were
+  taken out before): one line naming the flag and the nearest key."""
+  import ml_collections
+
+  from jaxrobust.registry import suggest
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    flag = a.partition("=")[0]
+    node = config
+    for key in flag[len("--config."):].split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        _fail(f"{flag}: the config's value before {key!r} is not a sub-dict.")
+      if key not in node:
+        close = suggest(key, node.keys(), n=1)
+        hint = f"; did you mean {close[len(' (did you mean '):-2]}?" if close else "."
+        _fail(f"{flag}: the config has no key {key!r}{hint}")
+      node = node[key]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a config override that does not apply (an unknown
-  key, a value of the wrong type) reported as one line naming the flag."""
-  kept = _split_free_form(argv)
+  """absl's parsing, with the config file loaded here (once) and its
+  ``--config.<path>`` overrides checked first, so that a bad file, an unknown
+  key or a value of the wrong type is one line naming the flag -- also for
+  the default config."""
+  global _CONFIG
+  traceback_asked = "--traceback" in argv
+  spec, kept = _config_spec(_split_free_form(argv))
+  try:
+    config = load_config_file(spec)
+  except Exception as e:  # noqa: BLE001 -- a config file's error, not jaxrobust's
+    if traceback_asked:
+      raise
+    _fail(f"--config {spec}: {' '.join(str(e).split())}")
+  _check_override_paths(config, kept)
   sys.argv[:] = kept  # config_flags also reads its overrides from sys.argv
   try:
+    _CONFIG = config_flags.DEFINE_config_dict("config", config, "The run's config (from --config "
+                                              "FILE[:ARG], default configs/default.py).",
+                                              lock_config=False)
     return flags.FLAGS(kept)
   except flags.Error as e:
     _fail(str(e))
   except (KeyError, AttributeError, TypeError, ValueError) as e:
-    if "--traceback" in argv:
+    if traceback_asked:
       raise
-    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
-    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-    bad = re.search(r'instead of "([^"]+)"', text) or re.search(r"'([A-Za-z_]\w*)'", text)
-    guess = re.search(r'Did you mean "([^"]+)"', text)
-    key = bad.group(1) if bad else None
-    culprit = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key
-                    and f".{key}." in a.split("=", 1)[0] + "."), "--config")
-    if isinstance(e, (KeyError, AttributeError)) and key:
-      _fail(f"{culprit}: the config has no key {key!r}"
-            + (f"; did you mean {guess.group(1)!r}?" if guess else "."))
+    overrides = [a.partition("=")[0] for a in kept if a.startswith("--config.")]
+    culprit = overrides[0] if len(overrides) == 1 else "--config"
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
     _fail(f"{culprit}: {' '.join(text.split())}")
   return []
 

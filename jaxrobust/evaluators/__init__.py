@@ -32,8 +32,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxrobust import files
 from jaxrobust.data import pipeline
-from jaxrobust.data import sources
+from jaxrobust.data.settings import DataSettings
 from jaxrobust.modules import CLASSIFIER, Module
 from jaxrobust.predict import Predictor
 from jaxrobust.registry import Registry, RegistryError
@@ -44,10 +45,12 @@ COMMON_KEYS = ("type", "every_steps", "module")
 
 @dataclasses.dataclass
 class EvalContext:
-  """What an evaluator gets from the trainer.
+  """What an evaluator gets: its module, how to predict, and the data
+  settings -- not the run's config.
 
   Attributes:
-    config: the run's config.
+    data: how splits are read, the task's dataset and training split, the
+      seed (:class:`~jaxrobust.data.settings.DataSettings`).
     modules: name -> :class:`~jaxrobust.modules.Module`.
     module: the module this evaluator evaluates.
     predictor: compiled per-example predictions of that module.
@@ -57,7 +60,7 @@ class EvalContext:
     save_dir: where ``save`` writes per-example outputs.
     artifacts: resolves ``artifact:`` references (scores tuned by a stage).
   """
-  config: ml_collections.ConfigDict
+  data: DataSettings
   modules: Mapping[str, Module]
   module: str
   predictor: Predictor
@@ -73,17 +76,15 @@ class EvalContext:
     """A split's source (cached), checked to have the module's image shape."""
     cache_key = (name, split)
     if cache_key not in self._loaded:
-      cfg = self.config.data
-      spec = sources.get_spec(name, data_dir=cfg.data_dir)
-      got = pipeline.image_shape(spec, cfg.image_size)
+      spec = self.data.spec(name)
+      got = pipeline.image_shape(spec, self.data.image_size)
       if got != tuple(self.image_shape):
         raise ValueError(f"{self.where}.{key}: {name}:{split} has images of shape {got}; the "
                          f"model takes {tuple(self.image_shape)}.")
       if spec.splits and split not in spec.splits and "[" not in split and "+" not in split:
         raise ValueError(f"{self.where}.{key}: dataset {name!r} has no split {split!r}; it has "
                          f"{sorted(spec.splits)}.")
-      self._loaded[cache_key] = pipeline.load_split(
-          name, split, data_dir=cfg.data_dir, cache=cfg.cache, image_size=cfg.image_size)
+      self._loaded[cache_key] = self.data.load(name, split)
     return self._loaded[cache_key]
 
   def predict(self, state: Any, source: Any, fields, *, perturb=None, perturb_key: str = "",
@@ -119,8 +120,7 @@ class EvalContext:
     if self.save_dir is None:
       raise ValueError(f"{self.where}: this evaluator has nowhere to save outputs.")
     if jax.process_index() == 0:
-      from jaxrobust.artifacts import write_npz
-      write_npz(os.path.join(self.save_dir, name + ".npz"), arrays)
+      files.write_npz(os.path.join(self.save_dir, name + ".npz"), arrays, what="evaluator output")
 
 
 @dataclasses.dataclass
@@ -129,7 +129,7 @@ class FitContext:
   run it over whole splits (sharded, in padded batches).
 
   Attributes:
-    eval: the evaluator's context (config, module, data loading).
+    eval: the evaluator's context (data settings, module, predictions).
     variables: the module's current variables.
     where: the config key of the score, for messages.
   """
@@ -144,8 +144,7 @@ class FitContext:
   def train_source(self) -> Any:
     """The task's training split (``config.streams.train.split`` of
     ``config.data.name``), read without augmentation."""
-    cfg = self.eval.config
-    return self.eval.load(cfg.data.name, cfg.streams.train.split, key="fit")
+    return self.eval.load(self.eval.data.name, self.eval.data.train_split, key="fit")
 
   def predict(self, source: Any, fields) -> dict[str, np.ndarray]:
     return self.eval.predictor(self.variables, source, fields=fields)
@@ -179,32 +178,51 @@ def build_evaluators(config: ml_collections.ConfigDict, modules: Mapping[str, Mo
                      num_classes: int, image_shape: tuple[int, int, int],
                      batch_sharding: jax.sharding.NamedSharding,
                      save_dir: str | None = None, artifacts: Any = None) -> dict[str, Evaluator]:
-  """Every evaluator of ``config.evaluators``, data loaded and options checked;
-  ``save_dir`` receives per-example outputs of evaluators asked to save them."""
+  """Every evaluator of ``config.evaluators``, each given its own options and
+  the run's :class:`~jaxrobust.data.settings.DataSettings`
+  (:func:`make_evaluators`)."""
+  return make_evaluators(
+      {key: ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
+       for key, ev in config.evaluators.items()},
+      modules, data=DataSettings.from_config(config), num_classes=num_classes,
+      image_shape=image_shape, batch_size=config.eval_batch_size,
+      every_steps=config.eval_every_steps, batch_sharding=batch_sharding, save_dir=save_dir,
+      artifacts=artifacts)
+
+
+def make_evaluators(specs: Mapping[str, Mapping[str, Any]], modules: Mapping[str, Module], *,
+                    data: DataSettings, num_classes: int, image_shape: tuple[int, int, int],
+                    batch_size: int, every_steps: int,
+                    batch_sharding: jax.sharding.NamedSharding, save_dir: str | None = None,
+                    artifacts: Any = None, where: str = "config.evaluators"
+                    ) -> dict[str, Evaluator]:
+  """Evaluators from ``{key: {type, every_steps, module, **options}}``: data
+  loaded and options checked; ``every_steps`` is the default of those that do
+  not set it, ``save_dir`` receives per-example outputs of evaluators asked
+  to save them."""
   out: dict[str, Evaluator] = {}
   predictors: dict[str, Predictor] = {}
   rounds: dict[str, dict] = {}  # per module: predictions shared by a round's evaluators
   loaded: dict = {}
-  for key, cfg in config.evaluators.items():
-    where = f"config.evaluators.{key}"
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  for key, cfg in specs.items():
+    at = f"{where}.{key}"
+    cfg = dict(cfg)
     if "type" not in cfg:
-      raise RegistryError(f"{where} has no 'type' (one of {', '.join(EVALUATORS.names())}).")
+      raise RegistryError(f"{at} has no 'type' (one of {', '.join(EVALUATORS.names())}).")
     module = cfg.pop("module", CLASSIFIER)
     if module not in modules:
-      raise RegistryError(f"{where}.module={module!r}: no such module; modules: "
+      raise RegistryError(f"{at}.module={module!r}: no such module; modules: "
                           f"{sorted(modules)}.")
     every = cfg.pop("every_steps", None)
     if module not in predictors:
-      predictors[module] = Predictor(modules[module], batch_size=config.eval_batch_size,
+      predictors[module] = Predictor(modules[module], batch_size=batch_size,
                                      batch_sharding=batch_sharding)
       rounds[module] = {}
-    ctx = EvalContext(config, modules, module, predictors[module], num_classes, image_shape,
-                      where, save_dir, artifacts, rounds[module], loaded)
+    ctx = EvalContext(data, modules, module, predictors[module], num_classes, image_shape,
+                      at, save_dir, artifacts, rounds[module], loaded)
     kind = cfg.pop("type")
-    spec = {"name": kind, **cfg}
-    evaluator = EVALUATORS.build(spec, where=where, runtime=("ctx",))(ctx)
-    evaluator.every_steps = int(config.eval_every_steps if every is None else every)
+    evaluator = EVALUATORS.build({"name": kind, **cfg}, where=at, runtime=("ctx",))(ctx)
+    evaluator.every_steps = int(every_steps if every is None else every)
     out[key] = evaluator
   return out
 

@@ -74,7 +74,7 @@ class Classification(Evaluator):
     if calibration_bin_size < 1 or ece_bins < 1:
       raise ValueError(f"{ctx.where}: calibration_bin_size and ece_bins must be >= 1.")
     self.bin_size, self.ece_bins = int(calibration_bin_size), int(ece_bins)
-    name = ctx.config.data.name
+    name = ctx.data.name
     self.splits = {s: ctx.load(name, s, key="splits") for s in splits}
 
   def evaluate(self, state: Any, *, plots_dir: str | None = None, final: bool = False
@@ -94,11 +94,10 @@ class Classification(Evaluator):
       split, out = last
       z = out["logits"] - out["logits"].max(-1, keepdims=True)
       probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-      os.makedirs(plots_dir, exist_ok=True)
       plots.reliability_diagram(
           probs.max(-1), (probs.argmax(-1) == out["label"]).astype(np.float32),
           num_bins=self.ece_bins,
-          title=(f"Reliability, {self.ctx.config.data.name}:{split} "
+          title=(f"Reliability, {self.ctx.data.name}:{split} "
                  f"(ECE = {100 * results[f'{split}/ece']:.2f}%)"),
           path=os.path.join(plots_dir, f"reliability_{split}.png"))
     return results

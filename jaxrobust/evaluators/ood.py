@@ -123,7 +123,7 @@ class OOD(Evaluator):
       if len(self.sets[key]) == 0:
         raise RegistryError(f"{where}.sets.{key}: {entry!r} is empty.")
     self.in_split = split
-    self.in_source = ctx.load(ctx.config.data.name, split, key="split") if self.sets else None
+    self.in_source = ctx.load(ctx.data.name, split, key="split") if self.sets else None
     self.scores = {}
     for name, s in _score_specs(scores, f"{where}.scores").items():
       spec = s["score"]
@@ -145,7 +145,7 @@ class OOD(Evaluator):
       if k > len(src):
         raise RegistryError(f"{where}.fraction={self.fraction} asks for {k} OOD examples; "
                             f"set {key!r} has {len(src)}.")
-      rng = np.random.default_rng([ctx.config.seed, zlib.crc32(key.encode())])
+      rng = np.random.default_rng([ctx.data.seed, zlib.crc32(key.encode())])
       draws = [rng.permutation(len(src))[:k] for _ in range(self.draws)]
       union = np.unique(np.concatenate(draws))
       self.sets[key] = pipeline.subset(src, union)  # only the drawn examples are scored
@@ -194,8 +194,7 @@ class OOD(Evaluator):
 
   def _plots(self, plots_dir: str, in_scores, out_scores) -> None:
     from jaxrobust import plots
-    os.makedirs(plots_dir, exist_ok=True)
-    task = f"{self.ctx.config.data.name}:{self.in_split}"
+    task = f"{self.ctx.data.name}:{self.in_split}"
     for name in self.scores:
       plots.ood_summary(
           in_scores[name], {key: out_scores[key][name] for key in self.sets}, score=name,

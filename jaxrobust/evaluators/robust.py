@@ -36,7 +36,7 @@ class Robust(Evaluator):
     self.attacks = {name: (_build(spec, f"{ctx.where}.attacks.{name}"), str(spec))
                     for name, spec in dict(attacks).items()}
     self.split = split
-    self.source = ctx.load(ctx.config.data.name, split, key="split")
+    self.source = ctx.load(ctx.data.name, split, key="split")
 
   def evaluate(self, state: Any, *, plots_dir: str | None = None, final: bool = False
                ) -> dict[str, float]:

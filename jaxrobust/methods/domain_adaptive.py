@@ -46,7 +46,7 @@ multi-hot ``[N, K]`` matrix and counts every (image, label) pair, so
 image (``int[N]``) -- pass e.g. the rarest or the first label.
 
 Stage tasks: ``target_prior`` (the source checkpoint's prior over a target
-split, via :func:`jaxrobust.stages.predict_outputs`: sharded, streaming, in
+split, via :func:`jaxrobust.tasks.predict_outputs`: sharded, streaming, in
 dataset index order, any number of processes) and ``importance_sample``
 (weights and one sampler's index list). Recipe:
 ``configs/recipes/domain_adaptive.py``; reproduction: ``python -m
@@ -64,7 +64,8 @@ import numpy as np
 
 from jaxrobust.data.streams import LABELS, LabelFn, StreamData
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext, merge, predict_outputs
+from jaxrobust.config import merge
+from jaxrobust.tasks import TASKS, StageContext, predict_outputs
 
 TEMPERATURE = 2.0  # the paper's softmax temperature for P_t
 SAMPLERS = ("same", "elastic", "uniform")

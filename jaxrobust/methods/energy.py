@@ -46,7 +46,7 @@ import numpy as np
 from jaxrobust import scores as scores_lib
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext
+from jaxrobust.tasks import TASKS, StageContext
 
 Array = jax.Array
 log = logging.getLogger("jaxrobust")
@@ -130,7 +130,7 @@ def energy_margins_task(ctx: StageContext, *, checkpoint: str, outliers: str,
   of a checkpoint on the task's ``split`` and on ``outliers``
   (``'dataset[/config]:split'``); prints them and writes the JSON artifact
   ``margins`` (``artifact:<stage>/margins:m_in``)."""
-  from jaxrobust.stages import predict_outputs
+  from jaxrobust.tasks import predict_outputs
   name, _, out_split = outliers.rpartition(":")
   if not name:
     raise RegistryError(f"config.stages.{ctx.name}.outliers={outliers!r} must be "

@@ -90,7 +90,6 @@ Departures from the reference (documented, deliberate):
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping
 
 import jax
@@ -99,10 +98,11 @@ import ml_collections
 import numpy as np
 from scipy import special
 
+from jaxrobust.config import merge
 from jaxrobust.data.streams import INDEX, LABELS, LabelFn, StreamData
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext, predict_outputs
+from jaxrobust.tasks import TASKS, StageContext, predict_outputs
 
 Array = jax.Array
 
@@ -559,16 +559,6 @@ def final_stage(method: str, prefix: str = "") -> str:
   return f"{prefix}{method}"
 
 
-def _merged(base: Mapping[str, Any], upd: Mapping[str, Any]) -> dict[str, Any]:
-  out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(base).items()}
-  for k, v in dict(upd).items():
-    if isinstance(v, Mapping) and v and isinstance(out.get(k), Mapping):
-      out[k] = _merged(out[k], v)
-    else:
-      out[k] = copy.deepcopy(dict(v)) if isinstance(v, Mapping) else v
-  return out
-
-
 def _intermediate_evaluators(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Overrides that leave an intermediate phase with classification on
   validation only (the config's splits when it evaluates no validation
@@ -645,14 +635,14 @@ def recipe(config: ml_collections.ConfigDict, *, method: str = "glc", kind: str 
   intermediate = {"evaluators": _intermediate_evaluators(config)}
 
   def phase(index: str = "", *, last: bool, corrected_by: str = "") -> dict[str, Any]:
-    out = _merged(overrides or {}, {"streams": {"train": {"labels": labels, "index": index}}})
+    out = merge(overrides or {}, {"streams": {"train": {"labels": labels, "index": index}}})
     if corrected_by:
-      out = _merged(out, {
+      out = merge(out, {
           "constants": {"corruption_matrix": f"artifact:{corrected_by}/matrix"},
           "losses": {"cross_entropy": {"weight": 0.0},
                      "forward_corrected": {"matrix": "corruption_matrix", "trusted_group": 1}}})
     if not last:
-      out = _merged(out, intermediate)
+      out = merge(out, intermediate)
     if init:
       from jaxrobust.methods import transfer
       out = transfer.fine_tune(out, source=init, **{**PRETRAINED_FINETUNE, **dict(finetune or {})})
@@ -664,7 +654,7 @@ def recipe(config: ml_collections.ConfigDict, *, method: str = "glc", kind: str 
              "filter_percentile": filter_percentile if estimator == "anchor" else None,
              "kind": kind, "strength": float(strength), "groups": groups}
     if overrides:
-      stage["config"] = _merged({}, overrides)
+      stage["config"] = merge({}, overrides)
     return stage
 
   if method == "ce":

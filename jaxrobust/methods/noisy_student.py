@@ -25,7 +25,7 @@ Departures from ``filter_unlabel.py`` (stated so results can be compared):
   ``empty_classes``.
 
 The ``pseudo_label`` stage task runs a teacher checkpoint over an unlabeled
-split (eval mode, no augmentation: ``jaxrobust.stages.predict_outputs``),
+split (eval mode, no augmentation: ``jaxrobust.tasks.predict_outputs``),
 selects with :func:`select_pseudo_labels` and writes two artifacts that a
 student's stream reads without new code::
 
@@ -46,7 +46,7 @@ import numpy as np
 from scipy import special
 
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext, predict_outputs
+from jaxrobust.tasks import TASKS, StageContext, predict_outputs
 
 THRESHOLD = 0.3  # filter_unlabel.sh --min_threshold
 

@@ -46,6 +46,7 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
+from jaxrobust.config import merge
 from jaxrobust.data import pp
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.registry import RegistryError
@@ -221,11 +222,9 @@ def pretrain(overrides: dict[str, Any], *, stream: dict[str, Any] | None = None,
   """A SimCLR pre-training stage's overrides: the ``train`` stream with two
   views of ``pp_chain`` and no labels, the projection head ``proj``, and
   NT-Xent as the only loss term (the classifier ``head`` gets no gradient)."""
-  out = dict(overrides)
-  train = {"views": 2, "pp": pp_chain, "labels": "unlabeled", **(stream or {})}
-  out["streams"] = {**dict(out.get("streams", {})),
-                    "train": {**dict(dict(out.get("streams", {})).get("train", {})), **train}}
-  out["model"] = {**dict(out.get("model", {})), "heads": {"proj": projection}}
+  out = merge(overrides, {
+      "streams": {"train": {"views": 2, "pp": pp_chain, "labels": "unlabeled", **(stream or {})}},
+      "model": {"heads": {"proj": projection}}})
   out["losses"] = {"cross_entropy": None,  # removed: no labels
                    "nt_xent": {"stream": "train", "temperature": temperature, "head": "proj"}}
   return out

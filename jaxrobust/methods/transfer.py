@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from jaxrobust.config import merge
+
 # uncertainty/CIFAR/tune.py of hendrycks/pre-training.
 FINE_TUNE_DEFAULTS: Mapping[str, Any] = {
     "num_epochs": 10.0, "learning_rate": 0.001, "batch_size": 128, "momentum": 0.9,
@@ -49,28 +51,21 @@ def fine_tune(overrides: dict[str, Any], *, source: str, num_epochs: float | Non
   with a fresh head, and Hendrycks et al.'s optimiser defaults unless given.
   ``num_steps`` (which overrides the epochs) fixes the length in steps."""
   d = FINE_TUNE_DEFAULTS
-  out = dict(overrides)
-  out["init_from"] = {**dict(out.get("init_from", {})), "path": source, "reset_head": "auto"}
-  out["num_epochs"] = float(d["num_epochs"] if num_epochs is None else num_epochs)
-  if num_steps is not None:
-    out["num_steps"] = int(num_steps)
-  out["optimizer"] = {**dict(out.get("optimizer", {})),
-                      "learning_rate": d["learning_rate"] if learning_rate is None
-                      else learning_rate, "momentum": d["momentum"], "nesterov": d["nesterov"],
-                      "weight_decay": d["weight_decay"], "schedule": d["schedule"],
-                      "end_learning_rate": d["end_learning_rate"]}
-  streams = {k: dict(v) for k, v in dict(out.get("streams", {})).items()}
-  streams.setdefault("train", {})["batch_size"] = int(batch_size or d["batch_size"])
-  out["streams"] = streams
-  return out
+  return merge(overrides, {
+      "init_from": {"path": source, "reset_head": "auto"},
+      "num_epochs": float(d["num_epochs"] if num_epochs is None else num_epochs),
+      **({"num_steps": int(num_steps)} if num_steps is not None else {}),
+      "optimizer": {"learning_rate": d["learning_rate"] if learning_rate is None
+                    else learning_rate, "momentum": d["momentum"], "nesterov": d["nesterov"],
+                    "weight_decay": d["weight_decay"], "schedule": d["schedule"],
+                    "end_learning_rate": d["end_learning_rate"]},
+      "streams": {"train": {"batch_size": int(batch_size or d["batch_size"])}}})
 
 
 def last_layer_only(overrides: dict[str, Any]) -> dict[str, Any]:
   """Only the classifier's ``head`` trains; BatchNorm runs in eval mode
   (running statistics of the pre-trained trunk kept, dropout off)."""
-  out = dict(overrides)
-  out["model"] = {**dict(out.get("model", {})), "trainable": HEAD, "freeze_bn": True}
-  return out
+  return merge(overrides, {"model": {"trainable": HEAD, "freeze_bn": True}})
 
 
 def recipe(config: ml_collections.ConfigDict, *, pretrain: Mapping[str, Any],

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxrobust.methods import mahalanobis, odin
 from jaxrobust.registry import RegistryError
-from jaxrobust.stages import TASKS, StageContext, evaluation_setup
+from jaxrobust.tasks import TASKS, StageContext, evaluation_setup
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
     "odin": {"temperature": odin.TEMPERATURES, "epsilon": odin.EPSILONS},
