@@ -4,7 +4,7 @@
 1. Train step: a clean step against an adversarial PGD-10 step (Hendrycks et
    al.'s PGD_linf for training: eps=8/255, step 2/255, 10 steps, random start)
    on the same model, batch and optimizer. Both steps are built the way the
-   trainer builds them (jaxrobust.trainer.build_modules / build_updates, the
+   trainer builds them (jaxrobust.build.build_modules / build_updates, the
    perturbation from ``config.streams.train.perturb``), then jitted with the
    state donated. A PGD-10 step runs 10 attack steps (forward + backward to the
    input, train-mode BatchNorm) before the clean step's forward, backward and
@@ -58,16 +58,16 @@ def _step(args, perturb: str):
   """(jitted step, modules) built from a config as the trainer does."""
   import jax
 
-  from jaxrobust import attacks, trainer
+  from jaxrobust import attacks, build
   from jaxrobust import train_step as step_lib
   config = _config(args, perturb)
-  modules = trainer.build_modules(config, num_classes=10, image_shape=(32, 32, 3),
-                                  total_steps=1000, steps_per_epoch=100)
+  modules = build.build_modules(config, num_classes=10, image_shape=(32, 32, 3),
+                                total_steps=1000, steps_per_epoch=100)
   spec = config.streams.train.perturb
   stream_steps = {"train": step_lib.StreamStep(
       name="train", perturb=attacks.build(spec, where="config.streams.train.perturb")
       if spec else None)}
-  updates = trainer.build_updates(config, modules, stream_steps, {})
+  updates = build.build_updates(config, modules, stream_steps, {})
   step_spec = step_lib.StepSpec(modules=modules, streams=stream_steps, updates=updates,
                                 num_classes=10)
   return jax.jit(step_lib.make_train_step(step_spec), donate_argnums=(0,)), modules

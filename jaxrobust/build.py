@@ -84,8 +84,9 @@ def resolve_num_classes(config: ml_collections.ConfigDict, spec: sources.Dataset
   return int(given if given is not None else found)
 
 
-def task_data(config: ml_collections.ConfigDict) -> TaskData:
-  spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
+def task_data(config: ml_collections.ConfigDict, data: DataSettings | None = None) -> TaskData:
+  """The task's dataset spec, number of classes and image shape."""
+  spec = (data or DataSettings.from_config(config)).spec(config.data.name)
   return TaskData(spec, resolve_num_classes(config, spec),
                   pipeline.image_shape(spec, config.data.image_size))
 
@@ -161,11 +162,12 @@ def inference_modules(config: ml_collections.ConfigDict, task: TaskData | None =
 # --- streams, constants, updates -----------------------------------------------------
 
 def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
-                  image_shape: tuple[int, int, int], artifacts: artifacts_lib.Artifacts
+                  image_shape: tuple[int, int, int], artifacts: artifacts_lib.Artifacts,
+                  data: DataSettings | None = None
                   ) -> tuple[streams_lib.TrainInput, dict[str, step_lib.StreamStep]]:
   """The training streams (data read, hooks resolved) and how the step treats them."""
   defaults = streams_lib.stream_defaults()
-  data = DataSettings.from_config(config)
+  data = data or DataSettings.from_config(config)
   inputs, steps = {}, {}
   for name, cfg in config.streams.items():
     where = f"config.streams.{name}"
@@ -326,9 +328,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
   artifacts = artifacts or artifacts_lib.Artifacts()
   workdir = os.path.abspath(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
-  task = task_data(config)
+  data = DataSettings.from_config(config)
+  task = task_data(config, data)
   train_input, stream_steps = build_streams(config, num_classes=task.num_classes,
-                                            image_shape=task.image_shape, artifacts=artifacts)
+                                            image_shape=task.image_shape, artifacts=artifacts,
+                                            data=data)
   main = train_input.streams["train"]
   total_steps = streams_lib.num_steps(config.num_steps, config.num_epochs, main)
   steps_per_epoch = streams_lib.steps_per_epoch(main)
@@ -345,10 +349,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
   evaluators = evaluators_lib.build_evaluators(
       config, modules, num_classes=task.num_classes, image_shape=task.image_shape,
       batch_sharding=batch_sharding, save_dir=os.path.join(workdir, "artifacts"),
-      artifacts=artifacts)
+      artifacts=artifacts, data=data)
   return Run(
       config=config, workdir=workdir, artifacts=artifacts, task=task,
-      data=DataSettings.from_config(config), mesh=mesh, modules=modules,
+      data=data, mesh=mesh, modules=modules,
       init_from={n: s["init_from"] for n, s in specs.items()}, train_input=train_input,
       stream_steps=stream_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       constants=constants, updates=updates, abstract=abstract,

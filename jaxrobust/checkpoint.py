@@ -121,6 +121,24 @@ def _quiet_orbax_thread_errors(args: Any, previous: Callable[[Any], None]) -> No
   previous(args)
 
 
+def space_needed(state: Any) -> int:
+  """Bytes a checkpoint of ``state`` needs on this process's disk: its share
+  of the arrays' bytes plus 5%, and 256 KiB for the metadata files and the
+  file system's blocks."""
+  arrays = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state) if hasattr(x, "shape"))
+  return int(arrays / jax.process_count() * 1.05) + (256 << 10)
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops orbax's log records of exceptions in its save threads: they are
+  re-raised by ``wait_until_finished`` and reported there as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.levelno >= logging.ERROR
+                and "/orbax/" in (record.pathname or ""))
+
+
 class Checkpointer:
   """Saves and restores a run's state, input positions and metadata.
 
@@ -141,25 +159,23 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of a save that may still be in flight
     self._hook = None
+    self._filter = _OrbaxThreadErrors()
     if not read_only:
       previous = threading.excepthook
       self._hook = lambda args: _quiet_orbax_thread_errors(args, previous)
       self._previous_hook = previous
       threading.excepthook = self._hook
+      logging.getLogger("absl").addFilter(self._filter)
 
   def _check_room(self, step: int, state: Any) -> None:
     """A save that cannot fit is refused before orbax starts it (a failed
-    orbax write leaves its threads printing tracebacks): this process's
-    share of the state's bytes, plus 5% and 64 KiB of metadata, must be free."""
-    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(state) if hasattr(x, "shape"))
-    need = int(need / jax.process_count() * 1.05) + (64 << 10)
-    free = shutil.disk_usage(self.directory).free
+    orbax write leaves its threads printing tracebacks)."""
+    need, free = space_needed(state), shutil.disk_usage(self.directory).free
     if free < need:
       raise WriteError(
           f"could not write the checkpoint of step {step} in {self.directory}: "
-          f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, the checkpoint needs about "
-          f"{need / 2**20:.1f} MiB). The checkpoints written before are intact; run the same "
+          f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.2f} MiB free, the checkpoint needs about "
+          f"{need / 2**20:.2f} MiB). The checkpoints written before are intact; run the same "
           "command again, once there is room, to resume.")
 
   @contextlib.contextmanager
@@ -308,6 +324,7 @@ class Checkpointer:
       self.manager.close()
       if self._hook is not None and threading.excepthook is self._hook:
         threading.excepthook = self._previous_hook
+      logging.getLogger("absl").removeFilter(self._filter)
 
 
 def load_pretrained(path: str, step: int = -1, *, module: str = "classifier",

@@ -52,7 +52,7 @@ from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import config as config_lib
 from jaxrobust import files
 from jaxrobust import trainer
-from jaxrobust.registry import RegistryError, suggest
+from jaxrobust.registry import RegistryError, Spec, suggest
 from jaxrobust.tasks import TASKS, StageContext
 
 log = logging.getLogger("jaxrobust")
@@ -88,7 +88,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, dic
       raise RegistryError(f"{where} needs a 'task' ({', '.join(TASKS.names())}).")
     options = {k: v for k, v in stage.items() if k not in STAGE_KEYS}
     task = stage["task"]
-    TASKS.resolve({"name": task, **options}, where=where, runtime=("ctx",))
+    TASKS.resolve(Spec(task, (), options), where=where, runtime=("ctx",))
     merged = merge(config, stage.get("config") or {}, f"{where}.config")
     try:
       config_lib.validate(merged)
@@ -134,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       os.makedirs(stage_dir, exist_ok=True)
       log.warning("stage %s: task %s", name, task)
       ctx = StageContext(name, stage_dir, merged, artifacts_lib.Artifacts(workdir, names, name))
-      fn = TASKS.build({"name": task, **options}, where=f"config.stages.{name}",
+      fn = TASKS.build(Spec(task, (), options), where=f"config.stages.{name}",
                        runtime=("ctx",))
       stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
       if jax.process_index() == 0:

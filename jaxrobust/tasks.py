@@ -73,7 +73,7 @@ class StageContext:
   @functools.cached_property
   def task(self) -> build.TaskData:
     """The stage's task: its dataset, number of classes and image shape."""
-    return build.task_data(self.config)
+    return build.task_data(self.config, self.data)
 
   @functools.cached_property
   def modules(self) -> dict[str, Module]:
@@ -187,11 +187,14 @@ def evaluation_setup(ctx: StageContext, config: ml_collections.ConfigDict, check
   config), for stage tasks that evaluate without training. ``checkpoint``: a
   path or an ``artifact:`` reference."""
   from jaxrobust.train_state import ModuleState
-  task = build.task_data(config) if config is not ctx.config else ctx.task
-  built = build.inference_modules(config, task) if config is not ctx.config else ctx.modules
+  own = config is ctx.config
+  data = ctx.data if own else DataSettings.from_config(config)
+  task = ctx.task if own else build.task_data(config, data)
+  built = ctx.modules if own else build.inference_modules(config, task)
   evaluators = evaluators_lib.build_evaluators(
       config, built, num_classes=task.num_classes, image_shape=task.image_shape,
-      batch_sharding=_batch_sharding(config), save_dir=save_dir, artifacts=ctx.artifacts)
+      batch_sharding=_batch_sharding(config), save_dir=save_dir, artifacts=ctx.artifacts,
+      data=data)
   path = ctx.checkpoint_path(checkpoint)
   state = EvalState({name: ModuleState(*ckpt_lib.load_pretrained(
       path, module=name, where=f"{ctx.where}.checkpoint"), None) for name in (modules or built)})

@@ -328,8 +328,3 @@ def train_task(ctx: tasks.StageContext) -> dict[str, float]:
   return train(build_run(ctx.config, ctx.workdir, artifacts=ctx.artifacts,
                          validated=True))
 
-
-# Kept importable from here until the tests move to jaxrobust.build.
-from jaxrobust.build import (  # noqa: E402,F401
-    build_modules, build_streams, build_updates, load_constants, resolve_num_classes,
-    stream_seed)

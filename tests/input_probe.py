@@ -13,11 +13,11 @@ def read_streams(config, steps: int = 0) -> dict:
 
   from jaxrobust import artifacts as artifacts_lib
   from jaxrobust import methods  # noqa: F401  (registers samplers and label sources)
-  from jaxrobust import trainer
+  from jaxrobust import build
   from jaxrobust.data import sources, streams
   spec = sources.get_spec(config.data.name, data_dir=config.data.data_dir)
-  train_input, _ = trainer.build_streams(config, num_classes=spec.num_classes,
-                                         image_shape=spec.image_shape,
+  train_input, _ = build.build_streams(config, num_classes=spec.num_classes,
+                                       image_shape=spec.image_shape,
                                          artifacts=artifacts_lib.Artifacts())
   n = steps or round(streams.steps_per_epoch(train_input.streams["train"]))
   out: dict = {}

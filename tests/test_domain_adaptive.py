@@ -140,13 +140,13 @@ def test_bad_input(call, match):
 
 def test_prior_is_the_same_on_1_device_8_devices_and_2_processes(data_dir):
   from jaxrobust import predict as predict_lib
-  from jaxrobust import sharding, trainer
+  from jaxrobust import build, sharding
   from jaxrobust import train_state as state_lib
   from jaxrobust.data import pipeline
   from tiny_config import tiny_config
   c = tiny_config(data_dir)
-  modules = trainer.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
-                                  steps_per_epoch=1.0)
+  modules = build.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
+                                steps_per_epoch=1.0)
   variables = state_lib.create_state(modules, jax.random.PRNGKey(0)).classifier.variables
   src = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
 

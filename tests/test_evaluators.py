@@ -12,7 +12,7 @@ import processes
 from configs import default
 from jaxrobust import evaluators as ev
 from jaxrobust import predict as predict_lib
-from jaxrobust import sharding, trainer
+from jaxrobust import build, sharding
 from jaxrobust import train_state as state_lib
 from jaxrobust.data import pipeline
 from jaxrobust.metrics import ood as ood_metrics
@@ -32,8 +32,8 @@ def _config(data_dir):
 @functools.lru_cache(maxsize=None)
 def _setup(data_dir):
   c = _config(data_dir)
-  modules = trainer.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
-                                  steps_per_epoch=1.0)
+  modules = build.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
+                                steps_per_epoch=1.0)
   state = state_lib.create_state(modules, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh((("data", -1),))
   return c, modules, state, sharding.data_sharding(mesh, ("data",))

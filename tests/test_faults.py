@@ -275,3 +275,139 @@ def test_config_differences_name_every_differing_leaf():
                                       ("config.streams.train.pp", "flip", None),
                                       ("workdir", "/runs/b", "/runs/a")]
   assert config_differences(a, a) == []
+
+
+# --- the command line with the default config, and write failures (issue 17) ----------
+
+@pytest.mark.parametrize("config_args", [[], ["--config", "configs/default.py"]],
+                         ids=["default config", "--config given"])
+@pytest.mark.parametrize("override, message", [
+    ("--config.foo=1", "--config.foo: the config has no key 'foo'."),
+    ("--config.optimzer.learning_rate=0.1",
+     "--config.optimzer.learning_rate: the config has no key 'optimzer'; did you mean "
+     "'optimizer'?"),
+    ("--config.optimizer.learning_rate=abc", "flag --config.optimizer.learning_rate=abc: could "
+     "not convert string to float: 'abc'"),
+])
+def test_unknown_keys_are_one_line_with_and_without_a_config_file(config_args, override,
+                                                                   message, tmp_path):
+  """With the README's quick start (no --config) a bad key ended in three
+  chained tracebacks raised while absl defined the flag."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.train", *config_args, override,
+       "--workdir", str(tmp_path / "w")], cwd=repo, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [f"error: {message}"]
+  assert not os.path.exists(tmp_path / "w")
+
+
+def _write_failure_config(data_dir, steps=6):
+  from tiny_config import tiny_config
+  c = tiny_config(data_dir, steps=steps)
+  c.checkpoint_every_steps = 3
+  c.keep_checkpoints = 5
+  c.plots = True
+  c.evaluators.ood.sets = {"blobs": "blobs/gray:validation"}
+  return c
+
+
+def test_a_failed_plot_write_is_one_error_and_the_next_run_resumes(tmp_path, data_dir,
+                                                                  monkeypatch):
+  """An injected ENOSPC in the PNG writer (the first write to fail in the
+  README's default run on a 2 MB tmpfs): WriteError naming the plot; the final
+  checkpoint is intact, no temporary file is left, and the same command then
+  finishes with the results of an uninterrupted run."""
+  import errno
+
+  from matplotlib.figure import Figure
+
+  from jaxrobust import files, stages
+  reference = stages.run(_write_failure_config(data_dir), str(tmp_path / "reference"))
+
+  savefig = Figure.savefig
+
+  def full_disk_after_training(self, path, *args, **kwargs):  # the step-0 sample grids fit
+    if "samples_" not in os.path.basename(path):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return savefig(self, path, *args, **kwargs)
+  monkeypatch.setattr(Figure, "savefig", full_disk_after_training)
+  work = tmp_path / "run"
+  with pytest.raises(files.WriteError,
+                     match=r"could not write the plot .*/run/plots/\w+\.png: No space left on "
+                           r"device\.$"):
+    stages.run(_write_failure_config(data_dir), str(work))
+  assert not os.path.exists(work / "results.json")
+  assert sorted(int(s) for s in os.listdir(work / "checkpoints")) == [3, 6]
+  assert not [f for f in glob.glob(str(work / "**" / ".*tmp*"), recursive=True)]
+  monkeypatch.undo()
+  results = stages.run(_write_failure_config(data_dir), str(work))
+  for k, v in reference.items():
+    if "seconds" not in k and "per_second" not in k:
+      assert results[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+
+
+def _can_mount_tmpfs(path) -> bool:
+  import subprocess
+  os.makedirs(path, exist_ok=True)
+  ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode == 0
+  if ok:
+    subprocess.run(["umount", str(path)], capture_output=True)
+  return ok
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _can_mount_tmpfs("/tmp/jaxrobust-tmpfs-probe"),
+                    reason="mounting a tmpfs needs root")
+def test_a_full_tmpfs_ends_the_run_with_one_line_and_the_next_run_resumes(tmp_path, data_dir):
+  """A real full disk: the workdir on a 1 MiB tmpfs holds the step-3
+  checkpoint but not the step-6 one; the run stops with one line, exit 2, no
+  traceback; with more room the same command resumes from step 3 and ends
+  with the results of an uninterrupted run."""
+  import json
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  args = [sys.executable, "-m", "launch.train", "--config", "configs/default.py:smoke",
+          f"--config.data.data_dir={data_dir}", "--config.progress_bar=False",
+          "--config.plots=False", "--config.checkpoint_every_steps=3",
+          "--config.keep_checkpoints=5"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  ref = subprocess.run(args + ["--workdir", str(tmp_path / "ref")], cwd=repo, env=env,
+                       capture_output=True, text=True)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  from configs import default
+  from jaxrobust import build
+  c = default.get_config("smoke")
+  c.data.data_dir = str(data_dir)
+  need = ckpt_lib.space_needed(build.build_run(c, str(tmp_path / "probe")).abstract)
+  # Room for the step-3 checkpoint (and the logs), not for a second one beside it.
+  subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need + (128 << 10)}", "tmpfs",
+                  str(mnt)], check=True)
+  try:
+    out = subprocess.run(args + ["--workdir", str(mnt / "w")], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write the checkpoint of step 6 in {mnt}/w/"
+                           "checkpoints: No space left on device"), last
+    assert sorted(os.listdir(mnt / "w" / "checkpoints")) == ["3"]
+    subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+    again = subprocess.run(args + ["--workdir", str(mnt / "w")], cwd=repo, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 3" in again.stderr
+    got = json.load(open(mnt / "w" / "results.json"))
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+  want = json.load(open(tmp_path / "ref" / "results.json"))
+  for k, v in want.items():
+    if "seconds" not in k and "per_second" not in k:
+      assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k

@@ -139,7 +139,7 @@ def test_each_process_reads_its_slice_of_the_same_global_batches(tmp_path, data_
   included, and the global sequence is the sampler's epochs back to back --
   no example read twice, none skipped."""
   from jaxrobust import artifacts as artifacts_lib
-  from jaxrobust import trainer
+  from jaxrobust import build
   from jaxrobust.data import sources
   from tests import input_probe
   from tests.run_configs import input_streams
@@ -154,8 +154,8 @@ def test_each_process_reads_its_slice_of_the_same_global_batches(tmp_path, data_
   for k in one:
     np.testing.assert_array_equal(np.concatenate([per[0][k], per[1][k]], axis=1), one[k], k)
   spec = sources.get_spec(config.data.name, data_dir=str(data_dir))
-  built, _ = trainer.build_streams(config, num_classes=spec.num_classes,
-                                   image_shape=spec.image_shape,
+  built, _ = build.build_streams(config, num_classes=spec.num_classes,
+                                 image_shape=spec.image_shape,
                                    artifacts=artifacts_lib.Artifacts())
   for name, stream in built.streams.items():
     read = one[f"{name}/index"].reshape(-1)

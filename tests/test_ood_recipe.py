@@ -14,7 +14,7 @@ import pytest
 
 from configs.recipes import ood as ood_recipe
 from jaxrobust import evaluators as ev
-from jaxrobust import stages, trainer
+from jaxrobust import build, stages
 from jaxrobust import train_state as state_lib
 from jaxrobust import sharding
 from jaxrobust.registry import RegistryError
@@ -76,8 +76,8 @@ def test_odin_and_mahalanobis_in_the_ood_evaluator(data_dir):
   c = default.get_config("smoke")
   c.data.data_dir = str(data_dir)
   c.model.kwargs.stage_widths = ((8,), (16,))
-  modules = trainer.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
-                                  steps_per_epoch=1.0)
+  modules = build.build_modules(c, num_classes=10, image_shape=(32, 32, 1), total_steps=1,
+                                steps_per_epoch=1.0)
   state = state_lib.create_state(modules, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh((("data", -1),))
   c.evaluators = {"ood": {"type": "ood", "sets": {"blobs": "blobs/gray:validation"},

@@ -32,6 +32,8 @@ class DataSettings:
   image_size: int = 0
   train_split: str = "train"
   seed: int = 0
+  _specs: dict[str, sources.DatasetSpec] = dataclasses.field(
+      default_factory=dict, compare=False, hash=False, repr=False)
 
   @classmethod
   def from_config(cls, config: Any) -> "DataSettings":
@@ -40,8 +42,11 @@ class DataSettings:
                seed=int(config.seed))
 
   def spec(self, name: str | None = None) -> sources.DatasetSpec:
-    """A dataset's spec (default: the task's)."""
-    return sources.get_spec(name or self.name, data_dir=self.data_dir)
+    """A dataset's spec (default: the task's), read once per settings."""
+    name = name or self.name
+    if name not in self._specs:
+      self._specs[name] = sources.get_spec(name, data_dir=self.data_dir)
+    return self._specs[name]
 
   def image_shape(self, name: str | None = None) -> tuple[int, int, int]:
     """The shape a dataset's images have once read (after ``image_size``)."""

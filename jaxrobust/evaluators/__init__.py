@@ -177,14 +177,15 @@ def parse_set(entry: str, where: str) -> tuple[str, str]:
 def build_evaluators(config: ml_collections.ConfigDict, modules: Mapping[str, Module], *,
                      num_classes: int, image_shape: tuple[int, int, int],
                      batch_sharding: jax.sharding.NamedSharding,
-                     save_dir: str | None = None, artifacts: Any = None) -> dict[str, Evaluator]:
+                     save_dir: str | None = None, artifacts: Any = None,
+                     data: DataSettings | None = None) -> dict[str, Evaluator]:
   """Every evaluator of ``config.evaluators``, each given its own options and
-  the run's :class:`~jaxrobust.data.settings.DataSettings`
-  (:func:`make_evaluators`)."""
+  the run's :class:`~jaxrobust.data.settings.DataSettings` (``data``, default:
+  from ``config``; :func:`make_evaluators`)."""
   return make_evaluators(
       {key: ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
        for key, ev in config.evaluators.items()},
-      modules, data=DataSettings.from_config(config), num_classes=num_classes,
+      modules, data=data or DataSettings.from_config(config), num_classes=num_classes,
       image_shape=image_shape, batch_size=config.eval_batch_size,
       every_steps=config.eval_every_steps, batch_sharding=batch_sharding, save_dir=save_dir,
       artifacts=artifacts)
