@@ -12,8 +12,12 @@ Two layers:
   inside the jitted step (with the current parameters, before the forward pass
   that is differentiated), and ``evaluators.robust.attacks = {"fgsm":
   "fgsm(eps=8/255)"}`` measures robust accuracy. A perturbation is
-  ``perturb(ctx: PerturbContext, **options) -> x_adv`` in ``[0, 1]``; its
-  result is treated as data (gradients are stopped), as in the reference code.
+  ``perturb(ctx: PerturbContext, **options) -> x_adv`` in ``[0, 1]`` -- or,
+  inside a training step (``ctx.forward`` set), ``(x_adv, stats)``: the
+  BatchNorm statistics after its own train-mode passes, each pass with its
+  own dropout key, as PyTorch's ``model.train()`` attacks draw fresh dropout
+  masks and update the running statistics on every pass. Its result is
+  treated as data (gradients are stopped), as in the reference code.
   Registered:
 
   - ``fgsm(eps=8/255, labels='true')``: one signed-gradient step.
@@ -55,7 +59,7 @@ class PerturbContext:
     logits_fn: ``x01 -> logits`` of the attacked module with its current
       variables (normalisation inside; BatchNorm in the mode of the caller --
       train mode in a training step, as the reference attacks ``model.train()``
-      -- with the statistics updates of the attack's own passes discarded).
+      -- statistics not updated; in train mode one fixed dropout key).
     x: the clean images ``[B, H, W, C]`` in ``[0, 1]`` (after the stream's pp).
     labels: ``[B]`` int class labels (-1 where unlabelled).
     mask: ``[B]`` bool, valid examples.
@@ -66,6 +70,15 @@ class PerturbContext:
     outputs_fn: ``x01 -> {'logits', 'features'}`` (for perturbations of the
       features, e.g. Mahalanobis pre-processing), or None.
     fitted: a score's fitted state (class means, precision), or None.
+    forward: in a training step, ``(x01, stats, key) -> (logits, stats)``: one
+      train-mode pass with its own dropout key that returns the BatchNorm
+      statistics after the pass (updated when the stream's
+      ``perturb_stats='update'``, as PyTorch's train-mode attack passes do;
+      returned unchanged with ``'discard'``). None outside training.
+    stats: the module's BatchNorm statistics before the perturbation (with
+      ``forward``).
+    dropout_rng: the key the passes of the perturbation fold their index into
+      (with ``forward``).
   """
   logits_fn: Callable[[Array], Array]
   x: Array
@@ -76,11 +89,28 @@ class PerturbContext:
   batch: Mapping[str, Array] = dataclasses.field(default_factory=dict)
   outputs_fn: Callable[[Array], Mapping[str, Array]] | None = None
   fitted: Any = None
+  forward: Callable[[Array, Any, Array], tuple[Array, Any]] | None = None
+  stats: Any = None
+  dropout_rng: Array | None = None
 
   def cross_entropy(self, x: Array, labels: Array) -> Array:
     """Per-example softmax cross-entropy of ``logits_fn(x)``; 0 where the
     label is negative (unlabelled) or the example is masked."""
-    logits = self.logits_fn(x).astype(jnp.float32)
+    return self._masked_ce(self.logits_fn(x), labels)
+
+  def cross_entropy_pass(self, x: Array, labels: Array, stats: Any, index: Any
+                         ) -> tuple[Array, Any]:
+    """:meth:`cross_entropy` of pass ``index`` of a perturbation: in a
+    training step a train-mode pass with dropout key ``fold_in(dropout_rng,
+    index)`` that threads the BatchNorm statistics (``forward``); else
+    ``logits_fn`` with ``stats`` passed through."""
+    if self.forward is None:
+      return self.cross_entropy(x, labels), stats
+    logits, stats = self.forward(x, stats, jax.random.fold_in(self.dropout_rng, index))
+    return self._masked_ce(logits, labels), stats
+
+  def _masked_ce(self, logits: Array, labels: Array) -> Array:
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     safe = jnp.clip(labels, 0, self.num_classes - 1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
     return jnp.where((labels >= 0) & self.mask, ce, 0.0)
@@ -108,8 +138,8 @@ def sign_step(x: Array, grad: Array, step: float) -> Array:
   return x - step * jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)
 
 
-def fgsm(loss_fn: LossFn, x: Array, y: Array, *, eps: float,
-         clip_min: float = 0.0, clip_max: float = 1.0) -> Array:
+def fgsm(loss_fn: Callable[..., Any], x: Array, y: Array, *, eps: float,
+         clip_min: float = 0.0, clip_max: float = 1.0, state: Any = None) -> Any:
   """Fast gradient sign method (Goodfellow et al. 2015), untargeted.
 
   ``x_adv = clip(x + eps · sign(∇_x Σ_i loss_fn(x, y)_i), clip_min, clip_max)``.
@@ -121,14 +151,27 @@ def fgsm(loss_fn: LossFn, x: Array, y: Array, *, eps: float,
     y: labels passed through to ``loss_fn``.
     eps: the ℓ∞ step, in the units of ``x`` (8/255 for 8 of 255 levels).
 
+    state: with a state, ``loss_fn(x, y, state, 0) -> (loss, state)`` threads
+      it through the pass (BatchNorm statistics of a train-mode attack) and
+      the result is ``(x_adv, state)``.
+
   Returns:
     The adversarial images, ``|x_adv - x| <= eps`` element-wise, with
-    gradients stopped.
+    gradients stopped (and the state after the pass, when given).
   """
   _check_eps(eps)
-  grad = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))(x)
-  x_adv = jnp.clip(x + eps * jnp.sign(grad), clip_min, clip_max)
-  return jax.lax.stop_gradient(x_adv.astype(x.dtype))
+  if state is None:
+    grad = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))(x)
+  else:
+    grad, state = jax.grad(lambda z: _summed(loss_fn(z, y, state, 0)), has_aux=True)(x)
+  x_adv = jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad), clip_min, clip_max)
+                                .astype(x.dtype))
+  return x_adv if state is None else (x_adv, jax.lax.stop_gradient(state))
+
+
+def _summed(loss_and_state: tuple[Array, Any]) -> tuple[Array, Any]:
+  loss, state = loss_and_state
+  return jnp.sum(loss), state
 
 
 NORMS = ("linf", "l2")
@@ -161,10 +204,10 @@ def _l2_normalize(v: Array) -> Array:
   return jnp.where(n > 0, v / jnp.where(n > 0, n, 1), jnp.zeros_like(v))
 
 
-def pgd(loss_fn: LossFn, x: Array, y: Array, *, eps: float, step_size: float, steps: int,
-        norm: str = "linf", rng: Array | None = None, random_start: bool = True,
+def pgd(loss_fn: Callable[..., Any], x: Array, y: Array, *, eps: float, step_size: float,
+        steps: int, norm: str = "linf", rng: Array | None = None, random_start: bool = True,
         targeted: bool = False, clip_min: float = 0.0, clip_max: float = 1.0,
-        unroll: int | bool | None = None) -> Array:
+        unroll: int | bool | None = None, state: Any = None) -> Any:
   """Projected gradient descent (Madry et al. 2018) on ``Σ_i loss_fn(x, y)_i``.
 
   ``norm='linf'``: ``x ← Π(x + step_size · sign(∇))``; ``norm='l2'``:
@@ -219,10 +262,15 @@ def pgd(loss_fn: LossFn, x: Array, y: Array, *, eps: float, step_size: float, st
     clip_min, clip_max: the valid pixel range.
     unroll: ``jax.lax.fori_loop``'s ``unroll``; None: ``True`` (fully
       unrolled) on the CPU backend, 1 (rolled) elsewhere.
+    state: with a state, ``loss_fn(x, y, state, i) -> (loss, state)`` for
+      step ``i`` threads it through the steps (the BatchNorm statistics of a
+      train-mode attack, each pass with its own dropout key), and the result
+      is ``(x_adv, state)``.
 
   Returns:
     ``x_adv``, same shape and dtype as ``x``, within ε of ``x`` in the chosen
-    norm and in ``[clip_min, clip_max]``, with gradients stopped.
+    norm and in ``[clip_min, clip_max]``, with gradients stopped (and the
+    state after the last step, when given).
   """
   _check_eps(eps)
   _check_eps(step_size, "step_size")
@@ -256,18 +304,25 @@ def pgd(loss_fn: LossFn, x: Array, y: Array, *, eps: float, step_size: float, st
   else:
     start = x
 
-  grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))
+  stateful = state is not None
+  if stateful:
+    grad_fn = jax.grad(lambda z, st, i: _summed(loss_fn(z, y, st, i)), has_aux=True)
+  else:
+    plain = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))
+    grad_fn = lambda z, st, i: (plain(z), st)
   ascent = -1.0 if targeted else 1.0
 
-  def body(_, z: Array) -> Array:
-    g = grad_fn(z)
+  def body(i, carry):
+    z, st = carry
+    g, st = grad_fn(z, st, i)
     direction = _l2_normalize(g) if l2 else jnp.sign(g)
-    return project(z + (ascent * step_size) * direction.astype(dtype))
+    return project(z + (ascent * step_size) * direction.astype(dtype)), st
 
   if unroll is None:
     unroll = True if jax.default_backend() == "cpu" else 1
-  x_adv = jax.lax.fori_loop(0, steps, body, start, unroll=unroll)
-  return jax.lax.stop_gradient(x_adv.astype(dtype))
+  x_adv, state = jax.lax.fori_loop(0, steps, body, (start, state), unroll=unroll)
+  x_adv = jax.lax.stop_gradient(x_adv.astype(dtype))
+  return (x_adv, jax.lax.stop_gradient(state)) if stateful else x_adv
 
 
 def random_other_class(rng: Array, labels: Array, num_classes: int) -> Array:
@@ -292,7 +347,10 @@ def fgsm_perturbation(ctx: PerturbContext, eps: float = 8 / 255, labels: str = "
   prediction instead of the label."""
   _check_eps(eps)
   _check_labels_choice(labels)
-  return fgsm(ctx.cross_entropy, ctx.x, ctx.attack_labels(labels), eps=eps)
+  if ctx.forward is None:
+    return fgsm(ctx.cross_entropy, ctx.x, ctx.attack_labels(labels), eps=eps)
+  return fgsm(ctx.cross_entropy_pass, ctx.x, ctx.attack_labels(labels), eps=eps,
+              state=ctx.stats)
 
 
 @PERTURBATIONS.register("pgd")
@@ -319,10 +377,15 @@ def pgd_perturbation(ctx: PerturbContext, eps: float = 8 / 255, step_size: float
   y = ctx.attack_labels(labels)
   if target == "random":
     y = random_other_class(target_rng, y, ctx.num_classes)
-  x_adv = pgd(ctx.cross_entropy, ctx.x, y, eps=eps, step_size=step_size, steps=steps, norm=norm,
-              rng=start_rng, random_start=random_start, targeted=target == "random")
+  options = dict(eps=eps, step_size=step_size, steps=steps, norm=norm, rng=start_rng,
+                 random_start=random_start, targeted=target == "random")
+  if ctx.forward is None:
+    x_adv, stats = pgd(ctx.cross_entropy, ctx.x, y, **options), None
+  else:
+    x_adv, stats = pgd(ctx.cross_entropy_pass, ctx.x, y, state=ctx.stats, **options)
   attacked = ((y >= 0) & ctx.mask).reshape((-1,) + (1,) * (ctx.x.ndim - 1))
-  return jnp.where(attacked, x_adv, ctx.x)
+  x_adv = jnp.where(attacked, x_adv, ctx.x)
+  return x_adv if ctx.forward is None else (x_adv, stats)
 
 
 def build(spec: Any, *, where: str = "perturb") -> Callable[[PerturbContext], Array]:

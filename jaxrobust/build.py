@@ -195,7 +195,7 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
         name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
         views=int(spec["views"]),
         perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
-        else None)
+        else None, perturb_stats=spec["perturb_stats"])
   return streams_lib.TrainInput(inputs), steps
 
 

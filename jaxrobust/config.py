@@ -377,6 +377,9 @@ def _check_streams(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{where}.batch_size must be positive, got {stream['batch_size']}.")
     if stream.get("views", 1) < 1:
       raise ValueError(f"{where}.views must be >= 1, got {stream['views']}.")
+    if stream.get("perturb_stats", "update") not in streams.PERTURB_STATS:
+      raise ValueError(f"{where}.perturb_stats must be one of {streams.PERTURB_STATS}, got "
+                       f"{stream['perturb_stats']!r}.")
     if name != "train" and not stream.get("data"):
       raise ValueError(f"{where}.data: name the dataset of this stream.")
 

@@ -14,8 +14,10 @@ One step does, in order:
    the ``classifier`` on every loss term):
 
    a. **perturb** -- streams with a ``perturb`` hook are perturbed with the
-      update module's *current* variables (BatchNorm in train mode, its
-      statistics updates discarded), gradients stopped;
+      update module's *current* variables (BatchNorm in train mode; each pass
+      its own dropout key; its statistics updated by every pass, as the
+      reference's ``model.train()`` attacks, unless the stream says
+      ``perturb_stats='discard'``), gradients stopped;
    b. **forward** -- ONE pass of the module over its streams, concatenated, so
       BatchNorm sees them together (as the OE/energy code does);
    c. **loss** -- the update's composed loss terms (:mod:`jaxrobust.losses`)
@@ -60,11 +62,14 @@ Batch = Mapping[str, Mapping[str, Array]]
 
 @dataclasses.dataclass(frozen=True)
 class StreamStep:
-  """How the step treats one stream."""
+  """How the step treats one stream (``perturb_stats``: whether the
+  perturbation's train-mode passes update the module's BatchNorm statistics,
+  ``'update'``, or not, ``'discard'``)."""
   name: str
   pp: pp_lib.Chain | None = None
   views: int = 1
-  perturb: Callable[[attacks.PerturbContext], Array] | None = None
+  perturb: Callable[[attacks.PerturbContext], Any] | None = None
+  perturb_stats: str = "update"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +110,46 @@ def _repeat(x: Array, views: int) -> Array:
 
 def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, params: Any,
             rng: Array) -> Callable[..., Mapping[str, Array]]:
+  """``LossInputs.call``: each call is a pass with its own dropout key
+  (``fold_in(rng, i)`` for the i-th call of the update, counted while the
+  step is traced)."""
+  calls = [0]
+
   def call(name: str, x: Array, *, train: bool = False) -> Mapping[str, Array]:
     if name not in spec.modules:
       raise KeyError(f"no module {name!r}; modules: {sorted(spec.modules)}.")
     m, ms = spec.modules[name], modules[name]
     variables = ({"params": params, "batch_stats": ms.batch_stats} if name == trained
                  else jax.lax.stop_gradient(ms.variables))
-    return m.apply_outputs(variables, x, train=train, rng=rng, update_stats=False)[0]
+    calls[0] += 1
+    return m.apply_outputs(variables, x, train=train, rng=jax.random.fold_in(rng, calls[0]),
+                           update_stats=False)[0]
   return call
+
+
+def _perturb(m: Module, params: Any, stats: Any, st: StreamStep, x01: Array,
+             b: Mapping[str, Array], rng: Array, dropout_rng: Array) -> tuple[Array, Any]:
+  """One stream's perturbation inside the step: ``(x_adv, BatchNorm
+  statistics after its passes)``. Every train-mode pass of the attack draws
+  its own dropout mask (``fold_in(dropout_rng, pass)``) and, with
+  ``perturb_stats='update'``, updates the statistics the next pass and the
+  update's forward pass start from, as PyTorch's ``model.train()`` attacks
+  in the reference code do."""
+  keep = st.perturb_stats == "update"
+
+  def forward(x: Array, stats_in: Any, key: Array) -> tuple[Array, Any]:
+    out, new = m.apply_outputs({"params": params, "batch_stats": stats_in}, x, train=True,
+                               rng=key, update_stats=keep)
+    return out["logits"], (new if new else stats_in)
+
+  ctx = attacks.PerturbContext(
+      logits_fn=m.logits_fn({"params": params, "batch_stats": stats}, train=True,
+                            rng=jax.random.fold_in(dropout_rng, -1 % (2**31))),
+      x=x01, labels=_repeat(b["label"], st.views), mask=_repeat(b["mask"], st.views), rng=rng,
+      num_classes=m.num_classes, batch=b, forward=forward, stats=stats, dropout_rng=dropout_rng)
+  out = st.perturb(ctx)
+  x_adv, stats = out if isinstance(out, tuple) else (out, stats)
+  return jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(stats)
 
 
 def step_keys(rng: Array, step: Any, axis_name: str | None = None) -> Array:
@@ -142,17 +179,17 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
     for u_i, u in enumerate(spec.updates):
       m, ms = spec.modules[u.module], modules[u.module]
       fed = dict(x01)
+      stats = ms.batch_stats  # after the perturbations' own passes
       for s in u.streams:
         st = spec.streams[s]
         if st.perturb is None:
           continue
-        b = batch[s]
-        ctx = attacks.PerturbContext(
-            logits_fn=m.logits_fn(ms.variables, train=True), x=x01[s],
-            labels=_repeat(b["label"], st.views), mask=_repeat(b["mask"], st.views),
-            rng=jax.random.fold_in(jax.random.fold_in(perturb_rng, u_i), stream_index[s]),
-            num_classes=m.num_classes, batch=b)
-        fed[s] = jax.lax.stop_gradient(st.perturb(ctx))
+        u_s = (u_i, stream_index[s])
+        fed[s], stats = _perturb(
+            m, ms.params, stats, st, x01[s], batch[s],
+            jax.random.fold_in(jax.random.fold_in(perturb_rng, u_s[0]), u_s[1]),
+            jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(dropout_rng, u_s[0]),
+                                                  u_s[1]), 1))
       sizes = [fed[s].shape[0] for s in u.streams]
       x = (jnp.concatenate([fed[s] for s in u.streams]) if len(u.streams) > 1
            else fed[u.streams[0]] if u.streams else None)
@@ -160,12 +197,12 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
       u_dropout = jax.random.fold_in(dropout_rng, u_i)
 
       def loss_of(train_params, m=m, ms=ms, u=u, x=x, sizes=sizes, frozen=frozen,
-                  u_dropout=u_dropout, u_i=u_i, fed=fed):
+                  u_dropout=u_dropout, u_i=u_i, fed=fed, stats=stats):
         params = unflat({**frozen, **train_params})
         outputs, new_stats = {}, None
         if x is not None:
           out, new_stats = m.apply_outputs(
-              {"params": params, "batch_stats": ms.batch_stats}, x, train=True, rng=u_dropout)
+              {"params": params, "batch_stats": stats}, x, train=True, rng=u_dropout)
           start = 0
           for s, n in zip(u.streams, sizes):
             outputs[s] = {k: v[start:start + n] for k, v in out.items()}
@@ -194,7 +231,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
       updates, opt_state = m.tx.update(full_grads, ms.opt_state, ms.params)
       modules[u.module] = ModuleState(
           params=optax.apply_updates(ms.params, updates),
-          batch_stats=new_stats if new_stats else ms.batch_stats, opt_state=opt_state)
+          batch_stats=new_stats if new_stats else stats, opt_state=opt_state)
       metrics.update({f"{u.name}/{k}" if prefix else k: v for k, v in u_metrics.items()})
     return state.replace(step=state.step + 1, modules=modules, loss_stats=loss_stats), metrics
 

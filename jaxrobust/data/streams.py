@@ -7,6 +7,9 @@ in ``config.streams.<name>``::
     pp='pad_crop(2)',                 # on-device augmentation (jaxrobust.data.pp)
     views=1,                          # >1: the pp chain is drawn that many times (SimCLR)
     perturb='',                       # e.g. 'fgsm(eps=8/255)' (jaxrobust.attacks)
+    perturb_stats='update',           # the perturbation's train-mode passes update the
+                                      #   BatchNorm statistics (PyTorch's model.train()
+                                      #   attacks) or 'discard' them
     index='',                         # population: '' = the whole split, or
                                       #   'artifact:<stage>/<name>' / 'subset(indices=...)' /
                                       #   'per_class(num_per_class=20)'
@@ -61,14 +64,16 @@ LABELS = Registry("label source")
 EpochFn = Callable[[int], np.ndarray]
 LabelFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 LABEL_FIELDS = ("label", "soft_label", "weight", "group")
-STREAM_KEYS = ("data", "split", "batch_size", "pp", "views", "perturb", "index", "sampler",
-               "labels", "through_model")
+STREAM_KEYS = ("data", "split", "batch_size", "pp", "views", "perturb", "perturb_stats", "index",
+               "sampler", "labels", "through_model")
+PERTURB_STATS = ("update", "discard")
 
 
 def stream_defaults() -> dict[str, Any]:
   """Every key a stream spec may set, with its default."""
   return {"data": "", "split": "train", "batch_size": 128, "pp": "", "views": 1, "perturb": "",
-          "index": "", "sampler": "shuffle", "labels": "dataset", "through_model": True}
+          "perturb_stats": "update", "index": "", "sampler": "shuffle", "labels": "dataset",
+          "through_model": True}
 
 
 # --- stream data -----------------------------------------------------------------
