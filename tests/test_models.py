@@ -118,7 +118,8 @@ def _np_conv(x, kernel, stride):
 
 
 def _np_wrn_forward(params, stats, x, depth, train):
-  """numpy port of hendrycks CIFAR/models/wrn.py forward (BN: flax's update rule)."""
+  """numpy port of hendrycks CIFAR/models/wrn.py forward (BN: PyTorch's update
+  rule -- the running variance from the unbiased batch variance)."""
   new_stats = {}
 
   def bn(path, x):
@@ -128,7 +129,7 @@ def _np_wrn_forward(params, stats, x, depth, train):
     if train:
       mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
       _set(new_stats, path, {"mean": 0.9 * s["mean"] + 0.1 * mean,
-                             "var": 0.9 * s["var"] + 0.1 * var})
+                             "var": 0.9 * s["var"] + 0.1 * x.var((0, 1, 2), ddof=1)})
     else:
       mean, var = s["mean"], s["var"]
     return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]

@@ -16,7 +16,9 @@ tensorflow/tpu ``models/official/efficientnet``):
   and in == out channels: stochastic depth on the branch, plus the input;
 * top: 1x1 conv to ``round_filters(1280)``, BN, swish, global average pool,
   dropout (``dropout_rate``), ``head`` Dense;
-* BatchNorm momentum 0.99 (flax and TF share the convention), eps 1e-3; TF
+* BatchNorm momentum 0.99 (flax and TF share the convention), eps 1e-3, the
+  running variance updated with the biased batch variance (the reference's
+  ``tf.nn.moments``, not PyTorch's unbiased rule of the other models); TF
   ``'SAME'`` padding (asymmetric for stride 2 on even sizes, unlike the
   PyTorch-style models of the zoo); convs bias-free except the SE ones;
 * initialisation: conv kernels ``normal(0, sqrt(2 / fan_out))`` with
@@ -167,7 +169,7 @@ def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, use_bias
 
 def _bn(module: nn.Module, train: bool):
   return functools.partial(batch_norm, train, dtype=module.dtype, axis_name=module.bn_axis_name,
-                           momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+                           momentum=BN_MOMENTUM, epsilon=BN_EPSILON, running_variance="biased")
 
 
 class MBConvBlock(nn.Module):

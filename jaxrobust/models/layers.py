@@ -9,10 +9,10 @@ layers here default to PyTorch's conventions:
 * padding is explicit and symmetric (``k // 2`` on each side), as in PyTorch;
   XLA's ``'SAME'`` differs for stride-2 convolutions on even inputs;
 * BatchNorm uses PyTorch's ``momentum=0.1`` (flax ``momentum=0.9``) and
-  ``eps=1e-5``, scale 1, bias 0. One difference remains: flax updates the
-  running variance with the biased batch variance, PyTorch with the unbiased
-  one (a factor n/(n-1), n = batch * height * width, e.g. 1 + 1.2e-4 for the
-  last WRN group at batch 128);
+  ``eps=1e-5``, scale 1, bias 0, and updates the running variance with the
+  unbiased batch variance as PyTorch does (flax's ``nn.BatchNorm`` uses the
+  biased one: a factor n/(n-1), n = batch * height * width, e.g. 1 + 1.2e-4
+  for the last WRN group at batch 128) -- :class:`BatchNorm`;
 * the classifier is an ``nn.Dense`` named ``head`` with PyTorch's
   ``nn.Linear`` weight init, ``uniform(+-1/sqrt(fan_in))``.
 
@@ -32,13 +32,15 @@ Every model in :mod:`jaxrobust.models` shares the attributes of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -67,11 +69,117 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
                  kernel_init=torch_conv_init, name=name)
 
 
+RUNNING_VARIANCES = ("unbiased", "biased")
+_ROW_MASKS: list[jax.Array] = []
+
+
+@contextlib.contextmanager
+def batch_norm_rows(mask: jax.Array | None) -> Iterator[None]:
+  """Inside, every :class:`BatchNorm` in train mode computes its batch
+  statistics (and updates its running averages) over the rows where
+  ``mask`` (``[B]`` bool) is set, as if only those rows had been fed: several
+  separate forward passes over subsets of one static-shape batch, as the
+  reference code runs on variable-size subsets (GLC's gold and silver rows).
+  A mask with no row set leaves the running averages unchanged and
+  normalises with mean 0 and variance 1. Read when the model is traced (a
+  trace-time setting, like a flax ``apply`` argument)."""
+  if mask is None:
+    yield
+    return
+  _ROW_MASKS.append(mask)
+  try:
+    yield
+  finally:
+    _ROW_MASKS.pop()
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all but the last axis, PyTorch's semantics by default.
+
+  The arithmetic of ``flax.linen.BatchNorm`` (statistics in float32 or wider,
+  ``var = E[x²] − E[x]²`` clipped at 0, ``pmean`` over ``axis_name``; the
+  same ``scale``/``bias`` parameters and ``mean``/``var`` batch statistics,
+  so checkpoints are interchangeable), plus:
+
+  * ``running_variance='unbiased'`` (PyTorch's ``nn.BatchNorm2d``): the
+    running variance is updated with the unbiased batch variance ``var · n /
+    (n − 1)``, ``n`` the number of values per channel (batch × height ×
+    width, all devices); normalisation always uses the biased one. ``'biased'``
+    is flax's and TensorFlow's ``tf.nn.moments`` rule.
+  * row masks (:func:`batch_norm_rows`).
+
+  ``momentum`` is flax's: ``running = momentum · running + (1 − momentum) ·
+  batch`` (PyTorch's 0.1 is 0.9 here).
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = None
+  axis_name: str | None = None
+  scale_init: jax.nn.initializers.Initializer = nn.initializers.ones
+  running_variance: str = "unbiased"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.running_variance not in RUNNING_VARIANCES:
+      raise ValueError(f"running_variance must be one of {RUNNING_VARIANCES}, got "
+                       f"{self.running_variance!r}.")
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                            (features,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                           (features,))
+    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean, var, n = self._batch_stats(x)
+      if not self.is_initializing():
+        unbiased = (var * (n / jnp.maximum(n - 1, 1)) if self.running_variance == "unbiased"
+                    else var)
+        m = self.momentum
+        seen = n > 0
+        ra_mean.value = jnp.where(seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
+        ra_var.value = jnp.where(seen, m * ra_var.value + (1 - m) * unbiased, ra_var.value)
+    y = x - mean
+    y = y * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return jnp.asarray(y, self.dtype if self.dtype is not None
+                       else jnp.result_type(x, scale, bias))
+
+  def _batch_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, biased variance, values per channel) of this batch."""
+    stat_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+    xf = x.astype(stat_dtype)
+    axes = tuple(range(x.ndim - 1))
+    axis_name = None if self.is_initializing() else self.axis_name
+    per_row = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
+    rows = _ROW_MASKS[-1] if _ROW_MASKS else None
+    if rows is None:
+      mu, mu2 = xf.mean(axes), jnp.square(xf).mean(axes)
+      n = jnp.asarray(x.shape[0] * per_row, stat_dtype)
+      if axis_name is not None:
+        stacked = jax.lax.pmean(jnp.stack([mu, mu2]), axis_name)
+        mu, mu2 = stacked[0], stacked[1]
+        n = n * jax.lax.psum(1, axis_name)
+    else:
+      w = rows.astype(stat_dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+      sums = jnp.stack([(w * xf).sum(axes), (w * jnp.square(xf)).sum(axes)])
+      n = rows.astype(stat_dtype).sum() * per_row
+      if axis_name is not None:
+        sums, n = jax.lax.psum((sums, n), axis_name)
+      safe = jnp.maximum(n, 1)
+      mu = jnp.where(n > 0, sums[0] / safe, 0.0)
+      mu2 = jnp.where(n > 0, sums[1] / safe, 1.0)
+    return mu, jnp.maximum(0.0, mu2 - jnp.square(mu)), n
+
+
 def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None,
                scale_init: jax.nn.initializers.Initializer = nn.initializers.ones,
-               momentum: float = 0.9, epsilon: float = 1e-5,
-               name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5).
+               momentum: float = 0.9, epsilon: float = 1e-5, running_variance: str = "unbiased",
+               name: str | None = None) -> BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5, the running
+  variance updated with the unbiased batch variance): :class:`BatchNorm`.
 
   In train mode it normalises with the batch statistics and updates the
   running averages in the ``batch_stats`` collection; ``axis_name`` makes the
@@ -79,9 +187,9 @@ def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None,
   flax's (and TensorFlow's): ``running = momentum * running + (1 - momentum)
   * batch``, so PyTorch's 0.1 is 0.9 here.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      dtype=dtype, axis_name=axis_name, scale_init=scale_init,
-                      name=name)
+  return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                   dtype=dtype, axis_name=axis_name, scale_init=scale_init,
+                   running_variance=running_variance, name=name)
 
 
 def check_images(x: jax.Array, model: str) -> None:

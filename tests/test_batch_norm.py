@@ -1,0 +1,81 @@
+"""jaxrobust's BatchNorm (issue 18): PyTorch's running-variance rule by
+default, flax's exactly with ``running_variance='biased'``, and row masks that
+make a pass over a subset of a static-shape batch equal to a pass over the
+subset alone (GLC's separate gold and silver passes)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrobust.models import layers
+
+X = np.random.default_rng(0).normal(1.0, 2.0, (6, 3, 3, 4)).astype(np.float32)
+
+
+def _run(bn, x, variables=None, rows=None):
+  variables = variables or bn.init(jax.random.PRNGKey(0), x)
+  with layers.batch_norm_rows(None if rows is None else jnp.asarray(rows)):
+    y, mutated = bn.apply(variables, x, mutable=["batch_stats"])
+  return np.asarray(y), jax.tree.map(np.asarray, mutated["batch_stats"]), variables
+
+
+def test_running_variance_is_pytorchs_unbiased_rule():
+  bn = layers.BatchNorm(use_running_average=False)
+  y, stats, _ = _run(bn, X)
+  n = 6 * 3 * 3
+  mean, var = X.mean((0, 1, 2)), X.var((0, 1, 2))
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+  np.testing.assert_allclose(y, (X - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_biased_rule_is_flax_batchnorm_exactly():
+  ours = layers.BatchNorm(use_running_average=False, running_variance="biased")
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  y, stats, variables = _run(ours, X)
+  y_ref, mutated = flax_bn.apply(variables, X, mutable=["batch_stats"])
+  np.testing.assert_array_equal(y, np.asarray(y_ref))
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(stats[k], np.asarray(mutated["batch_stats"][k]))
+
+
+def test_a_row_mask_is_a_pass_over_the_subset_alone():
+  bn = layers.BatchNorm(use_running_average=False)
+  rows = np.array([True, False, True, True, False, False])
+  y_mask, stats_mask, variables = _run(bn, X, rows=rows)
+  y_sub, stats_sub, _ = _run(bn, X[rows], variables)
+  np.testing.assert_allclose(y_mask[rows], y_sub, rtol=1e-5, atol=1e-5)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(stats_mask[k], stats_sub[k], rtol=1e-5, atol=1e-6)
+  # no row: running statistics kept, outputs finite
+  y_none, stats_none, _ = _run(bn, X, variables, rows=np.zeros(6, bool))
+  assert np.all(np.isfinite(y_none))
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(stats_none[k], np.asarray(variables["batch_stats"][k]))
+
+
+def test_a_row_mask_on_a_sharded_batch_equals_one_device():
+  bn = layers.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.PRNGKey(0), X)
+  rows = jnp.asarray([True, False, True, True, False, True, True, False])
+  x = np.concatenate([X, X[:2] * 3.0])
+  fn = lambda v, x, r: _masked_apply(bn, v, x, r)
+  single = jax.jit(fn)(variables, x, rows)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded = jax.jit(fn)(variables, jax.device_put(x, data), jax.device_put(rows, data))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               single, sharded)
+
+
+def _masked_apply(bn, variables, x, rows):
+  with layers.batch_norm_rows(rows):
+    return bn.apply(variables, x, mutable=["batch_stats"])
+
+
+def test_bad_running_variance_is_named():
+  with pytest.raises(ValueError, match="running_variance must be one of"):
+    layers.BatchNorm(use_running_average=False, running_variance="pytorch").init(
+        jax.random.PRNGKey(0), X)
