@@ -29,7 +29,7 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 
-myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_enable_extensions = []  # plain CommonMark + tables; `$` stays a dollar sign
 myst_heading_anchors = 3
 
 autosummary_generate = True
