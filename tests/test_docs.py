@@ -233,6 +233,18 @@ def test_python_block(block, data_dir, monkeypatch):
     _validate(c)
 
 
+def test_compile_mode_resolves_jaxrobust_names():
+  """What a ``compile`` block gets: its jaxrobust imports and attributes
+  looked up, a misspelt one refused (no page uses the mode today)."""
+  good = ("from jaxrobust.metrics import ood\nimport jaxrobust.attacks\n"
+          "ood.auroc\njaxrobust.attacks.pgd\n")
+  assert _resolve_jaxrobust_names(ast.parse(good), "good") >= 4
+  for bad in ("from jaxrobust.metrics import ood\nood.aurocc\n",
+              "from jaxrobust.tasks import TASK\n", "import jaxrobust.nope\n"):
+    with pytest.raises((AssertionError, ImportError)):
+      _resolve_jaxrobust_names(ast.parse(bad), "bad")
+
+
 def _method_blocks() -> tuple[Block, Block]:
   files = [b for b in BLOCKS if b.marker == "method-file"]
   configs = [b for b in BLOCKS if b.marker == "method-config"]
@@ -360,7 +372,8 @@ def _apply_override(c, path: str, raw: str, where: str) -> None:
       assert free, f"{where}: --config.{path}: the config has no key {p!r}"
       node[p] = ml_collections.ConfigDict()
     node = node[p]
-    assert isinstance(node, ml_collections.ConfigDict), f"{where}: --config.{path}: {p!r} is a value"
+    assert isinstance(node, ml_collections.ConfigDict), (
+        f"{where}: --config.{path}: {p!r} is a value")
   assert free or leaf in node, f"{where}: --config.{path}: the config has no key {leaf!r}"
   old = node[leaf] if leaf in node else None
   if isinstance(old, str):
@@ -472,13 +485,15 @@ def check_sphinx(args: list[str], where: str) -> None:
       positional.append(args[i])
     i += 1
   assert "-W" in given, f"{where}: the docs build treats warnings as errors"
-  assert len(positional) == 2 and os.path.isfile(os.path.join(ROOT, positional[0], "conf.py")), where
+  assert len(positional) == 2, f"{where}: sphinx SOURCEDIR OUTPUTDIR"
+  assert os.path.isfile(os.path.join(ROOT, positional[0], "conf.py")), f"{where}: no conf.py"
 
 
 def check_pip(args: list[str], where: str) -> None:
   assert args[0] == "install", f"{where}: pip {args[0]}"
   targets = [a for a in args[1:] if a not in ("-e", "-q")]
-  assert args[1:].count("-e") == 1 and len(targets) == 1, f"{where}: pip install -e <this repository>"
+  assert args[1:].count("-e") == 1 and len(targets) == 1, (
+      f"{where}: pip install -e <this repository>")
   m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", targets[0])
   assert m, f"{where}: pip install -e {targets[0]}: not this repository"
   extras = set(PYPROJECT["project"]["optional-dependencies"])
@@ -579,7 +594,8 @@ def test_toml_block(block):
   from jaxrobust import registry
   data = tomllib.loads(block.text)
   groups = data.get("project", {}).get("entry-points", {})
-  assert set(groups) <= {registry.ENTRY_POINT_GROUP}, f"{block.id}: entry-point groups {set(groups)}"
+  assert set(groups) <= {registry.ENTRY_POINT_GROUP}, (
+      f"{block.id}: entry-point groups {set(groups)}")
 
 
 @pytest.mark.parametrize("block", _of("bibtex"))
