@@ -48,6 +48,7 @@ from jaxrobust.registry import Registry, RegistryError
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
 
+#: Perturbations a stream's ``perturb`` or a ``robust`` evaluator names.
 PERTURBATIONS = Registry("perturbation")
 
 

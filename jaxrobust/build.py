@@ -1,4 +1,4 @@
-"""Building a run: a config in, one frozen :class:`Run` out.
+"""Building a run: a config in, one frozen :class:`~jaxrobust.build.Run` out.
 
 :func:`build_run` derives, once and before anything is compiled, everything
 the training loop (:mod:`jaxrobust.trainer`) and the stage tasks
@@ -6,7 +6,7 @@ the training loop (:mod:`jaxrobust.trainer`) and the stage tasks
 
 * the **task** -- the dataset whose classes the classifier predicts, its
   number of classes and image shape (:class:`TaskData`), and the data
-  settings evaluators and tasks read (:class:`DataSettings`);
+  settings evaluators and tasks read (:class:`~jaxrobust.data.settings.DataSettings`);
 * the **mesh** and the shardings of the state and the batch;
 * the **modules** (model, normalisation, optimizer with frozen parameters
   masked, what trains; :class:`~jaxrobust.modules.Module`);
@@ -271,7 +271,9 @@ class Run:
     constants: arrays from earlier stages, by name.
     updates: the step's updates, in order.
     abstract: shapes and dtypes of the train state.
-    state_shardings, batch_sharding, replicated: shardings over ``mesh``.
+    state_shardings: the train state's shardings over ``mesh``.
+    batch_sharding: the batch's sharding over ``mesh``.
+    replicated: the replicated sharding over ``mesh``.
     evaluators: key -> evaluator (data loaded, options checked).
     meta: the checkpoints' metadata.
   """

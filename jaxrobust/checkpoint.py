@@ -314,7 +314,7 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    """Finishes the saves in flight (raising :class:`WriteError` if one
+    """Finishes the saves in flight (raising :class:`~jaxrobust.files.WriteError` if one
     failed) and releases the manager."""
     try:
       with self._writing(None):

@@ -50,7 +50,9 @@ from jaxrobust.registry import Registry, RegistryError
 
 Array = jax.Array
 
+#: The loss terms by name (``config.losses``).
 LOSSES = Registry("loss term")
+#: The type of a composed loss, ``LossInputs -> (loss, {metric: value})``.
 LossFn = Callable[["LossInputs"], tuple[Array, dict[str, Array]]]
 COMPOSITION_KEYS = ("weight", "name", "normalize_by", "normalize_momentum", "head")
 
@@ -124,7 +126,7 @@ class LossInputs:
 
 def masked_mean(values: Array, mask: Array | None, weights: Array | None = None) -> Array:
   """Mean of ``values`` over valid entries (optionally weighted); 0 if none
-  (:func:`jaxrobust.metrics.masked_mean` with ``empty=0``). ``mask=None``:
+  (``jaxrobust.metrics._validate.masked_mean`` with ``empty=0``). ``mask=None``:
   every entry is valid."""
   mask = jnp.ones(jnp.shape(values), bool) if mask is None else jnp.asarray(mask, bool)
   return metrics_masked_mean(values, mask, weights, empty=0.0)
@@ -182,6 +184,8 @@ def cross_entropy(inputs: LossInputs, *, stream: str = "train",
 
 @dataclasses.dataclass(frozen=True)
 class Term:
+  """One built loss term of ``config.losses``: its key, registered name,
+  weight, normalisation and function."""
   key: str
   name: str
   weight: float

@@ -52,8 +52,9 @@ class Module:
       ``return_features=True``).
     num_classes: its output size.
     input_shape: one example's input shape (for initialisation).
-    mean, std: per-channel normalisation of ``[0, 1]`` images, or None when
-      the module does not take images.
+    mean: per-channel mean of the normalisation of ``[0, 1]`` images, or
+      None when the module does not take images.
+    std: per-channel standard deviation of that normalisation, or None.
     tx: its optax transformation (frozen parameters already masked out).
     schedule: its learning-rate schedule (for logging).
     trainable: regex over parameter paths that are trained.

@@ -146,8 +146,8 @@ def reliability_diagram(confidences, correct, *, num_bins: int = 15, mask=None,
   Top: accuracy per equal-width confidence bin (bars, label 'Accuracy'), the
   gap from accuracy to the bin's mean confidence (red hatched bars, label
   'Gap'), and the diagonal of perfect calibration. Bottom: number of examples
-  per bin. Bars come from :func:`jaxrobust.metrics.calibration.
-  reliability_diagram_data` (same bins as ``expected_calibration_error``);
+  per bin. Bars come from
+  :func:`jaxrobust.metrics.calibration.reliability_diagram_data` (same bins as ``expected_calibration_error``);
   empty bins are drawn with zero height. The title reports the ECE.
   """
   data = {k: np.asarray(v) for k, v in
@@ -178,7 +178,7 @@ def reliability_diagram(confidences, correct, *, num_bins: int = 15, mask=None,
   return _finish(fig, path)
 
 
-def ood_summary(in_scores, out_scores: "dict[str, np.ndarray]", *, score: str = "score",
+def ood_summary(in_scores, out_scores: dict[str, np.ndarray], *, score: str = "score",
                 in_label: str = "in-distribution", positive: str = "out", bins: int = 50,
                 path: Optional[str] = None, title: Optional[str] = None):
   """One figure per OOD score: the ROC curves of every OOD set (left) and,

@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = ["Registry", "RegistryError", "Spec", "load_methods", "parse_spec", "suggest"]
 
+#: The package whose every module is a method.
 METHOD_PACKAGE = "jaxrobust.methods"
+#: The entry-point group under which other packages declare method modules.
 ENTRY_POINT_GROUP = "jaxrobust.methods"
 _methods_loaded = False
 log = logging.getLogger("jaxrobust")

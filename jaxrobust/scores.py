@@ -47,6 +47,7 @@ from jaxrobust.registry import Registry, RegistryError, parse_spec
 
 Array = jax.Array
 
+#: The OOD scores by name (higher = more in-distribution).
 SCORES = Registry("OOD score")
 
 

@@ -42,6 +42,7 @@ from jaxrobust.data.settings import DataSettings
 from jaxrobust.modules import CLASSIFIER, Module, flat
 from jaxrobust.registry import Registry, RegistryError
 
+#: The stage tasks by name (a stage's ``task``).
 TASKS = Registry("stage task")
 
 
@@ -62,7 +63,7 @@ class StageContext:
 
   @property
   def where(self) -> str:
-    """The stage's config key, for messages: ``config.stages.<name>``."""
+    """The stage's config key ``config.stages.<name>``, for messages."""
     return f"config.stages.{self.name}"
 
   @functools.cached_property
@@ -72,7 +73,7 @@ class StageContext:
 
   @functools.cached_property
   def task(self) -> build.TaskData:
-    """The stage's task: its dataset, number of classes and image shape."""
+    """The stage's task (its dataset, number of classes and image shape)."""
     return build.task_data(self.config, self.data)
 
   @functools.cached_property

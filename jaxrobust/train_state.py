@@ -24,6 +24,7 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class ModuleState:
+  """One module's variables (``params``, ``batch_stats``) and optimizer state."""
   params: Any
   batch_stats: Any
   opt_state: Any
@@ -35,6 +36,8 @@ class ModuleState:
 
 @flax.struct.dataclass
 class TrainState:
+  """The step, every module's :class:`ModuleState` by name, the root key and
+  the loss terms' moving averages."""
   step: Array  # int32 scalar: number of steps applied
   modules: dict[str, ModuleState]
   rng: Array  # root key (uint32[2]); each step uses fold_in(rng, step)

@@ -7,6 +7,7 @@ gradient (a skinny GEMM over batch x height x width) is slow; Eigen's is about
 (benchmarks/README.md). The flag only affects the CPU backend.
 """
 
+#: The XLA flag that makes the CPU backend compute convolutions with Eigen.
 CPU_CONV_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 

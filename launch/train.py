@@ -15,7 +15,7 @@ The config may be a recipe (config.stages): its stages run in order in
 resumes the interrupted one from its latest checkpoint. On
 multi-host TPU/GPU, pass --multihost to call jax.distributed.initialize(); the
 processes check that they run the same config, and an error on one ends all
-of them (README: "Multi-host runs and faults"; launch/tpu_pod.sh,
+of them (docs/multihost.md: "Multi-host runs and faults"; launch/tpu_pod.sh,
 launch/slurm.sbatch, launch/gpu_multinode.sh, launch/local_cluster.py).
 """
 

@@ -1,5 +1,5 @@
 """The pod and cluster scripts of `launch/`, checked by their dry runs
-(DRY_RUN=1 prints the command each would run): the README's exact commands
+(DRY_RUN=1 prints the command each would run): the docs' exact commands
 produce a `launch.train --multihost` command with every argument intact."""
 
 import os

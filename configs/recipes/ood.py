@@ -32,7 +32,7 @@ letters ``glyphs/upper:train``; test OOD sets: the Gaussian, Rademacher, blobs
 and photo-patch sets and the lower-case letters ``glyphs/lower:test`` (near
 OOD); validation OOD set for tuning: ``uniform_noise/gray:validation``. None of
 the test sets overlaps the training outliers or the tuning set. Fine-tuning:
-10 epochs (as the paper) at the lr chosen on validation (README). CIFAR
+10 epochs (as the paper) at the lr chosen on validation (docs/methods/ood.md). CIFAR
 variants: the energy code's recipe (10 epochs, lr 0.001 cosine, wd 5e-4,
 batches 128 + 256) from a baseline WRN-40-2; the outliers must be given
 (``outliers=...``; 80 Million Tiny Images is withdrawn, e.g.
@@ -48,7 +48,7 @@ from jaxrobust.config import parse_arg
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 MODES = ("compare", "msp", "energy_ft", "oe_ft", "confidence")
-EMBEDDED_FINETUNE_LR = 0.1  # picked on validation (README, "OOD detection")
+EMBEDDED_FINETUNE_LR = 0.1  # picked on validation (docs/methods/ood.md)
 # wetliu/energy_ood run.sh energy_ft margins.
 PAPER_MARGINS = {"cifar10": (-23.0, -5.0), "cifar100": (-27.0, -5.0)}
 

@@ -19,7 +19,7 @@ Stages (jaxrobust.stages), run in <workdir>/<stage>:
   0.001, batch 128, SGD Nesterov 0.9, wd 5e-4, cosine to 1e-6, flip +
   4-pixel pad-crop, dropout 0; HPT ``uncertainty/CIFAR/tune.py``). Embedded:
   10 epochs, batch 64, lr 0.1, chosen by ``digits:validation`` NLL (seed 0;
-  see README).
+  see docs/methods/pretrain-finetune.md).
 * ``mode=scratch`` -- one stage, ``scratch``: the target's own baseline
   recipe (configs/default.py: 15 epochs, lr 0.3 for digits; 100 epochs, lr
   0.1, dropout 0.3 for CIFAR).
@@ -41,7 +41,7 @@ from jaxrobust.methods import transfer
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 # Picked on digits:validation (NLL) from {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0},
-# seed 0, for full and last-layer fine-tuning alike (README, "Pre-train -> fine-tune").
+# seed 0, for full and last-layer fine-tuning alike (docs/methods/pretrain-finetune.md).
 EMBEDDED_FINETUNE_LR = 0.1
 
 

@@ -214,6 +214,7 @@ RANDAUGMENT_OPS = (
     "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "SolarizeAdd",
     "Cutout")
 OP_NAMES = RANDAUGMENT_OPS + ("Identity",)
+#: Ops whose argument gets a random sign (:func:`level_to_arg`).
 SIGNED_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
 
 # ----------------------------------------------------------------------------- levels

@@ -63,6 +63,7 @@ from jaxrobust.registry import Registry, RegistryError
 Array = jax.Array
 Chain = Callable[[Array, Array], Array]
 
+#: The augmentation ops a ``pp`` chain names.
 OPS = Registry("pp op")
 
 # Named chains: Zoph et al.'s (2020) augmentation strengths S1-S4 (see the

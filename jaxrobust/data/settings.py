@@ -21,7 +21,9 @@ class DataSettings:
 
   Attributes:
     name: the task's dataset (``config.data.name``).
-    data_dir, cache, image_size: how splits are read (``config.data.*``).
+    data_dir: where splits are read from (``config.data.data_dir``).
+    cache: how splits are cached (``config.data.cache``).
+    image_size: the size images are resized to (``config.data.image_size``).
     train_split: the split of the main training stream (fits over training
       data use it).
     seed: the run's seed (seeded OOD draws).

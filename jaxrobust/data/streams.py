@@ -57,11 +57,16 @@ from jaxrobust import artifacts as artifacts_lib
 from jaxrobust.data import pipeline
 from jaxrobust.registry import Registry, RegistryError
 
+#: Index lists (a stream's ``index``: its population).
 INDEX = Registry("index list")
+#: Samplers (a stream's ``sampler``).
 SAMPLERS = Registry("sampler")
+#: Label sources (a stream's ``labels``).
 LABELS = Registry("label source")
 
+#: The type of what a sampler returns, ``epoch -> indices`` of that epoch.
 EpochFn = Callable[[int], np.ndarray]
+#: The type of what a label source returns, ``(indices, labels) -> {field: array}``.
 LabelFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 LABEL_FIELDS = ("label", "soft_label", "weight", "group")
 STREAM_KEYS = ("data", "split", "batch_size", "pp", "views", "perturb", "perturb_stats", "index",

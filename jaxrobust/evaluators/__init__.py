@@ -39,6 +39,7 @@ from jaxrobust.modules import CLASSIFIER, Module
 from jaxrobust.predict import Predictor
 from jaxrobust.registry import Registry, RegistryError
 
+#: Evaluator classes by ``type``.
 EVALUATORS = Registry("evaluator")
 COMMON_KEYS = ("type", "every_steps", "module")
 

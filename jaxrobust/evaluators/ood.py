@@ -77,7 +77,7 @@ def _score_specs(scores: Any, where: str) -> dict[str, dict[str, Any]]:
   return out
 
 
-# preset -> (fraction, draws) of its reference code.
+#: preset -> (fraction, draws) of its reference code.
 PROTOCOLS = {"hendrycks": (0.2, 5), "energy": (0.2, 10), "openood": (0.0, 1), "lee": (0.0, 1)}
 
 

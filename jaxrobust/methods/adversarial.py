@@ -24,8 +24,8 @@ Departures: the embedded variant pre-trains the small CNN on ``glyphs`` and
 fine-tunes on ``digits`` at the embedded fine-tuning learning rate of the
 uncertainty recipe (``configs/recipes/pretrain_finetune.py``) rather than
 0.001 -- the small model and data were not tuned separately for the
-adversarial runs; the number of attack steps is an option (the README and the
-reproduction say what they used).
+adversarial runs; the number of attack steps is an option (docs/methods/robustness.md and
+the reproduction say what they used).
 """
 
 from __future__ import annotations

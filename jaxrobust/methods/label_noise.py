@@ -113,35 +113,37 @@ ESTIMATORS = ("glc", "anchor")
 # on, the gold part is a random draw redrawn until every class is in it.
 RESHUFFLE_FROM = 0.05
 MAX_RESHUFFLES = 1000
+#: Lower bound on the entries of a corruption matrix before its log is taken.
 MATRIX_FLOOR = 1e-12
-# train_forward.py filters anchors at the 97th percentile for CIFAR-10 only.
+#: train_forward.py filters anchors at the 97th percentile for CIFAR-10 only.
 ANCHOR_PERCENTILE = {"cifar10": 97.0}
-# train_glc.py / train_forward.py --use_pretrained_model: 10 epochs at lr 0.01
-# (both phases), the rest as tune.py (jaxrobust.methods.transfer.fine_tune).
+#: As train_glc.py / train_forward.py with --use_pretrained_model, 10 epochs at lr 0.01
+#: (both phases), the rest as tune.py (jaxrobust.methods.transfer.fine_tune).
 PRETRAINED_FINETUNE: Mapping[str, Any] = {"num_epochs": 10.0, "learning_rate": 0.01}
 # Purposes of the random streams, keyed with the seed.
 _FLIP, _CORRUPT, _SPLIT = 1, 2, 3
 
 # Groupings for ``hierarchical`` corruption: group id per class.
 #
-# ``digits`` (0-9) by stroke shape, so that a label is replaced by a digit
-# that looks alike (as CIFAR-100's coarse classes group look-alike fine
-# classes): closed loops {0, 6, 8, 9}, straight strokes {1, 4, 7}, open curves
-# {2, 3, 5}. Every group has >= 3 classes, so the noise is spread (a group of
-# two would make ``hierarchical`` a fixed symmetric flip).
+#: ``digits`` (0-9) by stroke shape, so that a label is replaced by a digit
+#: that looks alike (as CIFAR-100's coarse classes group look-alike fine
+#: classes): closed loops {0, 6, 8, 9}, straight strokes {1, 4, 7}, open curves
+#: {2, 3, 5}. Every group has >= 3 classes, so the noise is spread (a group of
+#: two would make ``hierarchical`` a fixed symmetric flip).
 DIGITS_GROUPS: tuple[int, ...] = (0, 1, 2, 2, 1, 2, 0, 1, 0, 0)
-# ``glyphs`` (0-9, A-Z, a-z): the digits as DIGITS_GROUPS, then each letter with
-# its other case (A/a, B/b, ...; several are the same shape in most fonts:
-# c, o, s, v, w, x, z).
+#: ``glyphs`` (0-9, A-Z, a-z): the digits as DIGITS_GROUPS, then each letter with
+#: its other case (A/a, B/b, ...; several are the same shape in most fonts:
+#: c, o, s, v, w, x, z).
 GLYPHS_GROUPS: tuple[int, ...] = (DIGITS_GROUPS + tuple(3 + i for i in range(26))
                                   + tuple(3 + i for i in range(26)))
-# CIFAR-100's own fine -> coarse (20 superclasses) map, the reference's grouping.
+#: CIFAR-100's own fine -> coarse (20 superclasses) map, the reference's grouping.
 CIFAR100_GROUPS: tuple[int, ...] = (
     4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
     6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
     5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
     10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13)
+#: The groupings of ``hierarchical`` corruption by dataset name.
 GROUPINGS: Mapping[str, tuple[int, ...]] = {
     "digits": DIGITS_GROUPS, "glyphs": GLYPHS_GROUPS, "cifar100": CIFAR100_GROUPS}
 

@@ -28,8 +28,7 @@ The outlier stream goes through the same forward pass as the in-distribution
 batch (``config.streams.outliers``, ``through_model=True``), so BatchNorm sees
 both, as in the OE and energy code (in-distribution batch 128 + outliers 256 in
 the papers). Lee et al.'s GAN variant, which generates the outliers, is the
-joint confidence loss of :mod:`jaxrobust.methods.confidence_gan` (not yet
-built).
+joint confidence loss (a ``confidence_gan`` method, not yet built).
 """
 
 from __future__ import annotations

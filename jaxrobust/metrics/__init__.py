@@ -10,7 +10,7 @@ Conventions are explicit arguments:
 
 * OOD scores are **higher = more in-distribution** (MSP, negative energy).
   Which class is positive, how the 95% point is picked and AP vs trapezoid are
-  arguments, and :func:`ood_metrics` presets reproduce the Hendrycks, energy,
+  arguments, and :func:`~jaxrobust.metrics.ood.ood_metrics` presets reproduce the Hendrycks, energy,
   OpenOOD and Lee et al. reference implementations (table in
   :mod:`jaxrobust.metrics.ood`).
 * Calibration follows Hendrycks et al. (adaptive bins of 100, optionally with

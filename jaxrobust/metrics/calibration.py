@@ -7,7 +7,7 @@ a padded evaluation batch gives the unpadded answer: the same bins and the
 same integer counts; float sums can differ in the last bit only, because
 XLA's summation order depends on the padded length.
 
-Input regimes (see :mod:`jaxrobust.metrics._validate`):
+Input regimes (see the private module ``jaxrobust.metrics._validate``):
 
 * eager call: bad input raises ``ValueError`` naming the problem (shape,
   emptiness, NaN/inf, confidences outside [0, 1], probability rows that do not

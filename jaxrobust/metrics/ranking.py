@@ -17,8 +17,8 @@ and without x64:
   per-example terms use a compensated sum (:func:`accurate_sum`), so the
   relative error stays ~1e-7 at 1e8 examples.
 
-Masked-out entries get the key :data:`INVALID`, which sorts after every
-finite score and never equals one.
+Masked-out entries get the key :func:`invalid_key` (the key type's largest
+integer), which sorts after every finite score and never equals one.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def key_dtype(dtype) -> np.dtype:
 
 
 def invalid_key(dtype) -> int:
+  """The key of masked-out entries: the largest integer of the key type."""
   return int(np.iinfo(key_dtype(dtype)).max)
 
 

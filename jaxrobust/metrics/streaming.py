@@ -236,7 +236,7 @@ class OODHistogram:
   * ``auroc``: AUROC of the binned scores (same-bin pairs count 1/2), and
     ``|auroc - exact| <= auroc_bound = 1/2 sum_b in_b out_b / (n_in n_out)``
     (each same-bin pair contributes 0, 1/2 or 1 exactly, 1/2 here).
-  * ``fpr`` at ``tpr`` (``positive`` as in :func:`ood.fpr_at_tpr`): linear
+  * ``fpr`` at ``tpr`` (``positive`` as in :func:`~jaxrobust.metrics.ood.fpr_at_tpr`): linear
     interpolation inside the bin where the TPR crosses ``tpr``, with a
     bracket ``[fpr_lower, fpr_upper]`` that contains the exact FPR of any
     curve point whose TPR is the nearest to, or the first >= ``tpr``

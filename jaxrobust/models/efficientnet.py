@@ -85,9 +85,9 @@ BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 DEPTH_DIVISOR = 8
 
-# efficientnet_builder.efficientnet_params: name -> (width_coefficient,
-# depth_coefficient, resolution, dropout_rate). Only B0-B2 are registered (and
-# tested); the others can be built with ``efficientnet`` and their coefficients.
+#: Name -> (width_coefficient, depth_coefficient, resolution, dropout_rate), as
+#: efficientnet_builder.efficientnet_params. Only B0-B2 are registered (and
+#: tested); the others can be built with ``efficientnet`` and their coefficients.
 PARAMS: dict[str, tuple[float, float, int, float]] = {
     "efficientnet_b0": (1.0, 1.0, 224, 0.2),
     "efficientnet_b1": (1.0, 1.1, 240, 0.2),
@@ -112,7 +112,8 @@ class BlockArgs(NamedTuple):
   se_ratio: float
 
 
-# efficientnet_builder.efficientnet: 'r1_k3_s11_e1_i32_o16_se0.25', ...
+#: The B0 block table (efficientnet_builder.efficientnet:
+#: 'r1_k3_s11_e1_i32_o16_se0.25', ...).
 B0_BLOCKS: tuple[BlockArgs, ...] = (
     BlockArgs(3, 1, 1, 1, 32, 16, 0.25),
     BlockArgs(3, 2, 2, 6, 16, 24, 0.25),

@@ -37,12 +37,14 @@ import jax
 from jaxrobust.models.layers import batch_norm, torch_linear_bias_init, torch_linear_init
 from jaxrobust.registry import Registry, RegistryError
 
+#: Extra heads on the features (``config.model.heads``) by name.
 HEADS = Registry("head")
 PREFIX = "heads"  # parameter paths heads/<name>/... (WithHeads' attribute name)
 OUTPUT = "head:"  # output keys head:<name> next to 'logits' and 'features'
 
 
 class LinearHead(nn.Module):
+  """The ``linear`` head: one Dense layer with PyTorch's ``nn.Linear`` init."""
   features: int
   dtype: Any = None
 
@@ -54,6 +56,7 @@ class LinearHead(nn.Module):
 
 
 class MLPHead(nn.Module):
+  """The ``mlp`` head: ``layers - 1`` Dense (+ BatchNorm) + ReLU blocks, then a Dense."""
   features: int
   hidden: int = 0
   layers: int = 2

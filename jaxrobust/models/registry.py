@@ -21,6 +21,7 @@ from jaxrobust.registry import Registry, RegistryError
 
 _T = TypeVar("_T", bound=Callable[..., Any])
 
+#: The models by name (:func:`register_model` adds one).
 MODELS = Registry("model")
 
 
@@ -60,7 +61,7 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
       ``dtype``, ``bn_axis_name``).
 
   Raises:
-    RegistryError (a ValueError): an unknown ``name`` (with the close matches
+    RegistryError: (a ``ValueError``) an unknown ``name`` (with the close matches
       and the available names), an argument the model does not take or one its
       preset fixes, or ``num_classes < 1``.
   """

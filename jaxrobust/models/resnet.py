@@ -75,7 +75,7 @@ class PreActResNet18(ImageClassifier):
 
 class Bottleneck(nn.Module):
   """torchvision v1.5 bottleneck: 1x1, 3x3(stride), 1x1 (x4), each conv-BN;
-  ``drop_rate > 0``: :class:`StochasticDepth` on the branch in train mode."""
+  ``drop_rate > 0``: :class:`~jaxrobust.models.layers.StochasticDepth` on the branch in train mode."""
   width: int
   stride: int
   zero_init_residual: bool

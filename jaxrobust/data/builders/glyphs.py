@@ -181,6 +181,7 @@ class Glyphs(_base.EmbeddedBuilder):
   36-61 'a'-'z'. Every split is class-balanced and shuffled by a fixed seed.
 
   Configs (examples per class -> split sizes):
+
   * ``glyphs/full`` (default): 400 / 50 / 100 -> train 24,800, validation
     3,100, test 6,200.
   * ``glyphs/small`` (for tests): 30 / 5 / 10 -> train 1,860, validation 310,
