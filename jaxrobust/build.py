@@ -175,6 +175,9 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
     dataset = spec["data"] or config.data.name
     ds_spec = data.spec(dataset)
     got = pipeline.image_shape(ds_spec, config.data.image_size)
+    if spec["passes_by_group"] and (spec["views"] > 1 or spec["perturb"]):
+      raise ValueError(f"{where}.passes_by_group: separate passes by group take a single-view "
+                       "stream without a perturbation.")
     if spec["through_model"] and got != tuple(image_shape):
       raise ValueError(f"{where}: {dataset!r} has images of shape {got}; the model takes "
                        f"{tuple(image_shape)}.")
@@ -195,7 +198,8 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
         name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
         views=int(spec["views"]),
         perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
-        else None, perturb_stats=spec["perturb_stats"])
+        else None, perturb_stats=spec["perturb_stats"],
+        passes_by_group=tuple(int(g) for g in spec["passes_by_group"]))
   return streams_lib.TrainInput(inputs), steps
 
 
@@ -226,6 +230,12 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
   out = []
   for name, u in specs.items():
     m = modules[u["module"]]
+    grouped = [s for s in u["streams"] if stream_steps[s].passes_by_group]
+    if grouped and len(u["streams"]) > 1:
+      raise ValueError(f"config.updates.{name}: stream {grouped[0]!r} goes through the model in "
+                       "passes by group (config.streams."
+                       f"{grouped[0]}.passes_by_group), so it must be the update's only stream; "
+                       f"it has {list(u['streams'])}.")
     if u["streams"] and not m.takes_images:
       raise ValueError(f"config.updates.{name}: module {u['module']!r} takes inputs of shape "
                        f"{m.input_shape}, not images; give it no streams (its loss terms call "

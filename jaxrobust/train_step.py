@@ -64,12 +64,14 @@ Batch = Mapping[str, Mapping[str, Array]]
 class StreamStep:
   """How the step treats one stream (``perturb_stats``: whether the
   perturbation's train-mode passes update the module's BatchNorm statistics,
-  ``'update'``, or not, ``'discard'``)."""
+  ``'update'``, or not, ``'discard'``; ``passes_by_group``: group values
+  whose rows go through the module in separate passes, in that order)."""
   name: str
   pp: pp_lib.Chain | None = None
   views: int = 1
   perturb: Callable[[attacks.PerturbContext], Any] | None = None
   perturb_stats: str = "update"
+  passes_by_group: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,30 @@ def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, pa
     return m.apply_outputs(variables, x, train=train, rng=jax.random.fold_in(rng, calls[0]),
                            update_stats=False)[0]
   return call
+
+
+def _passes_by_group(m: Module, params: Any, stats: Any, x: Array, b: Mapping[str, Array],
+                     groups: Sequence[int], rng: Array) -> tuple[dict[str, Array], Any]:
+  """One train-mode pass per group value, in order, each with BatchNorm
+  statistics of its rows alone (:func:`jaxrobust.models.layers.batch_norm_rows`)
+  and its own dropout key, the statistics threaded from pass to pass; every
+  row takes the outputs of its group's pass. GLC's reference runs the gold
+  and the silver rows of a batch through the network separately."""
+  from jaxrobust.models import layers
+  if "group" not in b:
+    raise ValueError("passes_by_group: the stream has no 'group' field; its label source must "
+                     "set one (e.g. corrupted(..., gold_fraction=0.05): trusted rows are group 1).")
+  rows = b["group"]
+  out = None
+  for i, g in enumerate(groups):
+    with layers.batch_norm_rows(rows == g):
+      o, new = m.apply_outputs({"params": params, "batch_stats": stats}, x, train=True,
+                               rng=jax.random.fold_in(rng, i))
+    stats = new if new else stats
+    sel = rows == g
+    out = o if out is None else {
+        k: jnp.where(sel.reshape((-1,) + (1,) * (v.ndim - 1)), v, out[k]) for k, v in o.items()}
+  return out, stats
 
 
 def _perturb(m: Module, params: Any, stats: Any, st: StreamStep, x01: Array,
@@ -200,9 +226,14 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
                   u_dropout=u_dropout, u_i=u_i, fed=fed, stats=stats):
         params = unflat({**frozen, **train_params})
         outputs, new_stats = {}, None
-        if x is not None:
+        grouped = spec.streams[u.streams[0]].passes_by_group if x is not None else ()
+        if grouped:
+          out, new_stats = _passes_by_group(m, params, stats, x, batch[u.streams[0]], grouped,
+                                            u_dropout)
+        elif x is not None:
           out, new_stats = m.apply_outputs(
               {"params": params, "batch_stats": stats}, x, train=True, rng=u_dropout)
+        if x is not None:
           start = 0
           for s, n in zip(u.streams, sizes):
             outputs[s] = {k: v[start:start + n] for k, v in out.items()}

@@ -79,3 +79,61 @@ def test_bad_running_variance_is_named():
   with pytest.raises(ValueError, match="running_variance must be one of"):
     layers.BatchNorm(use_running_average=False, running_variance="pytorch").init(
         jax.random.PRNGKey(0), X)
+
+
+def test_passes_by_group_equal_separate_passes_over_each_group():
+  """GLC's phase 2: the gold rows, then the silver rows, each through the
+  network alone (the step with passes_by_group=(1, 0)) equals two passes over
+  the two sub-batches written out by hand, parameters and statistics."""
+  from jaxrobust import losses, models, optim
+  from jaxrobust import train_state as state_lib
+  from jaxrobust import train_step as step_lib
+  from jaxrobust.config import base_config
+  from jaxrobust.data import pp
+  from jaxrobust.modules import Module, masked_tx
+  model = models.get_model("wrn", num_classes=4, depth=10, width=1)
+  opt = base_config().optimizer
+  opt.weight_decay = 0.0
+  schedule = optim.learning_rate_schedule(opt, total_steps=2, steps_per_epoch=1)
+  m = Module(name="classifier", model=model, num_classes=4, input_shape=(8, 8, 1), mean=(0.5,),
+             std=(0.5,), tx=masked_tx(optim.create_optimizer(opt, schedule), ".*"),
+             schedule=schedule)
+  rng = np.random.default_rng(0)
+  group = np.array([1, 0, 0, 1, 0, 0, 1, 0], np.int32)
+  batch = {"train": {"image": rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8),
+                     "label": rng.integers(0, 4, 8).astype(np.int32), "group": group,
+                     "index": np.arange(8, dtype=np.int32), "mask": np.ones(8, bool)}}
+  loss_fn = losses.build_loss(base_config().losses)
+  spec = step_lib.StepSpec(
+      modules={"classifier": m},
+      streams={"train": step_lib.StreamStep("train", passes_by_group=(1, 0))},
+      updates=[step_lib.Update("classifier", "classifier", loss_fn, ("train",))],
+      num_classes=4)
+  state = state_lib.create_state({"classifier": m}, jax.random.PRNGKey(0))
+  new, _ = jax.jit(step_lib.make_train_step(spec))(state, batch, jax.random.PRNGKey(1), {})
+
+  params, stats = state.modules["classifier"].params, state.modules["classifier"].batch_stats
+  x = pp.to_unit_range(jnp.asarray(batch["train"]["image"]))
+  y = jnp.asarray(batch["train"]["label"])
+
+  def loss(p):
+    total, st = 0.0, stats
+    for g in (1, 0):
+      rows = group == g
+      out, st = m.apply_outputs({"params": p, "batch_stats": st}, x[rows], train=True)
+      total = total - jnp.sum(jax.nn.log_softmax(out["logits"])[jnp.arange(rows.sum()), y[rows]])
+    return total / 8, st
+
+  grads, want_stats = jax.grad(loss, has_aux=True)(params)
+  updates, _ = m.tx.update(grads, state.modules["classifier"].opt_state, params)
+  want_params = optax_apply(params, updates)
+  got = new.modules["classifier"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got.params, want_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got.batch_stats, want_stats)
+
+
+def optax_apply(params, updates):
+  import optax
+  return optax.apply_updates(params, updates)

@@ -103,22 +103,26 @@ def test_elastic_matches_p_t_until_classes_run_out_then_spreads_the_rest():
   labels = _source_labels(counts)
   p_t = np.array([0.1, 0.1, 0.2, 0.3, 0.25, 0.05])
   w = p_t / (counts / counts.sum())
-  small = da.elastic_distribution_indices(labels, w, 60, seed=0)
+  small = da.elastic_distribution_indices(labels, w, 60, seed=0, mode="proportional")
   assert len(np.unique(small)) == 60  # without replacement
   np.testing.assert_array_equal(np.bincount(labels[small], minlength=6),
                                 da.largest_remainder(p_t, 60))
-  large = da.elastic_distribution_indices(labels, w, 1000, seed=0)
+  large = da.elastic_distribution_indices(labels, w, 1000, seed=0, mode="proportional")
   hist = np.bincount(labels[large], minlength=6)
   assert len(np.unique(large)) == 1000
   # classes 2-5 run out (class 2 would want 0.2/0.4 of 1000 - 75 > its 300
   # images); classes 0 and 1 share the rest in proportion to P_t (equally)
   np.testing.assert_array_equal(hist[2:], counts[2:])
   assert hist[:2].sum() == 1000 - 375 and abs(hist[0] - hist[1]) <= 1
-  # greedy: whole classes by decreasing weight (5, 4, 3, then 2 partly)
-  greedy = da.elastic_distribution_indices(labels, w, 200, seed=0, mode="greedy")
+  # greedy, the default (the seed text's rule): whole classes by decreasing weight
+  # (5, 4, 3, then 2 partly)
+  greedy = da.elastic_distribution_indices(labels, w, 200, seed=0)
   np.testing.assert_array_equal(np.bincount(labels[greedy], minlength=6),
                                 [0, 0, 125, 50, 20, 5])
-  np.testing.assert_array_equal(large, da.elastic_distribution_indices(labels, w, 1000, seed=0))
+  np.testing.assert_array_equal(
+      greedy, da.elastic_distribution_indices(labels, w, 200, seed=0, mode="greedy"))
+  np.testing.assert_array_equal(
+      large, da.elastic_distribution_indices(labels, w, 1000, seed=0, mode="proportional"))
   with pytest.raises(RegistryError, match="more than the 1275 source images"):
     da.elastic_distribution_indices(labels, w, 1276, seed=0)
   with pytest.raises(RegistryError, match="mode must be one of"):

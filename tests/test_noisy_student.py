@@ -102,7 +102,8 @@ def test_teacher_pseudo_labels_feed_a_student_stream(tmp_path, data_dir, hard):
   c.stages = {
       "teacher": {"task": "train"},
       "pl": {"task": "pseudo_label", "checkpoint": "artifact:teacher/checkpoint",
-             "split": "validation", "threshold": 0.0, "num_per_class": 30, "hard": hard},
+             "split": "validation", "threshold": 0.0, "num_per_class": 30, "hard": hard,
+             "exclude": "per_class(num_per_class=2)"},
       "student": {"task": "train", "config": {
           "streams": {"unlabeled": {"data": "digits", "split": "validation", "batch_size": 16,
                                     "index": "artifact:pl/indices",
@@ -113,7 +114,15 @@ def test_teacher_pseudo_labels_feed_a_student_stream(tmp_path, data_dir, hard):
   labels = np.load(tmp_path / "pl" / "artifacts" / "labels.npz")["array"]
   # A 3-step teacher is unconfident and predicts few classes: 30 per class it predicts.
   assert results["pl/num_selected"] == len(idx) == 30 * (10 - results["pl/empty_classes"])
-  assert results["pl/num_distinct"] == len(np.unique(idx)) <= 180
+  assert results["pl/num_distinct"] == len(np.unique(idx)) <= 160
+  # The 20 images a train stream with index per_class(2) would label are not candidates
+  # (disjoint labelled and unlabelled pools, as Noisy Student).
+  from jaxrobust.build import stream_seed
+  from jaxrobust.data import pipeline
+  from jaxrobust.data.streams import per_class, StreamData
+  source = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
+  labelled = per_class(StreamData("train", source, 10, stream_seed(c.seed, "train"), None, ""), 2)
+  assert results["pl/num_candidates"] == 160 and not set(idx) & set(labelled)
   assert labels.shape == ((180,) if hard else (180, 10))
   assert 0.0 <= results["pl/accuracy"] <= 1.0
   assert np.isfinite(results["student/test/accuracy"])

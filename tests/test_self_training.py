@@ -27,6 +27,13 @@ def _fake_inputs(h, p, stats, step):
       loss_stats=stats)
 
 
+def test_without_normalization_the_pseudo_term_is_weighted_by_unlabel_ratio():
+  """Noisy Student's main.py: (lab_loss·B_l + unl_loss·B_u) / B_l."""
+  losses = self_training.student_losses(normalize=False, hard=False, unlabel_ratio=3.0)
+  assert losses["pseudo"]["weight"] == 3.0
+  assert losses["cross_entropy"] == {"label_smoothing": 0.1, "weight": 1.0}
+
+
 def test_loss_normalization_uses_bias_corrected_moving_averages():
   alpha, m = 2.0, 0.9
   losses = self_training.student_losses(alpha=alpha, momentum=m, hard=False)
@@ -39,7 +46,8 @@ def test_loss_normalization_uses_bias_corrected_moving_averages():
   for step in range(6):
     h, p = rng.uniform(0.1, 3.0, 2)
     total, metrics = fn(_fake_inputs(h, p, stats, step))
-    l_h = -np.log(h / (h + 2))
+    # the labelled term with Noisy Student's label smoothing 0.1 (lab_loss), K = 3
+    l_h = -(0.9 + 0.1 / 3) * np.log(h / (h + 2)) - (0.1 / 3) * 2 * np.log(1 / (h + 2))
     l_p = -np.log(p / (p + 2))
     for k, v in (("cross_entropy", l_h), ("pseudo", l_p)):
       ema[k] = m * ema[k] + (1 - m) * v
@@ -51,7 +59,7 @@ def test_loss_normalization_uses_bias_corrected_moving_averages():
     stats = {k: metrics[f"{losses_lib.STATS}{k}"] for k in stats}
   # at step 0 the corrected averages are the batch values: the per-batch rule
   total0, _ = fn(_fake_inputs(2.0, 0.5, {k: jnp.zeros(()) for k in stats}, 0))
-  l_h = -np.log(2 / 4)
+  l_h = -(0.9 + 0.1 / 3) * np.log(2 / 4) - (0.1 / 3) * 2 * np.log(1 / 4)
   assert float(total0) == pytest.approx(l_h / alpha + l_h, rel=1e-5)
 
 

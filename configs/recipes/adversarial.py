@@ -58,7 +58,8 @@ def get_config(arg=None):
     pretrain["model"]["kwargs"].update(depth=28, width=10)
     c.model.kwargs.depth, c.model.kwargs.width = 28, 10
     ft_lr, ft_batch = adversarial.FINE_TUNE_LR, None
-  scratch = {}
+  # robustness/adversarial trains WRN-28-10 without dropout, from scratch and fine-tuned
+  scratch = {} if args.variant == "embedded" else {"model": {"kwargs": {"dropout_rate": 0.0}}}
   if args.scratch_epochs > 0 or (args.mode == "scratch" and args.epochs > 0):
     scratch["num_epochs"] = float(args.scratch_epochs if args.scratch_epochs > 0 else args.epochs)
   if args.mode == "scratch" and args.lr > 0:

@@ -39,7 +39,7 @@ a-z classes).
 Arguments after ``:`` (lists joined by ``+``): ``targets``, ``mode`` (adaptive:
 one sampler, compare), ``samplers``, ``sizes``, ``pretrain_steps``,
 ``finetune_steps``, ``labeled_per_class``, ``temperature``, ``elastic_mode``
-(proportional, greedy), ``smoke`` (tiny model and data, for tests).
+(greedy, the default, or proportional), ``smoke`` (tiny model and data, for tests).
 """
 
 from configs import default
@@ -114,7 +114,7 @@ def target_stages(target: str, *, samplers, sizes, mode: str, pretrain_steps: in
 def get_config(arg=None):
   args = parse_arg(arg, targets="digits", mode="adaptive", samplers="same+uniform",
                    sizes="2000", pretrain_steps=400, finetune_steps=150, labeled_per_class=20,
-                   temperature=domain_adaptive.TEMPERATURE, elastic_mode="proportional",
+                   temperature=domain_adaptive.TEMPERATURE, elastic_mode="greedy",
                    smoke=False)
   targets = _list(args.targets, str)
   bad = [t for t in targets if t not in TARGETS]

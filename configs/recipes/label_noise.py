@@ -85,8 +85,11 @@ def get_config(arg=None):
     if args.variant == "embedded":
       finetune = {"learning_rate": pretrain_finetune.EMBEDDED_FINETUNE_LR, "batch_size": 64}
   seed = args.corruption_seed if args.corruption_seed >= 0 else c.seed
+  # train_glc.py / train_forward.py fine-tune the pre-trained WRN without dropout
+  overrides = ({"model": {"kwargs": {"dropout_rate": 0.0}}}
+               if args.pretrained and args.variant != "embedded" else None)
   c.stages = {**c.stages.to_dict(), **stages(
       c, method=args.method, kind=args.kind, strength=args.strength,
       gold_fraction=args.gold_fraction, seed=seed, init=init, finetune=finetune,
-      epochs=args.epochs)}
+      epochs=args.epochs, overrides=overrides)}
   return c

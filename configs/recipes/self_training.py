@@ -50,7 +50,7 @@ from jaxrobust.methods import self_training, simclr, transfer
 MODES = ("noisy_student", "compare")
 AUG = {"s1": "pad_crop(2)", "s4": "randaugment(2, 10)|scale_jitter(0.5, 2.0)|pad_crop(2)"}
 TARGET = "digits"
-UNLABELED_PER_CLASS = 125  # ~ the 1,257 digits:train images over 10 classes
+UNLABELED_PER_CLASS = 105  # ~ the 1,057 unlabelled digits:train images (1,257 - 200) over 10 classes
 FINETUNE_LR = 0.1  # pretrain_finetune.EMBEDDED_FINETUNE_LR (digits:validation)
 SIMCLR_LR = 0.3  # SimCLR: 0.3 x batch / 256 (LARS)
 NO_OOD = {"ood": {"sets": {}}, "classification": {"splits": ("test",)}}
@@ -109,9 +109,11 @@ def pretrain_stages(source: str, steps: int) -> dict:
   }
 
 
-def pseudo_label_options(threshold: float = 0.3) -> dict:
+def pseudo_label_options(threshold: float = 0.3, per_class: int = 20) -> dict:
+  """The teacher labels ``digits:train`` without the labelled images (the
+  ``train`` stream's ``per_class`` subset): disjoint pools, as Noisy Student."""
   return {"data": TARGET, "split": "train", "threshold": float(threshold),
-          "num_per_class": UNLABELED_PER_CLASS, "hard": True}
+          "num_per_class": UNLABELED_PER_CLASS, "hard": True, "exclude": labeled(per_class)}
 
 
 def get_config(arg=None):
@@ -147,13 +149,14 @@ def get_config(arg=None):
       stages.update(self_training.rounds(
           teacher, int(args.rounds),
           student_config=student_of(aug, normalize=args.normalize, init=init),
-          pseudo_label=pseudo_label_options(args.threshold), labels_stage=lambda k: f"labels_{k}",
+          pseudo_label=pseudo_label_options(args.threshold, per_class),
+          labels_stage=lambda k: f"labels_{k}",
           student_stage=lambda k: f"student_{k}"))
     else:  # round 1 is st_<aug>; more rounds (s4 only): st_s4_r2, st_s4_r3, ...
       stages.update(self_training.rounds(
           teacher, int(args.rounds) if aug == "s4" else 1,
           student_config=student_of(aug, normalize=args.normalize),
-          pseudo_label=pseudo_label_options(args.threshold),
+          pseudo_label=pseudo_label_options(args.threshold, per_class),
           labels_stage=lambda k, a=aug: f"labels_{a}" + (f"_r{k}" if k > 1 else ""),
           student_stage=lambda k, a=aug: f"st_{a}" + (f"_r{k}" if k > 1 else "")))
   if args.mode == "compare":
@@ -166,7 +169,8 @@ def get_config(arg=None):
     stages.update(self_training.rounds(
         "sup_s4", 1, student_config=student_of("s4", normalize=args.normalize,
                                                init="supervised"),
-        pseudo_label=pseudo_label_options(args.threshold), labels_stage=lambda k: "labels_sup_s4",
+        pseudo_label=pseudo_label_options(args.threshold, per_class),
+        labels_stage=lambda k: "labels_sup_s4",
         student_stage=lambda k: "sup_st_s4"))
     stages["joint_s4"] = {"task": "train", "config": self_training.joint_training(
         supervised("s4", steps, per_class), source_data=source, source_classes=62,

@@ -10,6 +10,9 @@ in ``config.streams.<name>``::
     perturb_stats='update',           # the perturbation's train-mode passes update the
                                       #   BatchNorm statistics (PyTorch's model.train()
                                       #   attacks) or 'discard' them
+    passes_by_group=(),               # e.g. (1, 0): the rows of each label-source group
+                                      #   through the model in a pass of their own, in
+                                      #   that order (GLC's gold, then silver rows)
     index='',                         # population: '' = the whole split, or
                                       #   'artifact:<stage>/<name>' / 'subset(indices=...)' /
                                       #   'per_class(num_per_class=20)'
@@ -69,16 +72,16 @@ EpochFn = Callable[[int], np.ndarray]
 #: The type of what a label source returns, ``(indices, labels) -> {field: array}``.
 LabelFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 LABEL_FIELDS = ("label", "soft_label", "weight", "group")
-STREAM_KEYS = ("data", "split", "batch_size", "pp", "views", "perturb", "perturb_stats", "index",
-               "sampler", "labels", "through_model")
+STREAM_KEYS = ("data", "split", "batch_size", "pp", "views", "perturb", "perturb_stats",
+               "passes_by_group", "index", "sampler", "labels", "through_model")
 PERTURB_STATS = ("update", "discard")
 
 
 def stream_defaults() -> dict[str, Any]:
   """Every key a stream spec may set, with its default."""
   return {"data": "", "split": "train", "batch_size": 128, "pp": "", "views": 1, "perturb": "",
-          "perturb_stats": "update", "index": "", "sampler": "shuffle", "labels": "dataset",
-          "through_model": True}
+          "perturb_stats": "update", "passes_by_group": (), "index": "", "sampler": "shuffle",
+          "labels": "dataset", "through_model": True}
 
 
 # --- stream data -----------------------------------------------------------------

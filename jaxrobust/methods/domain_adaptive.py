@@ -31,12 +31,13 @@ two rules below follow the issue's specification and are stated exactly):
   so a class with more weight than images repeats images.
 * :func:`elastic_distribution_indices` -- "elastic distribution matching":
   **without replacement**, as close to the weighted distribution as the
-  source allows. ``mode='proportional'`` (default): class ``y`` gets
-  ``min(N_y, λ · w(y) N_y)`` images with λ set so the total is ``size``
-  (water-filling): when no class runs out the histogram is ``P_t``; a class
-  that runs out gives all its images and the rest is spread over the other
-  classes in proportion to ``P_t``. ``mode='greedy'``: whole classes in
-  decreasing weight until ``size`` (the last one partly). Images within a class
+  source allows. ``mode='greedy'`` (default; the rule the project's seed
+  text describes for the paper: whole classes taken in decreasing importance
+  weight, without replacement, until ``size`` -- the last one partly).
+  ``mode='proportional'``: class ``y`` gets ``min(N_y, λ · w(y) N_y)`` images
+  with λ set so the total is ``size`` (water-filling): when no class runs out
+  the histogram is ``P_t``; a class that runs out gives all its images and
+  the rest is spread over the other classes in proportion to ``P_t``. Images within a class
   are a uniform random subset. Classes with weight 0 are never taken, so a
   size above the number of positive-weight images is an error.
 
@@ -69,7 +70,7 @@ from jaxrobust.tasks import TASKS, StageContext, predict_outputs
 
 TEMPERATURE = 2.0  # the paper's softmax temperature for P_t
 SAMPLERS = ("same", "elastic", "uniform")
-ELASTIC_MODES = ("proportional", "greedy")
+ELASTIC_MODES = ("greedy", "proportional")
 # P_t mass allowed on classes the source never shows (softmax is never exactly 0).
 ZERO_SOURCE_TOLERANCE = 1e-3
 
@@ -231,7 +232,7 @@ def _water_fill(targets: np.ndarray, caps: np.ndarray, size: int) -> np.ndarray:
 
 
 def elastic_distribution_indices(labels: Any, weights: Any, size: int, *, seed: int,
-                                 mode: str = "proportional") -> np.ndarray:
+                                 mode: str = "greedy") -> np.ndarray:
   """Source indices without replacement, as close to the weighted distribution
   as the source allows ("elastic distribution matching"; see the module
   docstring for ``mode``), sorted.
@@ -241,8 +242,8 @@ def elastic_distribution_indices(labels: Any, weights: Any, size: int, *, seed: 
     weights: ``[K]`` class importance weights ``w(y)`` (>= 0).
     size: the number of (distinct) indices.
     seed: which images of a partly taken class.
-    mode: ``'proportional'`` (water-filling) or ``'greedy'`` (whole classes in
-      decreasing weight).
+    mode: ``'greedy'`` (whole classes in decreasing weight, the default) or
+      ``'proportional'`` (water-filling).
   """
   size = _check_size(size, "elastic_distribution_indices")
   if mode not in ELASTIC_MODES:
@@ -386,7 +387,7 @@ def target_prior_task(ctx: StageContext, *, checkpoint: str, data: str, split: s
 
 @TASKS.register("importance_sample")
 def importance_sample(ctx: StageContext, *, prior: str, size: int, sampler: str = "same",
-                      seed: int | None = None, mode: str = "proportional", source_data: str = "",
+                      seed: int | None = None, mode: str = "greedy", source_data: str = "",
                       source_split: str = "train") -> dict[str, float]:
   """A pre-training set of ``size`` source indices: ``sampler`` ``'same'``
   (:func:`same_distribution_indices`), ``'elastic'``

@@ -130,23 +130,33 @@ def selection_stats(probs: Any, indices: np.ndarray) -> dict[str, Any]:
 @TASKS.register("pseudo_label")
 def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: str = "train",
                  threshold: float = THRESHOLD, num_per_class: int = 0, hard: bool = True,
-                 temperature: float = 1.0, module: str = "classifier") -> dict[str, float]:
+                 temperature: float = 1.0, module: str = "classifier",
+                 exclude: str = "") -> dict[str, float]:
   """The teacher ``checkpoint``'s pseudo-labels for ``data:split`` (see the
-  module docstring); ``num_per_class`` 0: the split's size over K. Results:
-  the number selected, classes left empty, the mean confidence, and -- when
-  the split has labels -- the pseudo-labels' accuracy against them."""
+  module docstring); ``num_per_class`` 0: the candidates' number over K.
+  ``exclude``: an index spec of the ``train`` stream (``'per_class(
+  num_per_class=20)'``, evaluated with that stream's seed, so it names the
+  same labelled images the teacher and students train on) whose images are
+  not candidates -- Noisy Student's unlabelled data is disjoint from its
+  labelled data. Results: the number selected, classes left empty, the mean
+  confidence, and -- when the split has labels -- the pseudo-labels' accuracy
+  against them."""
   where = f"config.stages.{ctx.name}"
   out = predict_outputs(ctx, checkpoint=checkpoint, data=data, split=split,
                         fields=("logits", "label"), module=module)
   logits = np.asarray(out["logits"], np.float64)
-  probs = special.softmax(logits, axis=-1)
   n, k = logits.shape
+  candidates = np.arange(n)
+  if exclude:
+    candidates = np.setdiff1d(candidates, _train_stream_index(ctx, exclude, data, split))
+  probs = special.softmax(logits[candidates], axis=-1)
   try:
-    idx, labels = select_pseudo_labels(
-        probs, threshold=threshold, num_per_class=num_per_class or max(n // k, 1), hard=hard,
-        temperature=temperature, logits=logits, seed=int(ctx.config.seed))
+    sub, labels = select_pseudo_labels(
+        probs, threshold=threshold, num_per_class=num_per_class or max(len(candidates) // k, 1),
+        hard=hard, temperature=temperature, logits=logits[candidates], seed=int(ctx.config.seed))
   except RegistryError as e:
     raise RegistryError(f"{where}: {e}") from None
+  idx = candidates[sub]
   if len(idx) == 0:
     raise RegistryError(f"{where}: no image has a teacher confidence >= {threshold}; lower "
                         "`threshold`.")
@@ -157,7 +167,7 @@ def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   full[idx] = labels
   ctx.artifacts.save("indices", idx)
   ctx.artifacts.save("labels", full)
-  stats = selection_stats(probs, idx)
+  stats = selection_stats(probs, sub)
   ctx.artifacts.save("stats", stats)
   results = {"num_selected": float(len(idx)), "num_distinct": float(len(np.unique(idx))),
              "empty_classes": float(len(stats["empty_classes"])),
@@ -165,6 +175,19 @@ def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   true = np.asarray(out["label"])
   if true.min() >= 0:
     results["accuracy"] = float((logits.argmax(1)[idx] == true[idx]).mean())
+  results["num_candidates"] = float(len(candidates))
   print(f"pseudo_label: {len(idx)} images ({results['num_distinct']:.0f} distinct) from "
-        f"{n}, per class {stats['count']}", flush=True)
+        f"{len(candidates)} candidates of {n}, per class {stats['count']}", flush=True)
   return results
+
+
+def _train_stream_index(ctx: StageContext, spec: str, data: str, split: str) -> np.ndarray:
+  """The dataset indices an index spec gives the ``train`` stream of this
+  stage's config (its seed), on ``data:split``."""
+  from jaxrobust.build import stream_seed
+  from jaxrobust.data import streams
+  name = data or ctx.config.data.name
+  stream = streams.StreamData(
+      "train", ctx.data.load(name, split), ctx.data.spec(name).num_classes,
+      stream_seed(ctx.config.seed, "train"), ctx.artifacts, f"{ctx.where}.exclude")
+  return np.unique(streams.build_index(spec, stream))

@@ -22,7 +22,9 @@ whatever augmentation strength makes it large or small, and α weighs the two.
 That is ``weight = 1/α`` on the human term and ``normalize_by`` (with
 ``normalize_momentum``, the moving averages, kept in the train state) on the
 pseudo term (:func:`student_losses`); without normalisation the loss is Noisy
-Student's ``L_h + α · L_p`` (its ``unlabel_ratio`` weighting). The formula
+Student's ``L_h + unlabel_ratio · L_p`` (``main.py``: ``(lab_loss·B_l +
+unl_loss·B_u) / B_l`` with ``B_u = unlabel_ratio · B_l``; ``α`` scales it,
+1 by default). The formula
 is written from the paper as we understand it (it was not re-checked
 against the PDF offline); the moving-average momentum is ours (0.99; the
 paper does not give one here).
@@ -34,7 +36,12 @@ heads``), two streams, ``L = L_target + w · L_source`` (:func:`joint_training`;
 the source stream keeps its own labels with the ``own`` label source).
 
 Hard pseudo-labels are trained with label smoothing 0.1 (Noisy Student's
-default); soft ones with plain cross-entropy.
+default); soft ones with plain cross-entropy. The student's labelled term has
+label smoothing 0.1 too (Noisy Student's ``lab_loss``); the teachers and the
+supervised arms of the recipe train with plain cross-entropy, as the
+recipe's other supervised baselines. The unlabelled pool excludes the
+labelled images (``pseudo_label(exclude=...)``): Noisy Student's unlabelled
+data is disjoint from its labelled data.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from jaxrobust.registry import RegistryError
 
 MOMENTUM = 0.99
 HARD_LABEL_SMOOTHING = 0.1  # Noisy Student, hard pseudo-labels
+LABELED_LABEL_SMOOTHING = 0.1  # Noisy Student's lab_loss (main.py), the student's labelled term
 UNLABELED = "unlabeled"
 
 
@@ -58,18 +66,26 @@ def own_labels(data: StreamData) -> LabelFn:
 
 
 def student_losses(*, alpha: float = 1.0, normalize: bool = True, momentum: float = MOMENTUM,
-                   hard: bool = True, stream: str = UNLABELED) -> dict[str, Any]:
-  """``config.losses`` of a student: human-label CE on ``train`` and
-  pseudo-label CE on ``stream``, combined as in the module docstring."""
+                   hard: bool = True, stream: str = UNLABELED,
+                   unlabel_ratio: float = 1.0) -> dict[str, Any]:
+  """``config.losses`` of a student: human-label CE on ``train`` (label
+  smoothing 0.1, as Noisy Student's ``lab_loss``) and pseudo-label CE on
+  ``stream``, combined as in the module docstring; without normalisation
+  Noisy Student's ``L_h + unlabel_ratio · L_p`` (``(lab_loss·B_l +
+  unl_loss·B_u) / B_l``), scaled by ``alpha``."""
   if not alpha > 0:
     raise RegistryError(f"self-training: alpha must be > 0, got {alpha!r}.")
+  if not unlabel_ratio > 0:
+    raise RegistryError(f"self-training: unlabel_ratio must be > 0, got {unlabel_ratio!r}.")
   smoothing = HARD_LABEL_SMOOTHING if hard else 0.0
   pseudo = {"name": "cross_entropy", "stream": stream, "label_smoothing": smoothing}
+  human = {"label_smoothing": LABELED_LABEL_SMOOTHING}
   if normalize:
-    return {"cross_entropy": {"weight": 1.0 / alpha},
+    return {"cross_entropy": {**human, "weight": 1.0 / alpha},
             "pseudo": {**pseudo, "weight": 1.0, "normalize_by": "cross_entropy",
                        "normalize_momentum": float(momentum)}}
-  return {"cross_entropy": {"weight": 1.0}, "pseudo": {**pseudo, "weight": float(alpha)}}
+  return {"cross_entropy": {**human, "weight": 1.0},
+          "pseudo": {**pseudo, "weight": float(alpha) * float(unlabel_ratio)}}
 
 
 def student(overrides: Mapping[str, Any], *, labels_stage: str, data: str, split: str = "train",
@@ -91,7 +107,7 @@ def student(overrides: Mapping[str, Any], *, labels_stage: str, data: str, split
                         "labels": f"artifact:{labels_stage}/labels"}
   out["streams"] = streams
   out["losses"] = student_losses(alpha=alpha, normalize=normalize, momentum=momentum,
-                                 hard=hard)
+                                 hard=hard, unlabel_ratio=unlabel_ratio)
   return out
 
 

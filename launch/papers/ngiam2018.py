@@ -40,7 +40,7 @@ def recipe(seed: int, quick: bool):
     stages.update(recipe_lib.target_stages(
         "letters", samplers=SAMPLERS, sizes=s["letters_sizes"], mode="compare",
         pretrain_steps=s["pretrain_steps"], finetune_steps=s["finetune_steps"],
-        labeled_per_class=20, temperature=2.0, elastic_mode="proportional",
+        labeled_per_class=20, temperature=2.0, elastic_mode="greedy",
         source=recipe_lib.SOURCE))
     c.stages = stages
   return c
@@ -118,8 +118,9 @@ PAPER = Paper(
         "P_t = mean softmax at T = 2 of the source model over the target's training images "
         "(labels unused); P_s = glyph class frequencies (uniform); w = P_t / P_s. Pre-training "
         "sets: same-distribution matching (class counts = size·P_t by largest remainder, images "
-        "drawn with replacement), elastic matching (without replacement; P_t until a class runs "
-        "out, the rest spread in proportion to P_t) and a uniform random subset, each seeded by "
+        "drawn with replacement), elastic matching (without replacement; whole classes in "
+        "decreasing importance weight until the size is reached) and a uniform random subset, "
+        "each seeded by "
         "the run's seed; each pre-trained from scratch for the same steps. Fine-tuning: 20 "
         "labelled images per target class (a seeded subset, the same for every arm of a seed), "
         "new head, all layers, 150 steps (quick 60), batch 64, lr 0.1 (the embedded "
