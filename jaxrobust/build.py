@@ -189,12 +189,28 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
         name, spec, data.load(dataset, spec["split"]),
         num_classes=num_classes if labelled else None,
         seed=stream_seed(config.seed, name), artifacts=artifacts)
-    steps[name] = step_lib.StreamStep(
-        name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
-        views=int(spec["views"]),
-        perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
-        else None)
+    steps[name] = stream_step(name, spec)
   return streams_lib.TrainInput(inputs), steps
+
+
+def stream_step(name: str, spec: Mapping[str, Any]) -> step_lib.StreamStep:
+  """How the step treats stream ``name`` of spec ``spec`` (its pp chain,
+  views and perturbation, built and checked); reads no data."""
+  where = f"config.streams.{name}"
+  spec = {**streams_lib.stream_defaults(), **dict(spec)}
+  return step_lib.StreamStep(
+      name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
+      views=int(spec["views"]),
+      perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
+      else None)
+
+
+def build_stream_steps(config: ml_collections.ConfigDict) -> dict[str, step_lib.StreamStep]:
+  """:func:`stream_step` of every stream of ``config.streams``, from the
+  config alone (no data read): with :func:`build_modules` and
+  :func:`build_updates` it gives a :class:`~jaxrobust.train_step.StepSpec`
+  to feed batches by hand (the PyTorch parity tests)."""
+  return {name: stream_step(name, cfg.to_dict()) for name, cfg in config.streams.items()}
 
 
 def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.Artifacts
