@@ -232,51 +232,10 @@ def _jax_worker(cfg: Config, batch: int):
 
 
 def _torch_wrn(depth: int = 40, width: int = 2, num_classes: int = NUM_CLASSES):
-  """WRN of hendrycks/outlier-exposure CIFAR/models/wrn.py, written for this benchmark."""
-  import math
-
-  import torch
-  from torch import nn
-
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-                       if cin != cout or stride != 1 else None)
-
-    def forward(self, x):
-      pre = torch.relu(self.bn1(x))
-      y = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
-      return y + (x if self.shortcut is None else self.shortcut(pre))
-
-  class WRN(nn.Module):
-    def __init__(self):
-      super().__init__()
-      n, widths = (depth - 4) // 6, [16 * width, 32 * width, 64 * width]
-      layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)], 16
-      for w, s in zip(widths, [1, 2, 2]):
-        for b in range(n):
-          layers.append(Block(cin, w, s if b == 0 else 1))
-          cin = w
-      self.body = nn.Sequential(*layers)
-      self.bn = nn.BatchNorm2d(cin)
-      self.fc = nn.Linear(cin, num_classes)
-      for m in self.modules():
-        if isinstance(m, nn.Conv2d):
-          fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-          m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-        elif isinstance(m, nn.Linear):
-          m.bias.data.zero_()
-
-    def forward(self, x, return_features=False):
-      feats = torch.relu(self.bn(self.body(x))).mean(dim=(2, 3))
-      logits = self.fc(feats)
-      return (logits, feats) if return_features else logits
-
-  return WRN()
+  """The hendrycks WideResNet (``wrn.py`` layout and names), the PyTorch port
+  of the parity tests (``tests/parity/torch_reference.py``)."""
+  from tests.parity.torch_reference import WideResNet
+  return WideResNet(depth, num_classes, width)
 
 
 def _torch_model(cfg: Config):
@@ -410,34 +369,17 @@ def torch_check_main() -> None:
 
   (_, (logits, feats, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
+  from jaxrobust import convert
+
   tmodel = _torch_wrn(depth, width).double()
-  # Flax modules sorted in construction order pair up with torch's module order.
-  flax_convs, flax_bns = [], []
-
-  def visit(p, s, g):
-    for k in sorted(p, key=_flax_order):
-      if k == "head":
-        continue
-      if "kernel" in p[k]:
-        flax_convs.append((p[k]["kernel"], g[k]["kernel"]))
-      elif "scale" in p[k]:
-        flax_bns.append((p[k], s[k]))
-      else:
-        visit(p[k], s.get(k, {}), g[k])
-
-  visit(params, stats, grads)
   t = lambda a: torch.from_numpy(np.array(a))
+  # jaxrobust.convert maps the Flax tree to the reference's state_dict names.
+  tmodel.load_state_dict({k: t(v) for k, v in convert.to_torch(params, stats, arch="wrn").items()},
+                         strict=True)
   tconvs = [m for m in tmodel.modules() if isinstance(m, torch.nn.Conv2d)]
-  tbns = [m for m in tmodel.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  assert len(tconvs) == len(flax_convs) and len(tbns) == len(flax_bns)
-  with torch.no_grad():
-    for m, (k, _) in zip(tconvs, flax_convs):
-      m.weight.copy_(t(np.asarray(k).transpose(3, 2, 0, 1)))
-    for m, (p, _) in zip(tbns, flax_bns):
-      m.weight.copy_(t(p["scale"]))
-      m.bias.copy_(t(p["bias"]))
-    tmodel.fc.weight.copy_(t(np.asarray(params["head"]["kernel"]).T))
-    tmodel.fc.bias.copy_(t(params["head"]["bias"]))
+  tgrads = convert.to_torch(grads, stats, arch="wrn")
+  flax_conv_grads = [tgrads[n + ".weight"] for n, m in tmodel.named_modules()
+                     if isinstance(m, torch.nn.Conv2d)]
   tmodel.train()
   tx = t(x.transpose(0, 3, 1, 2))
   tlogits, tfeats = tmodel(tx, return_features=True)
@@ -447,20 +389,18 @@ def torch_check_main() -> None:
       ("train-mode logits", logits, tlogits.detach().numpy()),
       ("features", feats, tfeats.detach().numpy()),
       ("head kernel grad", grads["head"]["kernel"], tmodel.fc.weight.grad.numpy().T),
-      ("conv kernel grads (all, worst)", np.concatenate([np.ravel(g) for _, g in flax_convs]),
-       np.concatenate([m.weight.grad.numpy().transpose(2, 3, 1, 0).ravel() for m in tconvs])),
-      ("final BN running mean", new_stats["bn"]["mean"], tmodel.bn.running_mean.numpy().copy()),
+      ("conv kernel grads (all, worst)", np.concatenate([np.ravel(g) for g in flax_conv_grads]),
+       np.concatenate([m.weight.grad.numpy().ravel() for m in tconvs])),
+      ("final BN running mean", new_stats["bn"]["mean"], tmodel.bn1.running_mean.numpy().copy()),
       # torch updates running_var with the unbiased batch variance, flax with the biased one.
       ("final BN running var (n/(n-1) corrected)",
        (np.asarray(new_stats["bn"]["var"]) - 0.9) * n_last / (n_last - 1) + 0.9,
-       tmodel.bn.running_var.numpy().copy()),
+       tmodel.bn1.running_var.numpy().copy()),
   ]
   shifted = _map_stats(stats, lambda s: {"mean": s["mean"] + 0.1, "var": s["var"] * 1.5})
   tmodel.eval()
+  tmodel.load_state_dict({k: t(v) for k, v in convert.to_torch(params, shifted, arch="wrn").items()})
   with torch.no_grad():
-    for m, (_, s) in zip(tbns, flax_bns):
-      m.running_mean.copy_(t(s["mean"]) + 0.1)
-      m.running_var.copy_(t(s["var"]) * 1.5)
     eval_ref = tmodel(tx).numpy()
   eval_logits = model.apply({"params": params, "batch_stats": shifted}, jnp.asarray(x),
                             train=False)
@@ -475,18 +415,6 @@ def torch_check_main() -> None:
   print(f"  => {'OK' if worst < 1e-9 else 'MISMATCH'} (tolerance 1e-9)", flush=True)
   if worst >= 1e-9:
     sys.exit(1)
-
-
-def _flax_order(key: str):
-  """Sorts module names in construction order: stem, group1_block1.., bn."""
-  import re
-  if key == "stem":
-    return (0, 0, 0, "")
-  m = re.fullmatch(r"group(\d+)_block(\d+)", key)
-  if m:
-    return (1, int(m.group(1)), int(m.group(2)), "")
-  order = {"bn1": 0, "conv1": 1, "bn2": 2, "conv2": 3, "shortcut": 4, "bn": 9}
-  return (2, order.get(key, 8), 0, key)
 
 
 def _map_stats(tree, fn):
@@ -567,7 +495,7 @@ def main() -> None:
                 for c in configs if c.framework == "jax"]
   have_torch = _has_module("torch")
   if not have_torch:
-    print("torch is not installed (pip install 'jaxrobust[bench]'): PyTorch rows skipped.")
+    print("torch is not installed (pip install 'jaxrobust[torch]'): PyTorch rows skipped.")
     configs = [c for c in configs if c.framework != "torch"]
   if have_torch and not args.no_check:
     subprocess.run([sys.executable, os.path.abspath(__file__), "--torch_check"], check=True,

@@ -175,9 +175,6 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
     dataset = spec["data"] or config.data.name
     ds_spec = data.spec(dataset)
     got = pipeline.image_shape(ds_spec, config.data.image_size)
-    if spec["passes_by_group"] and (spec["views"] > 1 or spec["perturb"]):
-      raise ValueError(f"{where}.passes_by_group: separate passes by group take a single-view "
-                       "stream without a perturbation.")
     if spec["through_model"] and got != tuple(image_shape):
       raise ValueError(f"{where}: {dataset!r} has images of shape {got}; the model takes "
                        f"{tuple(image_shape)}.")
@@ -194,13 +191,32 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
         name, spec, data.load(dataset, spec["split"]),
         num_classes=num_classes if labelled else None,
         seed=stream_seed(config.seed, name), artifacts=artifacts)
-    steps[name] = step_lib.StreamStep(
-        name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
-        views=int(spec["views"]),
-        perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
-        else None, perturb_stats=spec["perturb_stats"],
-        passes_by_group=tuple(int(g) for g in spec["passes_by_group"]))
+    steps[name] = stream_step(name, spec)
   return streams_lib.TrainInput(inputs), steps
+
+
+def stream_step(name: str, spec: Mapping[str, Any]) -> step_lib.StreamStep:
+  """How the step treats stream ``name`` of spec ``spec`` (its pp chain,
+  views and perturbation, built and checked); reads no data."""
+  where = f"config.streams.{name}"
+  spec = {**streams_lib.stream_defaults(), **dict(spec)}
+  if spec["passes_by_group"] and (spec["views"] > 1 or spec["perturb"]):
+    raise ValueError(f"{where}.passes_by_group: separate passes by group take a single-view "
+                     "stream without a perturbation.")
+  return step_lib.StreamStep(
+      name=name, pp=pp.build(spec["pp"], where=f"{where}.pp") if spec["pp"] else None,
+      views=int(spec["views"]),
+      perturb=attacks.build(spec["perturb"], where=f"{where}.perturb") if spec["perturb"]
+      else None, perturb_stats=spec["perturb_stats"],
+      passes_by_group=tuple(int(g) for g in spec["passes_by_group"]))
+
+
+def build_stream_steps(config: ml_collections.ConfigDict) -> dict[str, step_lib.StreamStep]:
+  """:func:`stream_step` of every stream of ``config.streams``, from the
+  config alone (no data read): with :func:`build_modules` and
+  :func:`build_updates` it gives a :class:`~jaxrobust.train_step.StepSpec`
+  to feed batches by hand (the PyTorch parity tests)."""
+  return {name: stream_step(name, cfg.to_dict()) for name, cfg in config.streams.items()}
 
 
 def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.Artifacts

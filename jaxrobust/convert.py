@@ -1,0 +1,333 @@
+"""Weights between jaxrobust (Flax) and PyTorch ``state_dict`` layouts, both ways.
+
+Numpy only: this module imports neither torch nor jax, so it serves checkpoint
+loading, the PyTorch parity tests (``tests/parity``) and the benchmarks alike.
+A PyTorch ``state_dict`` is handled as a mapping ``name -> array`` (numpy
+arrays; torch tensors are accepted on import and read through ``.numpy()``).
+
+:func:`to_torch` ``(params, batch_stats, *, arch) -> {name: np.ndarray}`` and
+:func:`from_torch` ``(state_dict, *, arch, params_template=None) -> (params,
+batch_stats)``.
+
+Architectures (``arch``):
+
+* ``'wrn'`` -- :class:`jaxrobust.models.wide_resnet.WideResNet` <-> the
+  WideResNet of ``hendrycks/pre-training`` (``*/models/wrn.py``), which
+  ``hendrycks/outlier-exposure`` and ``wetliu/energy_ood`` share
+  (``CIFAR/models/wrn.py``)::
+
+      stem                      <-> conv1
+      group{g}_block{b}/bn1     <-> block{g}.layer.{b-1}.bn1      (also bn2)
+      group{g}_block{b}/conv1   <-> block{g}.layer.{b-1}.conv1    (also conv2)
+      group{g}_block{b}/shortcut<-> block{g}.layer.{b-1}.convShortcut
+      bn                        <-> bn1
+      head                      <-> fc
+
+* ``'resnet50'`` -- :class:`jaxrobust.models.resnet.ResNet50` <-> torchvision's
+  ``resnet50`` (v1.5)::
+
+      conv1, bn1                <-> conv1, bn1
+      layer{s}_block{b}/convN   <-> layer{s}.{b-1}.convN          (N = 1, 2, 3; also bnN)
+      layer{s}_block{b}/downsample_conv, downsample_bn
+                                <-> layer{s}.{b-1}.downsample.0, downsample.1
+      head                      <-> fc
+
+Conventions:
+
+* convolution kernels: Flax HWIO ``[kh, kw, in, out]`` <-> PyTorch OIHW
+  ``[out, in, kh, kw]``;
+* dense kernels: Flax ``[in, out]`` <-> ``nn.Linear.weight`` ``[out, in]``;
+  biases as they are;
+* BatchNorm: ``params`` ``scale``/``bias`` <-> ``weight``/``bias``;
+  ``batch_stats`` ``mean``/``var`` <-> ``running_mean``/``running_var``.
+  ``num_batches_tracked`` is written as 0 (int64) and ignored on import (it
+  only matters to PyTorch's ``momentum=None``; PyTorch 0.4.0 checkpoints, such
+  as the ``hendrycks/pre-training`` snapshots, do not have it);
+* a ``module.`` prefix on every key (``nn.DataParallel``) is dropped on import.
+
+The layout (every name and its shape) is derived from the architecture's
+hyper-parameters (WRN: depth, width, classes, input channels; ResNet-50:
+classes, input channels), read from the given tree. A state_dict or a tree
+that does not fit it -- a missing key, an unexpected key, a shape mismatch,
+another architecture -- is one ``ValueError`` that names the key; nothing is
+ever partially loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+ARCHS = ("wrn", "resnet50")
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+
+# A layout: torch name -> (torch shape, flax collection, flax path, kind), in
+# the torch module order. kind: 'conv' | 'dense' | 'bias' | 'bn' | 'stat' | 'count'.
+Layout = dict[str, tuple[tuple[int, ...], str, str, str]]
+
+_BN_LEAVES = (("weight", "params", "scale", "bn"), ("bias", "params", "bias", "bn"),
+              ("running_mean", "batch_stats", "mean", "stat"),
+              ("running_var", "batch_stats", "var", "stat"))
+
+
+def _conv(layout: Layout, torch_name: str, flax_path: str, cin: int, cout: int, k: int) -> None:
+  layout[f"{torch_name}.weight"] = ((cout, cin, k, k), "params", f"{flax_path}/kernel", "conv")
+
+
+def _bn(layout: Layout, torch_name: str, flax_path: str, c: int) -> None:
+  for leaf, collection, flax_leaf, kind in _BN_LEAVES:
+    layout[f"{torch_name}.{leaf}"] = ((c,), collection, f"{flax_path}/{flax_leaf}", kind)
+  layout[f"{torch_name}.{NUM_BATCHES_TRACKED}"] = ((), "", "", "count")
+
+
+def _fc(layout: Layout, cin: int, k: int) -> None:
+  layout["fc.weight"] = ((k, cin), "params", "head/kernel", "dense")
+  layout["fc.bias"] = ((k,), "params", "head/bias", "bias")
+
+
+def wrn_layout(depth: int, width: int, num_classes: int, in_channels: int = 3) -> Layout:
+  """The ``hendrycks`` WideResNet-``depth``-``width`` state_dict layout
+  (PyTorch module order) and where each entry lives in jaxrobust's tree."""
+  if (depth - 4) % 6 or depth < 10 or width < 1:
+    raise ValueError(f"a WideResNet has depth 6n+4 (n >= 1) and width >= 1; got depth={depth}, "
+                     f"width={width}.")
+  n = (depth - 4) // 6
+  layout: Layout = {}
+  _conv(layout, "conv1", "stem", in_channels, 16, 3)
+  cin = 16
+  for g, (cout, stride) in enumerate([(16 * width, 1), (32 * width, 2), (64 * width, 2)], 1):
+    for b in range(n):
+      t, f = f"block{g}.layer.{b}", f"group{g}_block{b + 1}"
+      s = stride if b == 0 else 1
+      _bn(layout, f"{t}.bn1", f"{f}/bn1", cin)
+      _conv(layout, f"{t}.conv1", f"{f}/conv1", cin, cout, 3)
+      _bn(layout, f"{t}.bn2", f"{f}/bn2", cout)
+      _conv(layout, f"{t}.conv2", f"{f}/conv2", cout, cout, 3)
+      if cin != cout or s != 1:  # wrn.py: a 1x1 convShortcut when not equalInOut
+        _conv(layout, f"{t}.convShortcut", f"{f}/shortcut", cin, cout, 1)
+      cin = cout
+  _bn(layout, "bn1", "bn", cin)
+  _fc(layout, cin, num_classes)
+  return layout
+
+
+RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
+def resnet50_layout(num_classes: int, in_channels: int = 3) -> Layout:
+  """torchvision's ``resnet50`` state_dict layout (module order) and where
+  each entry lives in jaxrobust's tree."""
+  layout: Layout = {}
+  _conv(layout, "conv1", "conv1", in_channels, 64, 7)
+  _bn(layout, "bn1", "bn1", 64)
+  cin = 64
+  for s, (width, blocks, stride) in enumerate(RESNET50_STAGES, 1):
+    for b in range(blocks):
+      t, f = f"layer{s}.{b}", f"layer{s}_block{b + 1}"
+      out = 4 * width
+      for i, (ci, co, k) in enumerate([(cin, width, 1), (width, width, 3), (width, out, 1)], 1):
+        _conv(layout, f"{t}.conv{i}", f"{f}/conv{i}", ci, co, k)
+        _bn(layout, f"{t}.bn{i}", f"{f}/bn{i}", co)
+      if cin != out or (stride if b == 0 else 1) != 1:
+        _conv(layout, f"{t}.downsample.0", f"{f}/downsample_conv", cin, out, 1)
+        _bn(layout, f"{t}.downsample.1", f"{f}/downsample_bn", out)
+      cin = out
+  _fc(layout, cin, num_classes)
+  return layout
+
+
+# --- reading the hyper-parameters of a tree or a state_dict -------------------------
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in (tree or {}).items():
+    path = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flat(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def _need(table: Mapping[str, Any], key: str, what: str, ndim: int) -> tuple[int, ...]:
+  if key not in table:
+    raise ValueError(f"{what}: missing key {key!r}; not a tree of this architecture "
+                     f"(it has {_sample(table)}).")
+  shape = tuple(np.shape(table[key]))
+  if len(shape) != ndim:
+    raise ValueError(f"{what}: {key!r} has shape {shape}, expected rank {ndim}.")
+  return shape
+
+
+def _sample(table: Mapping[str, Any]) -> str:
+  keys = list(table)
+  return ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "") or "no keys"
+
+
+def _check_arch(arch: str) -> None:
+  if arch not in ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}.")
+
+
+def _layout_of_flax(flat_params: Mapping[str, Any], arch: str) -> Layout:
+  what = f"to_torch(arch={arch!r})"
+  if arch == "wrn":
+    stem = _need(flat_params, "stem/kernel", what, 4)
+    head = _need(flat_params, "head/kernel", what, 2)
+    blocks = {int(m.group(1)) for p in flat_params
+              if (m := re.fullmatch(r"group1_block(\d+)/.*", p))}
+    width = _need(flat_params, "group1_block1/conv1/kernel", what, 4)[3] // 16
+    return wrn_layout(6 * len(blocks) + 4, width, head[1], stem[2])
+  head = _need(flat_params, "head/kernel", what, 2)
+  return resnet50_layout(head[1], _need(flat_params, "conv1/kernel", what, 4)[2])
+
+
+def _layout_of_torch(sd: Mapping[str, Any], arch: str) -> Layout:
+  what = f"from_torch(arch={arch!r})"
+  fc = _need(sd, "fc.weight", what, 2)
+  conv1 = _need(sd, "conv1.weight", what, 4)
+  if arch == "wrn":
+    blocks = {int(m.group(1)) for k in sd if (m := re.fullmatch(r"block1\.layer\.(\d+)\..*", k))}
+    width = _need(sd, "block1.layer.0.conv1.weight", what, 4)[0] // 16
+    return wrn_layout(6 * len(blocks) + 4, max(width, 1), fc[0], conv1[1])
+  return resnet50_layout(fc[0], conv1[1])
+
+
+# --- the two directions ---------------------------------------------------------------
+
+def _to_numpy(x: Any) -> np.ndarray:
+  if hasattr(x, "detach"):  # a torch tensor (read without importing torch)
+    x = x.detach().cpu().numpy()
+  return np.asarray(x)
+
+
+def _to_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+  if kind == "dense":
+    return np.ascontiguousarray(x.T)
+  return x
+
+
+def _from_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  if kind == "dense":
+    return np.ascontiguousarray(x.T)
+  return x
+
+
+def _compare(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]],
+             what: str, optional: frozenset[str] = frozenset()) -> None:
+  """One ValueError listing every missing / unexpected key and shape mismatch."""
+  missing = [k for k in expected if k not in got and k not in optional]
+  unexpected = [k for k in got if k not in expected]
+  mismatched = [f"{k}: got {got[k]}, expected {expected[k]}"
+                for k in expected if k in got and tuple(got[k]) != tuple(expected[k])]
+  if not (missing or unexpected or mismatched):
+    return
+  parts = []
+  if missing:
+    parts.append(f"missing key(s) {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+  if unexpected:
+    parts.append(f"unexpected key(s) {unexpected[:8]}" + (" ..." if len(unexpected) > 8 else ""))
+  if mismatched:
+    parts.append("shape mismatch: " + "; ".join(mismatched[:8])
+                 + (" ..." if len(mismatched) > 8 else ""))
+  raise ValueError(f"{what}: " + ", ".join(parts) + ".")
+
+
+def _check_flax(flat: Mapping[str, Any], layout: Layout, what: str,
+                collections: tuple[str, ...] = ("params", "batch_stats")) -> None:
+  """``flat`` (``'<collection>/<path>' -> array``) holds exactly the layout's
+  entries of ``collections``, with their (Flax) shapes."""
+  expected = {f"{e[1]}/{e[2]}": _flax_shape(e) for e in layout.values()
+              if e[3] != "count" and e[1] in collections}
+  _compare(expected, {k: tuple(np.shape(v)) for k, v in flat.items()}, what)
+
+
+def to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
+             arch: str) -> dict[str, np.ndarray]:
+  """A PyTorch ``state_dict`` (``name -> np.ndarray``, in the module order of
+  the reference model) from jaxrobust ``params`` and ``batch_stats``.
+
+  Raises ``ValueError`` naming the entry when the tree is not a complete
+  ``arch`` model (missing or extra parameters, e.g. an extra head, or shapes
+  that do not fit the layout).
+  """
+  _check_arch(arch)
+  flat = {f"params/{k}": _to_numpy(v) for k, v in _flat(params).items()}
+  flat.update({f"batch_stats/{k}": _to_numpy(v) for k, v in _flat(batch_stats).items()})
+  layout = _layout_of_flax(_flat(params), arch)
+  _check_flax(flat, layout, f"to_torch(arch={arch!r})")
+  out = {}
+  for name, (_, collection, path, kind) in layout.items():
+    if kind == "count":
+      out[name] = np.zeros((), np.int64)
+    else:
+      out[name] = _to_torch_array(kind, flat[f"{collection}/{path}"])
+  return out
+
+
+def from_torch(state_dict: Mapping[str, Any], *, arch: str,
+               params_template: Mapping[str, Any] | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """jaxrobust ``(params, batch_stats)`` (nested dicts of numpy arrays) from a
+  PyTorch ``state_dict`` of the reference ``arch`` model.
+
+  ``params_template`` (e.g. the params of the model to load into, or their
+  ``jax.eval_shape``): the state_dict must then give exactly its entries with
+  its shapes, and the arrays take its dtypes; without it, the layout is read
+  from the state_dict itself (depth, width, classes, input channels). Raises
+  ``ValueError`` naming every missing, unexpected or mis-shaped key.
+  """
+  _check_arch(arch)
+  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  if sd and all(k.startswith("module.") for k in sd):  # nn.DataParallel
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  what = f"from_torch(arch={arch!r})"
+  dtypes: dict[str, Any] = {}
+  if params_template is not None:
+    template = _flat(params_template)
+    layout = _layout_of_flax(template, arch)
+    _check_flax({f"params/{k}": v for k, v in template.items()}, layout,
+                f"{what}: params_template", collections=("params",))
+    dtypes = {k: getattr(v, "dtype", None) for k, v in template.items()}
+  else:
+    layout = _layout_of_torch(sd, arch)
+  counts = frozenset(n for n, e in layout.items() if e[3] == "count")
+  _compare({n: e[0] for n, e in layout.items()},
+           {n: tuple(v.shape) for n, v in sd.items()}, what, optional=counts)
+  params, stats = {}, {}
+  for name, (_, collection, path, kind) in layout.items():
+    if kind == "count":
+      continue
+    x = _from_torch_array(kind, sd[name])
+    if collection == "params":
+      params[path] = x.astype(dtypes[path]) if dtypes.get(path) is not None else x
+    else:
+      stats[path] = x
+  return _unflat(params), _unflat(stats)
+
+
+def _flax_shape(entry: tuple[tuple[int, ...], str, str, str]) -> tuple[int, ...]:
+  shape, _, _, kind = entry
+  if kind == "conv":
+    o, i, h, w = shape
+    return (h, w, i, o)
+  if kind == "dense":
+    return shape[::-1]
+  return shape
