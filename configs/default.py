@@ -74,6 +74,7 @@ def get_config(arg=None):
     c.model.kwargs.dropout_rate = 0.3
     c.num_epochs = 100.0
     c.optimizer.end_learning_rate = 1e-6
+    c.optimizer.schedule_offset = 1  # tune.py/baseline.py: scheduler.step() before optimizer.step()
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
   if args.epochs > 0:

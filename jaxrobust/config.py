@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.step_epochs = ()  # for 'step': epochs at which lr *= step_factor
   c.optimizer.step_factor = 0.1
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  # Update t uses the schedule at t + schedule_offset: 1 = PyTorch code that calls
+  # scheduler.step() before optimizer.step() (Hendrycks et al., OE, energy).
+  c.optimizer.schedule_offset = 0
 
   c.eval_batch_size = 256
   c.num_epochs = 10.0  # epochs of the `train` stream

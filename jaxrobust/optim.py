@@ -19,7 +19,15 @@ import optax
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
                            steps_per_epoch: float) -> optax.Schedule:
-  """The per-step learning rate described by ``config.optimizer``."""
+  """The per-step learning rate described by ``config.optimizer``.
+
+  Update ``t`` (0-based) uses ``schedule(t + schedule_offset)``: 0 is optax's
+  convention; 1 is the PyTorch reference code that calls
+  ``scheduler.step()`` before ``optimizer.step()`` in every iteration
+  (Hendrycks et al.'s ``tune.py``/``baseline.py``, the OE and energy code),
+  whose first update is already annealed one step and whose last uses the
+  final learning rate.
+  """
   lr = float(cfg.learning_rate)
   end = float(cfg.end_learning_rate)
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -41,9 +49,12 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
   else:
     raise ValueError(
         f"unknown config.optimizer.schedule {cfg.schedule!r}; known: cosine, constant, linear, step.")
-  if warmup <= 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  schedule = main if warmup <= 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  offset = int(cfg.get("schedule_offset", 0))
+  if offset not in (0, 1):
+    raise ValueError(f"config.optimizer.schedule_offset must be 0 or 1, got {offset!r}.")
+  return schedule if offset == 0 else (lambda step: schedule(step + offset))
 
 
 def _kernel_mask(params: Any) -> Any:

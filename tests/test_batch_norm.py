@@ -31,14 +31,28 @@ def test_running_variance_is_pytorchs_unbiased_rule():
   np.testing.assert_allclose(y, (X - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
 
 
-def test_biased_rule_is_flax_batchnorm_exactly():
+def test_biased_rule_is_flax_two_pass_batchnorm():
   ours = layers.BatchNorm(use_running_average=False, running_variance="biased")
-  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                         use_fast_variance=False)
   y, stats, variables = _run(ours, X)
   y_ref, mutated = flax_bn.apply(variables, X, mutable=["batch_stats"])
-  np.testing.assert_array_equal(y, np.asarray(y_ref))
+  np.testing.assert_allclose(y, np.asarray(y_ref), rtol=1e-6, atol=1e-6)
   for k in ("mean", "var"):
-    np.testing.assert_array_equal(stats[k], np.asarray(mutated["batch_stats"][k]))
+    np.testing.assert_allclose(stats[k], np.asarray(mutated["batch_stats"][k]), rtol=1e-6)
+
+
+def test_two_pass_variance_survives_a_large_mean():
+  """float32 with a mean 1e3 times the spread: the two-pass variance is right
+  (flax's default one-pass E[x²] − E[x]² is not)."""
+  x = (1000.0 + np.random.default_rng(1).normal(0, 1, (64, 2, 2, 3))).astype(np.float32)
+  bn = layers.BatchNorm(use_running_average=False, running_variance="biased")
+  _, stats, _ = _run(bn, x)
+  want = 0.9 + 0.1 * x.astype(np.float64).var((0, 1, 2))
+  np.testing.assert_allclose(stats["var"], want, rtol=1e-4)
+  fast = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  _, mutated = fast.apply(fast.init(jax.random.PRNGKey(0), x), x, mutable=["batch_stats"])
+  assert not np.allclose(np.asarray(mutated["batch_stats"]["var"]), want, rtol=1e-2)
 
 
 def test_a_row_mask_is_a_pass_over_the_subset_alone():

@@ -39,6 +39,19 @@ def test_cosine_schedule_matches_hendrycks():
     np.testing.assert_allclose(sched(t), hendrycks_cosine(t, 1000, 0.1, 1e-6), rtol=1e-5, atol=1e-9)
 
 
+def test_schedule_offset_is_scheduler_step_before_optimizer_step():
+  """tune.py/baseline.py call scheduler.step() before optimizer.step(): update
+  t uses LambdaLR's value after t + 1 scheduler steps; the last update uses
+  the final learning rate."""
+  cfg = _opt(learning_rate=0.1, end_learning_rate=1e-6, schedule_offset=1)
+  sched = optim.learning_rate_schedule(cfg, total_steps=20, steps_per_epoch=10)
+  want = [hendrycks_cosine(t + 1, 20, 0.1, 1e-6) for t in range(20)]
+  np.testing.assert_allclose([sched(t) for t in range(20)], want, rtol=1e-5, atol=1e-9)
+  assert float(sched(19)) == pytest.approx(1e-6, rel=1e-3)
+  with pytest.raises(ValueError, match="schedule_offset must be 0 or 1, got 2"):
+    optim.learning_rate_schedule(_opt(schedule_offset=2), total_steps=20, steps_per_epoch=10)
+
+
 def test_warmup_then_cosine():
   cfg = _opt(learning_rate=0.2, warmup_epochs=1.0)
   sched = optim.learning_rate_schedule(cfg, total_steps=110, steps_per_epoch=10)
