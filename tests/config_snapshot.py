@@ -39,10 +39,12 @@ SNAPSHOT_ARGS: tuple[tuple[str, str], ...] = (
       for m in ("compare", "msp", "energy_ft", "oe_ft", "confidence")),
     *(("configs/recipes/self_training.py", a) for a in (
         "", "mode=compare", "aug=s1,rounds=1", "normalize=False", "student=wide",
-        "init=supervised", "init=simclr", "smoke=True")),
+        "init=supervised", "init=simclr", "smoke=True", "variant=cifar10",
+        "variant=cifar10,mode=compare", "variant=cifar10,unlabeled=imagenet,init=simclr")),
     *(("configs/recipes/domain_adaptive.py", a) for a in (
         "", "mode=compare", "targets=letters",
-        "samplers=same+elastic+uniform,sizes=2000+8000,targets=digits+letters", "smoke=True")),
+        "samplers=same+elastic+uniform,sizes=2000+8000,targets=digits+letters", "smoke=True",
+        "variant=imagenet", "variant=imagenet,targets=pets+cars+food+cifar10+birds,mode=compare")),
 )
 
 

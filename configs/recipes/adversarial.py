@@ -35,6 +35,7 @@ from jaxrobust.config import parse_arg
 from jaxrobust.methods import adversarial, transfer
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
+MODES = transfer.MODES
 
 
 def get_config(arg=None):

@@ -40,6 +40,8 @@ from jaxrobust.methods import label_noise
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 METHODS = label_noise.METHODS + ("compare",)
+MODES, MODE_KEY = METHODS, "method"  # the argument that picks the arm(s)
+EXTRA_ARGS = ("pretrained=True",)  # every phase fine-tuned from a pre-training stage
 # compare: (stage prefix, method, trusted fraction) of each arm.
 COMPARE = (("", "ce", 0.0), ("", "forward", 0.0), ("glc5_", "glc", 0.05),
            ("glc10_", "glc", 0.10))

@@ -48,6 +48,8 @@ from jaxrobust.config import parse_arg
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 MODES = ("compare", "msp", "energy_ft", "oe_ft", "confidence")
+# What a variant cannot run without (the training outliers of the CIFAR variants).
+REQUIRED_ARGS = {v: "outliers=imagenet_resized/32x32:train" for v in ("cifar10", "cifar100")}
 EMBEDDED_FINETUNE_LR = 0.1  # picked on validation (docs/methods/ood.md)
 # wetliu/energy_ood run.sh energy_ft margins.
 PAPER_MARGINS = {"cifar10": (-23.0, -5.0), "cifar100": (-27.0, -5.0)}

@@ -40,6 +40,7 @@ from jaxrobust.config import parse_arg
 from jaxrobust.methods import transfer
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
+MODES = transfer.MODES
 # Picked on digits:validation (NLL) from {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0},
 # seed 0, for full and last-layer fine-tuning alike (docs/methods/pretrain-finetune.md).
 EMBEDDED_FINETUNE_LR = 0.1
