@@ -232,6 +232,12 @@ def pgd(loss_fn: Callable[..., Any], x: Array, y: Array, *, eps: float, step_siz
 
   Where this departs from the reference:
 
+  * the projection is onto the ε-ball around the clean ``x``. In
+    ``PGD_linf``, ``adv_bx = bx.detach()`` shares storage with ``bx``, so the
+    in-place ``adv_bx += noise`` of the random start moves ``bx`` too and
+    every projection is onto the ball around ``bx + noise``: its adversarial
+    examples reach 2ε from the clean images. That is a reference bug, not
+    copied here;
   * the ℓ∞ random start is clamped to ``[clip_min, clip_max]`` before the
     first gradient (``PGD_linf`` evaluates the first gradient at the unclamped
     start; ``PGD_l2`` and the commented-out ``PGD`` of the same file clamp);

@@ -8,17 +8,19 @@ each side, and what is compared.
   :func:`jaxrobust.train_step.make_train_step`, jitted on one device and fed
   the batches by hand (no data pipeline: no augmentation, and the batches are
   the very arrays the PyTorch side gets). Nothing of the step is rewritten
-  here.
+  or patched here: the library's BatchNorm (two-pass batch variance, running
+  variance updated with the unbiased batch variance), its schedule offset,
+  its perturbation passes and passes by group are what run.
 * **PyTorch side** -- the reference port (:mod:`torch_reference`) on a
   WideResNet loaded with the jaxrobust initial weights through
-  :func:`jaxrobust.convert.to_torch` (``load_state_dict(strict=True)``).
+  :func:`jaxrobust.convert.to_torch` (``load_state_dict(strict=True)``), run
+  as the reference is written (``torch_reference.REFERENCE``) unless a test
+  pins a jaxrobust option against the port mimicking it.
 * **Compared** after every step: the loss and the learning rate the update
   used; after the last step: every parameter and BatchNorm running statistic
-  (the jaxrobust state converted to the PyTorch names). A tensor's deviation
-  is ``max|jax - torch| / max|torch|``; running variances are compared after
-  the ``n / (n - 1)`` correction (flax averages the biased batch variance,
-  PyTorch the unbiased one; ``n`` = values per channel of that BatchNorm), and
-  the uncorrected deviation is kept to pin that departure.
+  (the jaxrobust state converted to the PyTorch names), running variances as
+  they are (both sides average the unbiased batch variance). A tensor's
+  deviation is ``max|jax - torch| / max|torch|``.
 * **Tolerance**: float32 on both sides; a deviation passes when it is at most
   ``max(RTOL, FLOOR_FACTOR x floor)``, where the floor is the same deviation
   between the port's own float32 and float64 runs, measured in the same test.
@@ -33,9 +35,7 @@ total is the 20 steps run, dropout 0.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,7 +49,6 @@ from jaxrobust import build, convert
 from jaxrobust import config as config_lib
 from jaxrobust import train_state as state_lib
 from jaxrobust import train_step as step_lib
-from jaxrobust.models import layers
 
 from . import torch_reference as ref
 
@@ -58,7 +57,6 @@ BATCH = 8
 K = 10
 DEPTH, WIDTH = 10, 1
 IMAGE = (32, 32, 3)
-BN_MOMENTUM = 0.9  # flax's; PyTorch's 0.1
 # The tolerance of the float32 comparisons after 20 steps (deviation as above).
 RTOL = 1e-4
 
@@ -69,8 +67,9 @@ torch.set_num_threads(1)
 
 def base_config(learning_rate: float = 0.1) -> ml_collections.ConfigDict:
   """``configs/default.py:cifar10`` (HPT's recipe: WRN, SGD Nesterov 0.9, wd
-  5e-4 on all parameters, cosine to 1e-6 per step, mean = std = 0.5) made
-  small and deterministic: WRN-10-1, dropout 0, no augmentation, batch 8,
+  5e-4 on all parameters, cosine to 1e-6 per step, ``schedule_offset=1``
+  -- the reference's ``scheduler.step()`` before ``optimizer.step()`` --,
+  mean = std = 0.5) made small and deterministic: WRN-10-1, dropout 0, no augmentation, batch 8,
   20 steps (the schedule's total), no evaluators."""
   c = default.get_config("cifar10")
   c.model.kwargs.depth, c.model.kwargs.width, c.model.kwargs.dropout_rate = DEPTH, WIDTH, 0.0
@@ -162,48 +161,9 @@ class JaxRun:
   metrics: list[dict[str, float]]
 
 
-@contextlib.contextmanager
-def two_pass_bn_variance(on: bool = True):
-  """jaxrobust's BatchNorm with flax's ``use_fast_variance=False`` while active.
-
-  A stand-in for an engine option that does not exist yet. jaxrobust's
-  :func:`jaxrobust.models.layers.batch_norm` keeps flax's default
-  ``use_fast_variance=True``: the batch variance as ``E[x^2] - E[x]^2``,
-  which in float32 cancels catastrophically when a channel's mean is large
-  next to its spread. On the parity batches that makes the float32 gradients
-  of every layer below the last BatchNorm 1-10% off the float64 ones, while
-  PyTorch's (two-pass) are within 3e-6 (``test_parity_hpt`` pins it). The
-  switch only changes the constructor argument of the library's BatchNorm;
-  the step is the library's.
-  """
-  if not on:
-    yield
-    return
-  import types
-
-  import flax.linen
-
-  shipped = layers.nn
-  proxy = types.ModuleType("flax.linen (use_fast_variance=False)")
-  proxy.__dict__.update(vars(flax.linen))
-  proxy.BatchNorm = functools.partial(flax.linen.BatchNorm, use_fast_variance=False)
-  layers.nn = proxy  # what layers.batch_norm constructs its nn.BatchNorm from
-  try:
-    yield
-  finally:
-    layers.nn = shipped
-
-
 def run_jax(config: ml_collections.ConfigDict, batches: Sequence[Mapping[str, Any]],
-            constants: Mapping[str, np.ndarray] | None = None, *,
-            two_pass_variance: bool = True) -> JaxRun:
-  """``len(batches)`` steps of jaxrobust's own train step built from
-  ``config`` (BatchNorm variance: see :func:`two_pass_bn_variance`)."""
-  with two_pass_bn_variance(two_pass_variance):
-    return _run_jax(config, batches, constants)
-
-
-def _run_jax(config, batches, constants) -> JaxRun:
+            constants: Mapping[str, np.ndarray] | None = None) -> JaxRun:
+  """``len(batches)`` steps of jaxrobust's own train step built from ``config``."""
   config_lib.validate(config)
   constants = dict(constants or {})
   modules = build.build_modules(config, num_classes=K, image_shape=IMAGE,
@@ -279,15 +239,6 @@ def deviation(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def corrected_running_var(var_jax: np.ndarray, n: int, updates: int) -> np.ndarray:
-  """Flax's running variance (biased batch variances) as PyTorch's would be
-  (unbiased): both start at 1 and average with momentum 0.9, so
-  ``var_torch - 0.9^T = n/(n-1) * (var_flax - 0.9^T)`` after ``T`` updates of
-  the same batch variances."""
-  decayed = BN_MOMENTUM ** updates
-  return decayed + (np.asarray(var_jax, np.float64) - decayed) * n / (n - 1)
-
-
 QUANTITIES = ("loss", "lr", "params", "bn_mean", "bn_var")
 # A deviation passes when <= max(RTOL, FLOOR_FACTOR * the port's own float32
 # error), the latter measured in the same test as the deviation of the port's
@@ -305,8 +256,7 @@ class Report:
   params_worst: str
   kernels: float  # max over conv / fc weights only
   bn_mean: float
-  bn_var: float  # running_var, n/(n-1)-corrected
-  bn_var_raw: float  # uncorrected: the biased/unbiased departure
+  bn_var: float  # running_var, raw (both sides average the unbiased batch variance)
   moved: float  # max over kernels of max|final - init| / max|final|: the test is meaningful
   loss_drop: float  # first loss - last loss (torch)
   floor: "Report | None" = None  # the port's float32 run vs its float64 run
@@ -314,12 +264,13 @@ class Report:
   def line(self) -> str:
     out = (f"{self.name:34s} loss {self.loss:.1e}  params {self.params:.1e} "
            f"({self.params_worst}; kernels {self.kernels:.1e})  bn mean {self.bn_mean:.1e}  "
-           f"bn var {self.bn_var:.1e} (uncorrected {self.bn_var_raw:.1e})  lr {self.lr:.1e}  "
+           f"bn var {self.bn_var:.1e}  lr {self.lr:.1e}  "
            f"moved {self.moved:.2f}  loss {self.loss_drop:+.3f}")
     if self.floor is not None:
       f = self.floor
       out += (f"\n{'':34s} torch f32 vs f64: loss {f.loss:.1e}  params {f.params:.1e} "
-              f"(kernels {f.kernels:.1e})  bn mean {f.bn_mean:.1e}  bn var {f.bn_var:.1e}")
+              f"({f.params_worst}; kernels {f.kernels:.1e})  bn mean {f.bn_mean:.1e}  "
+              f"bn var {f.bn_var:.1e}")
     return out
 
   def tolerance(self, what: str, rtol: float = RTOL) -> float:
@@ -336,14 +287,11 @@ class Report:
 
 
 def compare(name: str, jax_traj: Trajectory, torch_traj: Trajectory, init: Mapping[str, Any],
-            bn_sizes: Mapping[str, int], bn_updates: int = STEPS,
             torch64: Trajectory | None = None) -> Report:
   """Deviations of ``torch_traj`` from ``jax_traj`` (see the module docstring);
-  ``bn_sizes``: values per channel of each BatchNorm
-  (``torch_reference.batchnorm_sizes``); ``torch64``: the port's float64 run,
-  for the float32 floor (``Report.floor``; running variances compared as is)."""
+  ``torch64``: the port's float64 run, for the float32 floor (``Report.floor``)."""
   j, t = jax_traj, torch_traj
-  params, means, var, raw = {}, {}, {}, {}
+  params, means, var = {}, {}, {}
   for key, tv in t.final.items():
     if key.endswith("num_batches_tracked"):
       continue
@@ -351,34 +299,26 @@ def compare(name: str, jax_traj: Trajectory, torch_traj: Trajectory, init: Mappi
     if key.endswith("running_mean"):
       means[key] = deviation(jv, tv)
     elif key.endswith("running_var"):
-      module = key[:-len(".running_var")]
-      corrected = (corrected_running_var(jv, bn_sizes[module], bn_updates)
-                   if bn_sizes else jv)
-      var[key] = deviation(corrected, tv)
-      raw[key] = deviation(jv, tv)
+      var[key] = deviation(jv, tv)
     else:
       params[key] = deviation(jv, tv)
   worst = max(params, key=params.get)
   kernels = [k for k in params if t.final[k].ndim > 1]
   moved = max(deviation(t.final[k], init[k]) for k in kernels)
-  floor = (compare(f"{name} floor", torch_traj, torch64, init, {}, bn_updates)
-           if torch64 is not None else None)
+  floor = compare(f"{name} floor", torch_traj, torch64, init) if torch64 is not None else None
   return Report(
       name=name, loss=float(np.max(np.abs(j.losses - t.losses) / np.abs(t.losses))),
       lr=float(np.max(np.abs(j.lrs - t.lrs) / np.abs(t.lrs))), params=params[worst],
       params_worst=worst, kernels=max(params[k] for k in kernels), bn_mean=max(means.values()),
-      bn_var=max(var.values()), bn_var_raw=max(raw.values()), moved=moved,
-      loss_drop=float(t.losses[0] - t.losses[-1]), floor=floor)
+      bn_var=max(var.values()), moved=moved, loss_drop=float(t.losses[0] - t.losses[-1]),
+      floor=floor)
 
 
 def compare_family(name: str, jax_run: JaxRun, learning_rate: float,
-                   step_fn: Callable[[ref.WideResNet, Any, Any, int], ref.StepOut],
-                   bn_inputs: Callable[[ref.WideResNet], tuple], *, floor: bool = True,
-                   bn_updates: int = STEPS) -> Report:
+                   step_fn: Callable[[ref.WideResNet, Any, Any, int], ref.StepOut], *,
+                   floor: bool = True) -> Report:
   """The PyTorch port ``step_fn`` from ``jax_run``'s initial weights, in
-  float32 (and float64 for the floor), compared with ``jax_run``;
-  ``bn_inputs(net)``: one train-mode call's inputs (for the BatchNorm sizes)."""
-  t32, net = run_torch(jax_run.init, learning_rate, step_fn)
-  sizes = ref.batchnorm_sizes(net, *bn_inputs(net))
+  float32 (and float64 for the floor), compared with ``jax_run``."""
+  t32, _ = run_torch(jax_run.init, learning_rate, step_fn)
   t64 = run_torch(jax_run.init, learning_rate, step_fn, dtype=torch.float64)[0] if floor else None
-  return compare(name, jax_run.traj, t32, jax_run.init, sizes, bn_updates, torch64=t64)
+  return compare(name, jax_run.traj, t32, jax_run.init, torch64=t64)

@@ -3,26 +3,29 @@
 against jaxrobust's step with ``streams.train.perturb = pgd(...)``.
 
 The attack runs as the reference runs it: the net in train mode (BatchNorm
-normalises with the batch statistics of each attack pass), [0, 1] inputs that
-the model sees as ``2x - 1`` (jaxrobust: mean = std = 0.5 inside the model,
-the same float32 values), sum-reduced cross-entropy, sign steps of 2/255,
-projection to the 8/255 ball and to [0, 1], 10 steps; then the training step on
-the adversarial batch only. The 20-step comparison has the random start off
-(``random_start=False`` / zero start noise).
+normalises with the batch statistics of each attack pass, and each of the 10
+attack passes updates the running statistics before the training pass does:
+11 updates per step -- jaxrobust's default ``perturb_stats='update'``), [0, 1]
+inputs that the model sees as ``2x - 1`` (jaxrobust: mean = std = 0.5 inside
+the model, the same float32 values), sum-reduced cross-entropy, sign steps of
+2/255, projection to the 8/255 ball and to [0, 1], 10 steps; then the training
+step on the adversarial batch only. The 20-step comparison (losses, learning
+rates, parameters and running statistics) has the random start off
+(``random_start=False`` / zero start noise); the attack is also compared state
+by state along the port's trajectory.
 
-Pinned departures:
+Pinned:
 
-* the attack's BatchNorm statistics: the reference's 10 attack passes each
-  update the running statistics (11 updates per step); jaxrobust discards the
-  attack passes' updates (1 per step). The parameters do not depend on it;
-  the running statistics do.
-* the random start: fed the same noise, the reference projects onto the ball
-  around ``bx + noise`` (``adv_bx = bx.detach()`` shares storage, so
-  ``adv_bx += noise`` moves ``bx`` too) and takes the first gradient at the
-  unclamped start; its adversarial examples reach ``2 eps`` from the clean
-  images. jaxrobust projects around the clean images and clamps the start.
-* as everywhere: the schedule index, the running variance, the one-pass
-  batch variance (``test_parity_hpt``).
+* ``perturb_stats='discard'`` (an option): the attack passes leave the
+  running statistics alone (1 update per step). It is the port whose attack
+  restores the running statistics, exactly; the parameters do not depend on
+  it, the running statistics differ from the reference's.
+* the random start (a deliberate choice): fed the same noise, the reference
+  projects onto the ball around ``bx + noise`` (``adv_bx = bx.detach()``
+  shares storage, so ``adv_bx += noise`` moves ``bx`` too -- a reference bug
+  jaxrobust does not copy) and takes the first gradient at the unclamped
+  start; its adversarial examples reach ``2 eps`` from the clean images.
+  jaxrobust projects around the clean images and clamps the start.
 """
 
 import numpy as np
@@ -43,9 +46,8 @@ pytestmark = [pytest.mark.parity, pytest.mark.slow]
 LR = 0.01  # tune.py fine-tunes at 0.001
 EPS, STEP_SIZE, ATTACK_STEPS = 8 / 255, 2 / 255, 10  # tune.py:128
 
-OVERRIDES: dict = {}
-ALIGN = ref.Departures(lr_at_step=True, attack_keeps_bn=True)
-TWO_PASS = True
+OVERRIDES: dict = {}  # the default config is the reference
+DISCARD = {"streams": {"train": {"perturb_stats": "discard"}}}
 
 
 def config(overrides=None, random_start: bool = False):
@@ -58,13 +60,28 @@ def config(overrides=None, random_start: bool = False):
 def jax_run(overrides=None) -> common.JaxRun:
   return common.cached_jax_run(
       f"pgd:{common.overrides_key(overrides)}",
-      lambda: common.run_jax(config(overrides), common.labelled_batches(),
-                             two_pass_variance=TWO_PASS))
+      lambda: common.run_jax(config(overrides), common.labelled_batches()))
 
 
-def step_fn(dep: ref.Departures):
+class StatsKeepingAttack:
+  """The port's attack with the BatchNorm running statistics restored after
+  it: what jaxrobust's ``perturb_stats='discard'`` does."""
+
+  def __init__(self, adversary: ref.PGDLinf):
+    self.adversary = adversary
+
+  def __call__(self, net, bx, by, start_noise=None):
+    saved = ref.batchnorm_running_stats(net)
+    out = self.adversary(net, bx, by, start_noise)
+    net.load_state_dict(saved, strict=False)
+    return out
+
+
+def step_fn(dep: ref.Departures = ref.REFERENCE, keep_stats: bool = False):
   batches = common.labelled_batches()
   adversary = ref.PGDLinf(EPS, ATTACK_STEPS, STEP_SIZE)
+  if keep_stats:
+    adversary = StatsKeepingAttack(adversary)
 
   def step(net, optimizer, scheduler, t):
     b = batches[t]["train"]
@@ -74,14 +91,10 @@ def step_fn(dep: ref.Departures):
   return step
 
 
-def bn_inputs(net):
-  x = common.to_torch_input(common.labelled_batches()[0]["train"]["image"], normalize=False)
-  return (common.cast(net, x * 2 - 1),)
-
-
-def compare(overrides=None, dep: ref.Departures = ALIGN, floor: bool = True) -> common.Report:
-  return common.compare_family("pgd-10 adversarial training", jax_run(overrides), LR,
-                               step_fn(dep), bn_inputs, floor=floor)
+def compare(overrides=None, *, keep_stats: bool = False, floor: bool = True) -> common.Report:
+  name = "pgd-10 adversarial training" + (" (discard)" if keep_stats else "")
+  return common.compare_family(name, jax_run(overrides), LR, step_fn(keep_stats=keep_stats),
+                               floor=floor)
 
 
 def test_adversarial_step_parity():
@@ -90,33 +103,28 @@ def test_adversarial_step_parity():
   float32: the port's own float32 and float64 runs part by ~0.3 (BatchNorm
   biases) after 20 steps, and the floor-based tolerance is that wide. The
   attack itself is checked state by state below, and the first step exactly."""
-  report = compare(OVERRIDES, ALIGN)
+  report = compare(OVERRIDES)
   report.assert_parity()
   j = jax_run(OVERRIDES)
-  traj, _ = common.run_torch(j.init, LR, step_fn(ALIGN), steps=1)
+  traj, _ = common.run_torch(j.init, LR, step_fn(), steps=1)
   assert traj.losses[0] == pytest.approx(j.traj.losses[0], rel=1e-6)
 
 
 def _jax_attack(spec: str):
   """jaxrobust's registered perturbation ``spec`` on the module built from
   the config, train mode (as inside the step): ``(params, stats, x, y, key) -> x_adv``."""
-  with common.two_pass_bn_variance(TWO_PASS):
-    module = build.build_modules(config(OVERRIDES), num_classes=common.K, image_shape=common.IMAGE,
-                                 total_steps=common.STEPS, steps_per_epoch=1.0)["classifier"]
-    perturb = attacks.build(spec)
+  module = build.build_modules(config(OVERRIDES), num_classes=common.K, image_shape=common.IMAGE,
+                               total_steps=common.STEPS, steps_per_epoch=1.0)["classifier"]
+  perturb = attacks.build(spec)
 
-    def run(params, stats, x, y, key):
-      ctx = attacks.PerturbContext(
-          logits_fn=module.logits_fn({"params": params, "batch_stats": stats}, train=True),
-          x=x, labels=y, mask=np.ones(len(y), bool), rng=key, num_classes=common.K)
-      return perturb(ctx)
+  def run(params, stats, x, y, key):
+    ctx = attacks.PerturbContext(
+        logits_fn=module.logits_fn({"params": params, "batch_stats": stats}, train=True),
+        x=x, labels=y, mask=np.ones(len(y), bool), rng=key, num_classes=common.K)
+    return perturb(ctx)
 
-    compiled = jax.jit(run)
-
-  def attack(*args):
-    with common.two_pass_bn_variance(TWO_PASS):
-      return np.asarray(compiled(*args))
-  return attack
+  compiled = jax.jit(run)
+  return lambda *args: np.asarray(compiled(*args))
 
 
 def test_adversarial_attack_parity_along_the_trajectory():
@@ -139,7 +147,7 @@ def test_adversarial_attack_parity_along_the_trajectory():
       return inner(net, optimizer, scheduler, t)
     return step
 
-  common.run_torch(j.init, LR, recording(ALIGN))
+  common.run_torch(j.init, LR, recording(ref.REFERENCE))
   attack = _jax_attack(config(OVERRIDES).streams.train.perturb)
   adversary = ref.PGDLinf(EPS, ATTACK_STEPS, STEP_SIZE)
   differ = lambda a, b: float(np.mean(np.abs(a - b) > 1e-6))
@@ -163,21 +171,31 @@ def test_adversarial_attack_parity_along_the_trajectory():
   assert sum(v > 0.01 for v in jax_vs_32) <= sum(v > 0.01 for v in f32_vs_64) + 3
 
 
-def test_adversarial_pin_attack_batchnorm_updates():
-  """The reference's attack passes update the running statistics: its
-  weights are those of the run without (bit for bit), its running statistics
-  are not (11 updates per step instead of 1)."""
+def test_adversarial_pin_discard_attack_stats():
+  """``perturb_stats='discard'``: the attack passes leave the running
+  statistics alone. jaxrobust with it is the port whose attack restores them
+  (parity, running statistics included). On either side the weights are
+  those of the run with the updates (bit for bit) and the running statistics
+  are not (the port: 11 updates per step instead of 1)."""
+  compare(DISCARD, keep_stats=True).assert_parity()
   j = jax_run(OVERRIDES)
-  ref_run, _ = common.run_torch(j.init, LR, step_fn(ref.Departures(lr_at_step=True)))
-  kept, _ = common.run_torch(j.init, LR, step_fn(ALIGN))
+  ref_run, _ = common.run_torch(j.init, LR, step_fn())
+  kept, _ = common.run_torch(j.init, LR, step_fn(keep_stats=True))
   stats = ("running_mean", "running_var", "num_batches_tracked")
   for k, v in kept.final.items():
     if not k.endswith(stats):
       np.testing.assert_array_equal(ref_run.final[k], v, err_msg=k)
   moved = max(common.deviation(ref_run.final[k], v) for k, v in kept.final.items()
               if k.endswith("running_mean"))
-  print(f"attack BatchNorm updates: running means differ by {moved:.2f} (relative)")
-  assert moved > 0.1
+  discard = jax_run(DISCARD).traj.final
+  for k, v in discard.items():
+    if not k.endswith(stats):
+      np.testing.assert_array_equal(j.traj.final[k], v, err_msg=k)
+  jax_moved = max(common.deviation(j.traj.final[k], v) for k, v in discard.items()
+                  if k.endswith("running_mean"))
+  print(f"attack BatchNorm updates: running means differ by {moved:.2f} (port), "
+        f"{jax_moved:.2f} (jaxrobust 'update' vs 'discard')")
+  assert moved > 0.1 and jax_moved > 0.1
   assert ref_run.final["bn1.num_batches_tracked"] == (ATTACK_STEPS + 1) * common.STEPS
   assert kept.final["bn1.num_batches_tracked"] == common.STEPS
 

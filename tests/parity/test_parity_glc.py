@@ -5,16 +5,32 @@ the corruption matrix as a constant.
 
 Each batch mixes gold (trusted) and silver rows; silver rows take
 ``-log sum_i softmax_i(x) C_hat[i, y~]``, gold rows cross-entropy, and the sum
-is divided by the batch size. The model is the from-scratch arm's WideResNet
-(``train_glc.py:207``, head with bias). Not ported: the pre-trained arm's
-``FineTuneModel`` with its bias-free ``Linear(128, K, bias=False)`` head
-(``train_glc.py:173-191``); jaxrobust's fine-tuned head has a bias.
+is divided by the batch size. The reference forwards them in two train-mode
+passes, silver (``net(data_s)``, train_glc.py:390) then gold (``net(data_g)``,
+train_glc.py:396), each normalised with its own BatchNorm batch statistics
+and each updating the running statistics; jaxrobust does the same with
+``streams.train.passes_by_group`` (:func:`jaxrobust.train_step._passes_by_group`,
+:func:`jaxrobust.models.layers.batch_norm_rows`), here in the reference's
+order ``(0, 1)`` (silver = group 0, gold = group 1). The model is the
+from-scratch arm's WideResNet (``train_glc.py:207``, head with bias). Not
+ported: the pre-trained arm's ``FineTuneModel`` with its bias-free
+``Linear(128, K, bias=False)`` head (``train_glc.py:173-191``); jaxrobust's
+fine-tuned head has a bias.
 
-Pinned departure: jaxrobust forwards gold and silver rows in ONE pass; the
-reference makes two (silver, then gold), each normalised with its own
-BatchNorm batch statistics, and updates the running statistics twice. Also
-mimicked: the schedule index, the running variance, the one-pass batch
-variance (``test_parity_hpt``).
+The parameters do not depend on the order of the two passes, the running
+statistics do: the second pass's batch statistics get weight 0.1, the
+first's 0.09.
+
+Known defect, asserted as such (an expected failure): the GLC recipe
+(:func:`jaxrobust.methods.label_noise.recipe`) sets ``passes_by_group=(1, 0)``,
+gold first, citing ``net(data_g)`` then ``net(data_s)``; train_glc.py builds
+the gold tensors first but forwards the silver rows first. With the recipe's
+order the parameters are at parity and the running statistics are not.
+
+Pinned (an option): ``passes_by_group=()``, one pass over the whole batch
+(the engine's default for other streams), normalises gold and silver rows
+together: its first loss is the port's one-pass loss, not the reference's,
+and the weights part from the reference's well beyond the float32 floor.
 """
 
 import numpy as np
@@ -23,6 +39,7 @@ import pytest
 pytest.importorskip("torch")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from jaxrobust.methods import label_noise  # noqa: E402
 
@@ -34,9 +51,9 @@ pytestmark = [pytest.mark.parity, pytest.mark.slow]
 LR = 0.01  # train_glc.py: 0.1 from scratch, 0.01 pre-trained
 GOLD_PER_BATCH = 3
 
-OVERRIDES: dict = {}
-ALIGN = ref.Departures(lr_at_step=True, one_pass=True)
-TWO_PASS = True
+REFERENCE_ORDER = (0, 1)  # train_glc.py:389-397: net(data_s), then net(data_g)
+OVERRIDES = {"streams": {"train": {"passes_by_group": REFERENCE_ORDER}}}
+ONE_PASS = {"streams": {"train": {"passes_by_group": ()}}}
 
 
 def matrix() -> np.ndarray:
@@ -68,11 +85,10 @@ def config(overrides=None):
 def jax_run(overrides=None) -> common.JaxRun:
   return common.cached_jax_run(
       f"glc:{common.overrides_key(overrides)}",
-      lambda: common.run_jax(config(overrides), batches(), {"corruption_matrix": matrix()},
-                             two_pass_variance=TWO_PASS))
+      lambda: common.run_jax(config(overrides), batches(), {"corruption_matrix": matrix()}))
 
 
-def step_fn(dep: ref.Departures):
+def step_fn(dep: ref.Departures = ref.REFERENCE):
   bs = batches()
   c_hat_t = torch.from_numpy(matrix().T.copy())
 
@@ -85,33 +101,77 @@ def step_fn(dep: ref.Departures):
   return step
 
 
-def bn_inputs(net):
-  return (common.cast(net, common.to_torch_input(batches()[0]["train"]["image"])),)
+def compare(overrides=None, floor: bool = True) -> common.Report:
+  order = tuple((overrides or {}).get("streams", {}).get("train", {}).get("passes_by_group", ()))
+  return common.compare_family(f"glc phase 2, passes {order}", jax_run(overrides), LR,
+                               step_fn(), floor=floor)
 
 
-def compare(overrides=None, dep: ref.Departures = ALIGN, floor: bool = True) -> common.Report:
-  return common.compare_family("glc phase 2", jax_run(overrides), LR, step_fn(dep), bn_inputs,
-                               floor=floor)
+def recipe_overrides() -> dict:
+  """The pass order of the GLC recipe's phase 2 (its only setting the test
+  needs; the rest of the stage reads data)."""
+  stages = label_noise.recipe(common.base_config(LR), method="glc")
+  order = stages[label_noise.final_stage("glc")]["config"]["streams"]["train"]["passes_by_group"]
+  return {"streams": {"train": {"passes_by_group": tuple(order)}}}
 
 
 def test_glc_phase2_step_parity():
-  compare(OVERRIDES, ALIGN).assert_parity()
+  compare(OVERRIDES).assert_parity()
 
 
-def test_glc_pin_two_forward_passes():
-  """The reference's two passes (silver, then gold) normalise each part with
-  its own batch statistics: from the same weights its first loss already
-  differs from jaxrobust's one-pass loss, and the running statistics are
-  updated twice per step."""
+def test_glc_recipe_phase2_parity():
+  """The recipe's phase-2 pass order against the reference. Whatever the
+  order, the losses and parameters are at parity; the running statistics
+  only with the reference's (silver, then gold). While the recipe has gold
+  first, the test asserts that the running statistics differ beyond the
+  tolerance and reports the defect as an expected failure; once the recipe
+  has the reference's order it asserts full parity."""
+  overrides = recipe_overrides()
+  report = compare(overrides)
+  print(report.line())
+  for what in ("loss", "lr", "params"):
+    assert getattr(report, what) <= report.tolerance(what), report.line()
+  if overrides != OVERRIDES:
+    assert report.bn_mean > 10 * report.tolerance("bn_mean"), report.line()
+    pytest.xfail(f"label_noise.recipe sets {overrides['streams']['train']} (gold first); "
+                 f"train_glc.py:389-397 forwards the silver rows first, {REFERENCE_ORDER}: "
+                 f"running means {report.bn_mean:.1e} off (tolerance "
+                 f"{report.tolerance('bn_mean'):.1e})")
+  report.assert_parity()
+
+
+def one_pass_loss(init, b) -> float:
+  """The reference's phase-2 loss from ONE train-mode pass over the whole
+  batch (float64), rows split after."""
+  net = common.torch_net(init).double().train()
+  gold = torch.from_numpy(b["group"] == 1)
+  y = torch.from_numpy(b["label"].astype(np.int64))
+  c_hat_t = torch.from_numpy(matrix().T.astype(np.float64))
+  with torch.no_grad():
+    out = net(common.to_torch_input(b["image"]).double())
+    loss_s = -torch.log((F.softmax(out[~gold], dim=1) * c_hat_t[y[~gold]]).sum(1)).sum()
+    loss_g = F.cross_entropy(out[gold], y[gold], reduction="sum")
+  return float((loss_s + loss_g) / common.BATCH)
+
+
+def test_glc_pin_one_pass():
+  """``passes_by_group=()``: one pass over gold and silver rows together.
+  From the same weights its first loss is the one-pass loss (to float32
+  rounding), not the reference's two-pass one; after 20 steps its weights
+  are far from the reference's, and it updates the running statistics once
+  per step where the reference does twice."""
   j = jax_run(OVERRIDES)
-  two, _ = common.run_torch(j.init, LR, step_fn(ref.Departures(lr_at_step=True)))
-  one, _ = common.run_torch(j.init, LR, step_fn(ALIGN))
-  assert one.losses[0] == pytest.approx(j.traj.losses[0], rel=1e-6)
-  gap = abs(two.losses[0] - j.traj.losses[0]) / two.losses[0]
-  print(f"glc: first loss, two passes vs one: {gap:.1e} (relative)")
-  apart = common.compare("glc two passes vs one", two, one, j.init, {})
-  floor = compare(OVERRIDES, ALIGN).floor
-  print(f"glc: after 20 steps, two passes vs one: kernels {apart.kernels:.1e} (the float32 floor "
-        f"{floor.kernels:.1e})")
-  assert gap > common.RTOL and apart.kernels > 10 * floor.kernels
+  one = jax_run(ONE_PASS)
+  two, _ = common.run_torch(j.init, LR, step_fn())
+  b = batches()[0]["train"]
+  assert one.traj.losses[0] == pytest.approx(one_pass_loss(j.init, b), rel=1e-6)
+  assert j.traj.losses[0] == pytest.approx(two.losses[0], rel=1e-6)
+  gap = abs(two.losses[0] - one.traj.losses[0]) / two.losses[0]
+  print(f"glc: first loss, one pass vs the reference's two: {gap:.1e} (relative)")
+  report = compare(ONE_PASS)
+  print(report.line())
+  print(f"glc: after 20 steps, one pass vs the reference: kernels {report.kernels:.1e} (the "
+        f"float32 floor {report.floor.kernels:.1e})")
+  assert gap > common.RTOL and report.kernels > 10 * report.floor.kernels
+  assert report.bn_mean > 10 * report.tolerance("bn_mean")
   assert two.final["bn1.num_batches_tracked"] == 2 * common.STEPS

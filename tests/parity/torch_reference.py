@@ -20,10 +20,10 @@ Repositories, at the commits read:
 
 What the ports cannot run as the reference does is in the arguments, never
 hidden: dropout is 0 (the parity tests need determinism), the data come as
-ready tensors (no loaders, no augmentation), and :class:`Departures` lists the
-choices in which jaxrobust departs from the reference, each of which a port can
-mimic so that the tests can show that this departure, and nothing else, is
-where the two differ.
+ready tensors (no loaders, no augmentation). :class:`Departures` lists what a
+port can mimic of jaxrobust's *options* that differ from the reference, so
+that a test can show that this option, and nothing else, is where the two
+differ; by default (:data:`REFERENCE`) the ports run the reference as written.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,28 +41,19 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class Departures:
-  """jaxrobust's known departures from the reference, mimicked on the PyTorch
-  side when set (all False: the reference as written).
+  """jaxrobust options that depart from the reference, mimicked on the
+  PyTorch side when set (all False: the reference as written).
 
   Attributes:
     lr_at_step: update ``t`` (0-based) uses the schedule's value at ``t``, as
-      optax does. The reference calls ``scheduler.step()`` *before*
-      ``optimizer.step()`` (HPT ``tune.py:151``, EN ``train.py:188``,
-      ``train_glc.py:400``, adversarial ``tune.py:145``), so its update ``t``
-      uses ``lambda(t + 1)``: its first update is already annealed and its
-      last one is at ``lr_min``.
-    attack_keeps_bn: the attack's forward passes leave the BatchNorm running
-      statistics as they were (jaxrobust discards their updates); the
-      reference attacks the model in train mode, so each of the ``num_steps``
-      attack passes also updates them.
-    one_pass: GLC phase 2 forwards the gold and silver rows of a batch in ONE
-      pass (jaxrobust); the reference makes two passes, silver then gold
-      (``train_glc.py:389-397``), so each is normalised with its own batch
-      statistics and the running statistics are updated twice.
+      optax does (jaxrobust's ``config.optimizer.schedule_offset=0``). The
+      reference calls ``scheduler.step()`` *before* ``optimizer.step()``
+      (HPT ``tune.py:151``, EN ``train.py:188``, ``train_glc.py:400``,
+      adversarial ``tune.py:145``), so its update ``t`` uses ``lambda(t + 1)``
+      (jaxrobust's ``schedule_offset=1``, the CIFAR configs' default): its
+      first update is already annealed and its last one is at ``lr_min``.
   """
   lr_at_step: bool = False
-  attack_keeps_bn: bool = False
-  one_pass: bool = False
 
 
 REFERENCE = Departures()
@@ -215,7 +206,7 @@ def hpt_train_step(net: nn.Module, optimizer, scheduler, data: torch.Tensor,
     loss.backward()
     lr = current_lr(optimizer)
     optimizer.step()
-  return StepOut(float(loss), lr)
+  return StepOut(loss.item(), lr)
 
 
 # --- OE / energy fine-tuning (EN CIFAR/train.py:172-205) -------------------------------------
@@ -249,7 +240,7 @@ def oe_energy_train_step(net: nn.Module, optimizer, scheduler, in_data: torch.Te
     loss.backward()
     lr = current_lr(optimizer)
     optimizer.step()
-  return StepOut(float(loss), lr)
+  return StepOut(loss.item(), lr)
 
 
 # --- PGD adversarial training (robustness/adversarial/attacks.py:40-68, tune.py:133-154) -----
@@ -314,13 +305,9 @@ def adversarial_train_step(net: nn.Module, optimizer, scheduler, adversary: PGDL
   with the net in train mode (set once per epoch, tune.py:134), so BatchNorm
   normalises with batch statistics and each attack pass updates the running
   statistics; then the training forward on ``adv_bx * 2 - 1`` and the usual
-  update (adversarial examples only, no clean loss). ``dep.attack_keeps_bn``
-  restores the running statistics after the attack."""
+  update (adversarial examples only, no clean loss)."""
   net.train()
-  saved = batchnorm_running_stats(net) if dep.attack_keeps_bn else None
   adv_bx = adversary(net, bx.clone(), by, start_noise)  # clone: the reference's bx is a fresh batch
-  if saved is not None:
-    net.load_state_dict(saved, strict=False)
   logits = net(adv_bx * 2 - 1)
   with _schedule(scheduler, dep):
     optimizer.zero_grad()
@@ -328,7 +315,7 @@ def adversarial_train_step(net: nn.Module, optimizer, scheduler, adversary: PGDL
     loss.backward()
     lr = current_lr(optimizer)
     optimizer.step()
-  return StepOut(float(loss), lr)
+  return StepOut(loss.item(), lr)
 
 
 # --- GLC phase 2 (robustness/label_corruption/train_glc.py:366-409) ---------------------------
@@ -340,27 +327,21 @@ def glc_phase2_step(net: nn.Module, optimizer, scheduler, c_hat_transpose: torch
   gold (trusted) rows by ``label + num_classes`` (the reference's tagging);
   silver rows are forwarded first, then gold rows, in two passes
   (train_glc.py:389-397); silver loss ``-sum log((softmax * C_hat^T[y]).sum(1))``,
-  gold loss summed cross-entropy, ``(loss_g + loss_s) / batch_size``.
-  ``dep.one_pass``: one forward over the whole batch, rows split after."""
+  gold loss summed cross-entropy, ``(loss_g + loss_s) / batch_size``."""
   net.train()  # train_glc.py:367
   gold = target > (num_classes - 1)
   silver = target < num_classes
   data_t = torch.as_tensor(data)
-  if dep.one_pass:
-    out = net(data_t)
-    output_s, output_g = out[torch.as_tensor(silver)], out[torch.as_tensor(gold)]
   loss_s = 0
   if silver.sum() > 0:
-    if not dep.one_pass:
-      output_s = net(data_t[torch.as_tensor(silver)])
+    output_s = net(data_t[torch.as_tensor(silver)])
     target_s = torch.from_numpy(target[silver]).long()
     pre1 = c_hat_transpose[target_s]
     pre2 = torch.mul(F.softmax(output_s, dim=1), pre1)
     loss_s = -(torch.log(pre2.sum(1))).sum(0)
   loss_g = 0
   if gold.sum() > 0:
-    if not dep.one_pass:
-      output_g = net(data_t[torch.as_tensor(gold)])
+    output_g = net(data_t[torch.as_tensor(gold)])
     target_g = torch.from_numpy(target[gold] - num_classes).long()
     loss_g = F.cross_entropy(output_g, target_g, reduction="sum")  # size_average=False
   with _schedule(scheduler, dep):
@@ -369,7 +350,7 @@ def glc_phase2_step(net: nn.Module, optimizer, scheduler, c_hat_transpose: torch
     loss.backward()
     lr = current_lr(optimizer)
     optimizer.step()
-  return StepOut(float(loss), lr)
+  return StepOut(loss.item(), lr)
 
 
 def glc_c_hat(probs: np.ndarray, gold_labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -479,27 +460,5 @@ def ns_student_step(net: nn.Module, optimizer, scheduler, lab_data: torch.Tensor
     loss.backward()
     lr = current_lr(optimizer)
     optimizer.step()
-  return StepOut(float(loss), lr), logits.detach().numpy()
+  return StepOut(loss.item(), lr), logits.detach().numpy()
 
-
-def batchnorm_sizes(net: nn.Module, *inputs: torch.Tensor,
-                    forward: Callable[..., object] | None = None) -> dict[str, int]:
-  """``name -> n``: the number of values per channel each BatchNorm2d
-  averages over in one train-mode call (batch x height x width), for the
-  ``n / (n - 1)`` factor between PyTorch's unbiased and flax's biased running
-  variance. Runs ``forward(*inputs)`` (default ``net``) once with the running
-  statistics restored afterwards."""
-  sizes: dict[str, int] = {}
-  hooks = [m.register_forward_hook(
-      lambda mod, args, out, name=name: sizes.__setitem__(name, args[0].numel()
-                                                          // args[0].shape[1]))
-      for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
-  saved = batchnorm_running_stats(net)
-  try:
-    with torch.no_grad():
-      (forward or net)(*inputs)
-  finally:
-    for h in hooks:
-      h.remove()
-    net.load_state_dict(saved, strict=False)
-  return sizes
