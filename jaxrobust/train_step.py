@@ -134,8 +134,8 @@ def _passes_by_group(m: Module, params: Any, stats: Any, x: Array, b: Mapping[st
   """One train-mode pass per group value, in order, each with BatchNorm
   statistics of its rows alone (:func:`jaxrobust.models.layers.batch_norm_rows`)
   and its own dropout key, the statistics threaded from pass to pass; every
-  row takes the outputs of its group's pass. GLC's reference runs the gold
-  and the silver rows of a batch through the network separately."""
+  row takes the outputs of its group's pass. GLC's reference runs the silver
+  and the gold rows of a batch through the network separately."""
   from jaxrobust.models import layers
   if "group" not in b:
     raise ValueError("passes_by_group: the stream has no 'group' field; its label source must "

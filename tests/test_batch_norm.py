@@ -96,7 +96,8 @@ def test_bad_running_variance_is_named():
 
 
 def test_passes_by_group_equal_separate_passes_over_each_group():
-  """GLC's phase 2: the gold rows, then the silver rows, each through the
+  """Passes by group in a given order (here gold, then silver; GLC's recipe
+  runs silver first): each group through the
   network alone (the step with passes_by_group=(1, 0)) equals two passes over
   the two sub-batches written out by hand, parameters and statistics."""
   from jaxrobust import losses, models, optim

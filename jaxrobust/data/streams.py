@@ -10,9 +10,9 @@ in ``config.streams.<name>``::
     perturb_stats='update',           # the perturbation's train-mode passes update the
                                       #   BatchNorm statistics (PyTorch's model.train()
                                       #   attacks) or 'discard' them
-    passes_by_group=(),               # e.g. (1, 0): the rows of each label-source group
+    passes_by_group=(),               # e.g. (0, 1): the rows of each label-source group
                                       #   through the model in a pass of their own, in
-                                      #   that order (GLC's gold, then silver rows)
+                                      #   that order (GLC's silver, then gold rows)
     index='',                         # population: '' = the whole split, or
                                       #   'artifact:<stage>/<name>' / 'subset(indices=...)' /
                                       #   'per_class(num_per_class=20)'

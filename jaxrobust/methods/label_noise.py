@@ -87,11 +87,12 @@ Departures from the reference (documented, deliberate):
   stage's overrides cannot remove a loss term), so ``loss/cross_entropy``
   logs the uncorrected CE on the training labels for comparison.
 
-As the reference, GLC's phase 2 runs the gold and the silver rows of a batch
-through the network in two passes (``net(data_g)``, then ``net(data_s)``), so
-BatchNorm normalises each subset by its own statistics and updates its running
-averages twice: the recipe sets ``streams.train.passes_by_group=(1, 0)``
-(:mod:`jaxrobust.train_step`); ``()`` is one pass over the whole batch.
+As the reference, GLC's phase 2 runs the silver and the gold rows of a batch
+through the network in two passes (``train_glc.py:389-397``: ``net(data_s)``,
+then ``net(data_g)``), so BatchNorm normalises each subset by its own
+statistics and updates its running averages twice, in that order: the recipe
+sets ``streams.train.passes_by_group=(0, 1)`` (:mod:`jaxrobust.train_step`);
+``()`` is one pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -649,8 +650,8 @@ def recipe(config: ml_collections.ConfigDict, *, method: str = "glc", kind: str 
           "constants": {"corruption_matrix": f"artifact:{corrected_by}/matrix"},
           "losses": {"cross_entropy": {"weight": 0.0},
                      "forward_corrected": {"matrix": "corruption_matrix", "trusted_group": 1}}})
-      if gold_fraction > 0:  # train_glc.py: net(data_g), then net(data_s)
-        out = merge(out, {"streams": {"train": {"passes_by_group": (1, 0)}}})
+      if gold_fraction > 0:  # train_glc.py:389-397: net(data_s), then net(data_g)
+        out = merge(out, {"streams": {"train": {"passes_by_group": (0, 1)}}})
     if not last:
       out = merge(out, intermediate)
     if init:

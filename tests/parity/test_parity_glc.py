@@ -21,11 +21,11 @@ The parameters do not depend on the order of the two passes, the running
 statistics do: the second pass's batch statistics get weight 0.1, the
 first's 0.09.
 
-Known defect, asserted as such (an expected failure): the GLC recipe
-(:func:`jaxrobust.methods.label_noise.recipe`) sets ``passes_by_group=(1, 0)``,
-gold first, citing ``net(data_g)`` then ``net(data_s)``; train_glc.py builds
-the gold tensors first but forwards the silver rows first. With the recipe's
-order the parameters are at parity and the running statistics are not.
+The GLC recipe (:func:`jaxrobust.methods.label_noise.recipe`) sets the
+reference's order, ``passes_by_group=(0, 1)``: train_glc.py builds the gold
+tensors first but forwards the silver rows first
+(``test_glc_recipe_phase2_parity`` holds the recipe to it; it reported this
+order as a defect while the recipe had gold first).
 
 Pinned (an option): ``passes_by_group=()``, one pass over the whole batch
 (the engine's default for other streams), normalises gold and silver rows
@@ -120,23 +120,12 @@ def test_glc_phase2_step_parity():
 
 
 def test_glc_recipe_phase2_parity():
-  """The recipe's phase-2 pass order against the reference. Whatever the
-  order, the losses and parameters are at parity; the running statistics
-  only with the reference's (silver, then gold). While the recipe has gold
-  first, the test asserts that the running statistics differ beyond the
-  tolerance and reports the defect as an expected failure; once the recipe
-  has the reference's order it asserts full parity."""
+  """The recipe's phase-2 pass order is the reference's (silver, then gold),
+  and with it the recipe's phase 2 is at full parity, running statistics
+  included (they depend on the order; losses and parameters do not)."""
   overrides = recipe_overrides()
+  assert overrides == OVERRIDES, overrides
   report = compare(overrides)
-  print(report.line())
-  for what in ("loss", "lr", "params"):
-    assert getattr(report, what) <= report.tolerance(what), report.line()
-  if overrides != OVERRIDES:
-    assert report.bn_mean > 10 * report.tolerance("bn_mean"), report.line()
-    pytest.xfail(f"label_noise.recipe sets {overrides['streams']['train']} (gold first); "
-                 f"train_glc.py:389-397 forwards the silver rows first, {REFERENCE_ORDER}: "
-                 f"running means {report.bn_mean:.1e} off (tolerance "
-                 f"{report.tolerance('bn_mean'):.1e})")
   report.assert_parity()
 
 
