@@ -149,6 +149,9 @@ def pseudo_label(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   candidates = np.arange(n)
   if exclude:
     candidates = np.setdiff1d(candidates, _train_stream_index(ctx, exclude, data, split))
+    if not len(candidates):
+      raise RegistryError(f"{where}.exclude={exclude!r} leaves none of the {n} images of "
+                          f"{data or ctx.config.data.name}:{split} to pseudo-label.")
   probs = special.softmax(logits[candidates], axis=-1)
   try:
     sub, labels = select_pseudo_labels(
