@@ -20,6 +20,9 @@ from __future__ import annotations
 import ast
 import copy
 import graphlib
+import importlib.util
+import os
+import types
 from typing import Any, Mapping
 
 import ml_collections
@@ -189,6 +192,28 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       parsed = value.strip()  # a string option stays a string ("sizes=300")
     out[key] = parsed
   return out
+
+
+def config_module(path: str) -> types.ModuleType:
+  """A config file (``configs/recipes/ood.py``), imported as a module (its
+  ``get_config``, ``VARIANTS``, ``MODES``, ...)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r}.")
+  name = "jaxrobust_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the config file ``FILE[:ARG]`` (the
+  ``--config`` of ``launch.train``)."""
+  path, _, arg = spec.partition(":")
+  module = config_module(path)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config(arg=None).")
+  return module.get_config(arg or None)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -208,16 +208,11 @@ def _config_spec(argv: list[str]) -> tuple[str, list[str]]:
 
 def load_config_file(spec: str):
   """``get_config(arg)`` of the config file ``FILE[:ARG]``."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config {spec}: no config file {path!r}.")
-  module_spec = importlib.util.spec_from_file_location("jaxrobust_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"--config {spec}: {path} defines no get_config(arg=None).")
-  return module.get_config(arg or None)
+  from jaxrobust import config as config_lib
+  try:
+    return config_lib.load_file(spec)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"--config {spec}: {e}") from None
 
 
 def _check_override_paths(config, argv: list[str]) -> None:

@@ -49,12 +49,9 @@ SNAPSHOT_ARGS: tuple[tuple[str, str], ...] = (
 
 
 def load_config(path: str, arg: str):
-  import importlib.util
+  from jaxrobust import config as config_lib
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("snapshot_cfg", os.path.join(root, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_lib.load_file(os.path.join(root, path) + (f":{arg}" if arg else ""))
 
 
 def _plain(x: Any) -> Any:

@@ -18,7 +18,6 @@ left to the end-to-end tests on the real embedded data.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 from typing import Any
@@ -85,11 +84,8 @@ pytestmark = pytest.mark.slow
 
 
 def _module(path: str):
-  spec = importlib.util.spec_from_file_location(f"matrix_{os.path.basename(path)[:-3]}",
-                                                os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from jaxrobust import config as config_lib
+  return config_lib.config_module(os.path.join(REPO, path))
 
 
 def config_files() -> list[str]:

@@ -350,13 +350,11 @@ def _parse_flags(args: list[str], known: dict[str, bool], where: str) -> tuple[d
 
 def load_config(spec: str):
   """``get_config(arg)`` of ``FILE[:ARG]``, as ``launch.train`` loads it."""
+  from jaxrobust import config as config_lib
   path, _, arg = spec.partition(":")
   full = os.path.join(ROOT, path)
   assert os.path.isfile(full), f"--config {spec}: no config file {path}"
-  module_spec = importlib.util.spec_from_file_location("docs_config", full)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_lib.load_file(full + (f":{arg}" if arg else ""))
 
 
 def _apply_override(c, path: str, raw: str, where: str) -> None:

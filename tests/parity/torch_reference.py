@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -179,6 +179,19 @@ def _schedule(scheduler, dep: Departures) -> Iterator[None]:
     scheduler.step()
 
 
+def _update(optimizer, scheduler, dep, loss_fn) -> tuple[Any, float]:
+  """The reference loops' update: (``scheduler.step()`` where the reference
+  puts it,) ``zero_grad``, the loss, ``backward``, the learning rate used,
+  ``optimizer.step()``."""
+  with _schedule(scheduler, dep):
+    optimizer.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    lr = current_lr(optimizer)
+    optimizer.step()
+  return loss, lr
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
   return float(optimizer.param_groups[0]["lr"])
 
@@ -200,12 +213,7 @@ def hpt_train_step(net: nn.Module, optimizer, scheduler, data: torch.Tensor,
   is already normalised (``trn.Normalize(mean, std)``, tune.py:59-63)."""
   net.train()  # tune.py:142 (once per epoch there)
   x = net(data)
-  with _schedule(scheduler, dep):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(x, target)
-    loss.backward()
-    lr = current_lr(optimizer)
-    optimizer.step()
+  loss, lr = _update(optimizer, scheduler, dep, lambda: F.cross_entropy(x, target))
   return StepOut(loss.item(), lr)
 
 
@@ -227,19 +235,16 @@ def oe_energy_train_step(net: nn.Module, optimizer, scheduler, in_data: torch.Te
   data = torch.cat((in_data, out_data), 0)
   x = net(data)
   n_in = len(in_data)
-  with _schedule(scheduler, dep):
-    optimizer.zero_grad()
+  def loss_fn():
     loss = F.cross_entropy(x[:n_in], in_target)
     if score == "energy":
       ec_out = -torch.logsumexp(x[n_in:], dim=1)
       ec_in = -torch.logsumexp(x[:n_in], dim=1)
-      loss = loss + 0.1 * (torch.pow(F.relu(ec_in - m_in), 2).mean()
+      return loss + 0.1 * (torch.pow(F.relu(ec_in - m_in), 2).mean()
                            + torch.pow(F.relu(m_out - ec_out), 2).mean())
-    else:
-      loss = loss + 0.5 * -(x[n_in:].mean(1) - torch.logsumexp(x[n_in:], dim=1)).mean()
-    loss.backward()
-    lr = current_lr(optimizer)
-    optimizer.step()
+    return loss + 0.5 * -(x[n_in:].mean(1) - torch.logsumexp(x[n_in:], dim=1)).mean()
+
+  loss, lr = _update(optimizer, scheduler, dep, loss_fn)
   return StepOut(loss.item(), lr)
 
 
@@ -309,12 +314,7 @@ def adversarial_train_step(net: nn.Module, optimizer, scheduler, adversary: PGDL
   net.train()
   adv_bx = adversary(net, bx.clone(), by, start_noise)  # clone: the reference's bx is a fresh batch
   logits = net(adv_bx * 2 - 1)
-  with _schedule(scheduler, dep):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(logits, by)
-    loss.backward()
-    lr = current_lr(optimizer)
-    optimizer.step()
+  loss, lr = _update(optimizer, scheduler, dep, lambda: F.cross_entropy(logits, by))
   return StepOut(loss.item(), lr)
 
 
@@ -344,12 +344,7 @@ def glc_phase2_step(net: nn.Module, optimizer, scheduler, c_hat_transpose: torch
     output_g = net(data_t[torch.as_tensor(gold)])
     target_g = torch.from_numpy(target[gold] - num_classes).long()
     loss_g = F.cross_entropy(output_g, target_g, reduction="sum")  # size_average=False
-  with _schedule(scheduler, dep):
-    optimizer.zero_grad()
-    loss = (loss_g + loss_s) / batch_size
-    loss.backward()
-    lr = current_lr(optimizer)
-    optimizer.step()
+  loss, lr = _update(optimizer, scheduler, dep, lambda: (loss_g + loss_s) / batch_size)
   return StepOut(loss.item(), lr)
 
 
@@ -452,13 +447,8 @@ def ns_student_step(net: nn.Module, optimizer, scheduler, lab_data: torch.Tensor
   net.train()
   logits = net(torch.cat((lab_data, unl_data), 0))
   n = len(lab_data)
-  with _schedule(scheduler, dep):
-    optimizer.zero_grad()
-    loss = ns_student_torch_loss(logits[:n], lab_labels, logits[n:], unl_target,
-                                 num_classes=num_classes, unlabel_ratio=unlabel_ratio, hard=hard,
-                                 label_smoothing=label_smoothing)
-    loss.backward()
-    lr = current_lr(optimizer)
-    optimizer.step()
+  loss, lr = _update(optimizer, scheduler, dep, lambda: ns_student_torch_loss(
+      logits[:n], lab_labels, logits[n:], unl_target, num_classes=num_classes,
+      unlabel_ratio=unlabel_ratio, hard=hard, label_smoothing=label_smoothing))
   return StepOut(loss.item(), lr), logits.detach().numpy()
 
