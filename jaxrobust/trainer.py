@@ -293,6 +293,13 @@ def train(run: Run) -> dict[str, float]:
         writer.flush()
         log.warning("preempted (SIGTERM) at step %d: checkpoint saved", done)
         raise PreemptedError(done, ckpt_dir)
+    bar.close()
+    train_seconds = time.time() - t_train
+    if start_step < total_steps:
+      save(total_steps)
+    results = evaluators_lib.run(evaluators, host_state(state), final=True,
+                                 plots_dir=os.path.join(workdir, "plots") if config.plots
+                                 else None)
   except BaseException:
     try:
       checkpointer.close()  # finish the asynchronous saves already started (the last good one)
@@ -302,11 +309,6 @@ def train(run: Run) -> dict[str, float]:
   finally:
     preemption.close()
     bar.close()
-  train_seconds = time.time() - t_train
-  if start_step < total_steps:
-    save(total_steps)
-  results = evaluators_lib.run(evaluators, host_state(state), final=True,
-                               plots_dir=os.path.join(workdir, "plots") if config.plots else None)
   checkpointer.close()
   results.update({"train/steps": float(total_steps), "train/seconds": train_seconds,
                   "train/examples_per_second":
