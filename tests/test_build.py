@@ -89,6 +89,7 @@ def test_methods_are_loaded_by_name_on_demand():
   assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_each_run_is_built_once_per_stage(tmp_path, data_dir):
   """validate: once for the recipe and once per stage (it ran three times
   per stage); module specs once per run; a dataset's spec once per run."""
@@ -150,6 +151,7 @@ for _name, _fn in (("_test_rescale_head", _rescale_head), ("_test_bad_save", _ba
     TASKS.register(_name)(_fn)
 
 
+@pytest.mark.slow
 def test_a_task_writes_a_model_that_predict_evaluate_and_init_from_read(tmp_path, data_dir):
   c = tiny_config(data_dir, steps=3)
   c.stages = {
