@@ -121,6 +121,7 @@ def test_evaluators_of_one_round_share_predictions_and_compile_once(data_dir):
       assert results[f"a/{score}/blobs/auroc"] == results[f"b/{score}/blobs/auroc"]
 
 
+@pytest.mark.slow
 def test_ood_protocol_draws_and_keys(data_dir):
   sets = {"blobs": "blobs/gray:validation"}
   evs, state = _build(data_dir, ood={

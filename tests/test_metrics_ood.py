@@ -302,6 +302,7 @@ def test_low_precision_inputs_are_upcast_exactly():
     assert all(float(got[k]) == float(want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_orientation_identities():
   rng = np.random.default_rng(6)
   xi = rng.integers(0, 5, PAD).astype(np.float32)

@@ -119,6 +119,7 @@ def test_single_device_step_learns():
   assert int(state.step) == NUM_STEPS
 
 
+@pytest.mark.slow
 def test_jit_data_parallel_equals_single_device():
   assert jax.device_count() == 8
   reference, _ = _single_device()
