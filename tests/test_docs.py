@@ -278,6 +278,10 @@ def test_writing_a_method_example_runs(tmp_path, data_dir):
   assert any("train/loss/logit_norm_penalty" in m for m in metrics)
   norms = np.load(tmp_path / "norms" / "artifacts" / "norms.npz")["norms"]
   assert norms.shape == (180,)
+  # The task's norms are those of the dump's logits; its result is their mean.
+  dumped = np.load(tmp_path / "dump" / "artifacts" / "predictions.npz")["logits"]
+  np.testing.assert_allclose(norms, np.linalg.norm(dumped, axis=-1), rtol=1e-5)
+  assert results["norms/mean_logit_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)
   # The model fold_temperature wrote is read back by `evaluate`: the same
   # predictions (a positive scale keeps the argmax), scaled probabilities.
   assert results["calibrated/temperature"] > 0

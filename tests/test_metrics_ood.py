@@ -263,7 +263,10 @@ def test_jit_and_nan_instead_of_wrong_numbers():
   xi, xo = np.array([0.9, 0.8, 0.1], np.float32), np.array([0.3, 0.2], np.float32)
   assert float(jax.jit(ood.auroc)(xi, xo)) == pytest.approx(4 / 6)
   f = jax.jit(lambda a, b, m: ood.ood_metrics(a, b, "lee", in_mask=m))
-  assert all(np.isfinite(float(v)) for v in f(xi, xo, np.ones(3, bool)).values())
+  got = f(xi, xo, np.ones(3, bool))
+  assert all(np.isfinite(float(v)) for v in got.values())
+  want = _references(xi, xo)["lee"]  # under jit, the reference's numbers
+  assert {k: float(got[k]) for k in want} == pytest.approx(want, abs=TOL)
   bad = xi.copy()
   bad[1] = np.nan
   assert all(np.isnan(float(v)) for v in f(bad, xo, np.ones(3, bool)).values())
