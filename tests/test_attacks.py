@@ -137,7 +137,8 @@ def _mlp_loss(x, y):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.25)])
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255),
+                                      pytest.param("l2", 0.25, marks=pytest.mark.slow)])
 def test_pgd_stays_in_the_eps_ball_and_the_box(norm, eps):
   rng = np.random.default_rng(1)
   x = rng.uniform(0, 1, (8, 4, 4, 3)).astype(np.float32)
@@ -244,7 +245,7 @@ def test_bad_pgd_options_are_named():
     attacks.pgd(_image_loss, x, y, eps=0.1, step_size=0.1, steps=0, random_start=False)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", pytest.param("l2", marks=pytest.mark.slow)])
 def test_pgd_under_jit_with_a_sharded_batch(norm):
   from jaxrobust import sharding
   mesh = sharding.make_mesh((("data", -1),))

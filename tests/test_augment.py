@@ -232,6 +232,7 @@ def _assert_augmentation(fn, x, c):
   assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_policies_on_one_and_three_channels_are_deterministic_and_on_the_uint8_grid():
   x1 = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (6, 12, 12, 1)), jnp.float32)
   x3 = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (6, 10, 14, 3)), jnp.float32)
@@ -254,6 +255,7 @@ def test_policies_on_one_and_three_channels_are_deterministic_and_on_the_uint8_g
     assert levels.min() >= 0 and levels.max() <= 255
 
 
+@pytest.mark.slow
 def test_presets_s2_to_s4_build_and_run_under_jit():
   assert pp.split_chain("s2") == ["autoaugment('cifar10')", "pad_crop(4)", "flip"]
   assert pp.split_chain("s3") == ["autoaugment('cifar10')", "scale_jitter(0.5, 2.0)", "flip"]

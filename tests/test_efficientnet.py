@@ -203,9 +203,11 @@ def _np_mbconv(p, st, x, *, kernel, stride, expand, skip):
 
 
 @pytest.mark.parametrize("kernel, stride, expand, cin, cout, size", [
-    (5, 2, 6, 8, 16, 8),   # stride 2 on an even size: asymmetric TF padding
+    # Each case compiles its block (seconds): the development tier keeps the odd size.
+    pytest.param(5, 2, 6, 8, 16, 8, marks=pytest.mark.slow),  # stride 2 on an even size:
+                                                              # asymmetric TF padding
     (3, 2, 6, 8, 16, 7),   # odd size
-    (3, 1, 1, 16, 16, 6),  # no expansion, identity skip
+    pytest.param(3, 1, 1, 16, 16, 6, marks=pytest.mark.slow),  # no expansion, identity skip
 ])
 def test_mbconv_block_matches_numpy_port_of_reference(kernel, stride, expand, cin, cout, size):
   block = efficientnet.MBConvBlock(kernel, stride, expand, cin, cout, 0.25, 0.0,
@@ -234,6 +236,7 @@ def test_mbconv_block_matches_numpy_port_of_reference(kernel, stride, expand, ci
                              0.99 * old + 0.01 * batch_mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_reference_initialisation(tiny):
   _, variables, _, _ = tiny
   params = variables["params"]
@@ -255,6 +258,7 @@ def test_reference_initialisation(tiny):
 
 # ---------------------------------------------------------------- modes
 
+@pytest.mark.slow
 def test_train_and_eval_differ_only_by_dropout_sd_and_bn(tiny):
   _, variables, x, evaluate = tiny
   plain = get_model("efficientnet", num_classes=7, dropout_rate=0.0, stochastic_depth_rate=0.0,
@@ -274,6 +278,7 @@ def test_train_and_eval_differ_only_by_dropout_sd_and_bn(tiny):
   assert np.abs(initial - logits).max() > 0.1 * scale
 
 
+@pytest.mark.slow
 def test_dropout_and_stochastic_depth_use_the_dropout_rng(tiny):
   model, variables, x, evaluate = tiny
   np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
@@ -297,6 +302,7 @@ def test_head_dropout_rates():
   assert get_model("efficientnet_b2", num_classes=2, dropout_rate=0.0).head_dropout_rate() == 0.0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute(tiny):
   _, variables, x, evaluate = tiny
   model = get_model("efficientnet", num_classes=7, dtype=jnp.bfloat16, **TINY)

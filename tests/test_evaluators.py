@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import processes
+import traces
 from configs import default
 from jaxrobust import evaluators as ev
 from jaxrobust import predict as predict_lib
 from jaxrobust import build, sharding
+from jaxrobust import scores as scores_lib
 from jaxrobust import train_state as state_lib
 from jaxrobust.data import pipeline
 from jaxrobust.metrics import ood as ood_metrics
@@ -65,6 +67,61 @@ def test_predict_returns_dataset_index_order_under_process_interleaving(data_dir
   assert not np.array_equal(arrival, np.arange(len(src)))  # the reordering mattered
 
 
+def test_predictor_compiles_once_per_fields_and_scores(data_dir):
+  """Predictions of three evaluations, each with new variables, reuse the
+  compiled function of their (fields, scores) request: each request's
+  function is traced once (chex.assert_max_traces)."""
+  _, modules, state, batch_sharding = _setup(data_dir)
+  src = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
+  predictor = predict_lib.Predictor(modules["classifier"], batch_size=64,
+                                    batch_sharding=batch_sharding)
+  energy = scores_lib.build("energy")
+  logits = []
+  with traces.each_traced_at_most(predict_lib, "_per_batch", 1,
+                                  traces.predictor_request) as made:
+    for i in range(3):
+      variables = jax.tree.map(lambda a: a * (1.0 + 0.25 * i), state.classifier.variables)
+      logits.append(predictor(variables, src, fields=("logits", "label"))["logits"])
+      out = predictor(variables, src, fields=("logits", "energy"), scores={"energy": energy})
+      np.testing.assert_allclose(out["logits"], logits[-1], rtol=1e-6)
+  assert [n for _, n in made] == [1, 1]
+  assert not np.allclose(logits[0], logits[1])  # each evaluation used its own variables
+
+
+@pytest.mark.slow
+def test_evaluators_of_one_round_share_predictions_and_compile_once(data_dir):
+  """A classification evaluator and two OOD evaluators with the same scores
+  (one fitted: Mahalanobis), over three rounds: the second OOD evaluator reuses
+  the first one's predictions of the round, and each prediction request is
+  traced once over all rounds (refits are arguments, not recompilations)."""
+  from unittest import mock
+  ood = {"type": "ood", "sets": {"blobs": "blobs/gray:validation"}, "fraction": 0.0,
+         "scores": ("msp", "energy", "mahalanobis")}
+  evs, state = _build(data_dir, classification={"type": "classification", "splits": ("test",)},
+                      a={**ood, "prefix": "a"}, b={**ood, "prefix": "b"})
+  passes = []
+  call = predict_lib.Predictor.__call__
+
+  def counted(self, variables, source, **kwargs):
+    passes.append((len(source), tuple(kwargs["fields"])))
+    return call(self, variables, source, **kwargs)
+
+  with traces.each_traced_at_most(predict_lib, "_per_batch", 1,
+                                  traces.predictor_request) as made, \
+       mock.patch.object(predict_lib.Predictor, "__call__", counted):
+    rounds = [ev.run(evs, state) for _ in range(3)]
+  # Per round (evaluators in key order): the three scores of the test split and
+  # of blobs, once for both OOD evaluators, then the test split's logits.
+  scored = ("msp", "energy", "mahalanobis")
+  assert passes == 3 * [(360, scored), (2000, scored), (360, ("logits", "label"))]
+  assert [n for _, n in made] == [1, 1]
+  for results in rounds:
+    assert results == rounds[0]
+    for score in scored:
+      assert results[f"a/{score}/blobs/auroc"] == results[f"b/{score}/blobs/auroc"]
+
+
+@pytest.mark.slow
 def test_ood_protocol_draws_and_keys(data_dir):
   sets = {"blobs": "blobs/gray:validation"}
   evs, state = _build(data_dir, ood={

@@ -62,6 +62,14 @@ DAMAGE = {
 }
 
 
+def _first_fast(cases):
+  """The development tier keeps the first case; the others (each a run resumed, or a
+  Python process started: seconds each) are marked slow."""
+  return [case if i == 0 else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                           marks=pytest.mark.slow)
+          for i, case in enumerate(cases)]
+
+
 def _config(data_dir):
   from tiny_config import tiny_config
   c = tiny_config(data_dir, steps=6)
@@ -92,7 +100,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage", _first_fast(sorted(DAMAGE)))
 def test_damaged_newest_checkpoint_falls_back_and_ends_identical(
     damage, finished_run, data_dir, tmp_path, caplog):
   run, final_params = finished_run
@@ -151,7 +159,7 @@ def test_init_from_skips_damaged_steps_and_takes_any_path(finished_run, tmp_path
 
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize("override, message", _first_fast([
     ("--config.optimzer.learning_rate=0.1",
      "--config.optimzer.learning_rate: the config has no key 'optimzer'; did you mean "
      "'optimizer'?"),
@@ -169,7 +177,7 @@ def test_init_from_skips_damaged_steps_and_takes_any_path(finished_run, tmp_path
      "'outlier_exposur' (did you mean 'outlier_exposure'?)"),
     ("--config.streams.train.batchsize=8", "config.streams.train has unknown key(s) "
      "['batchsize'] (did you mean 'batch_size'?)"),
-])
+]))
 def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
   import subprocess
   import sys
@@ -217,6 +225,7 @@ def test_free_form_entries_can_be_added_from_the_command_line():
   train._FREE_FORM_OVERRIDES.clear()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_bit_identically(tmp_path, data_dir):
   """SIGTERM mid-training: the step finishes, a checkpoint of that step is
   written, the process exits with 143 and one line; the same command resumes
@@ -279,16 +288,17 @@ def test_config_differences_name_every_differing_leaf():
 
 # --- the command line with the default config, and write failures (issue 17) ----------
 
-@pytest.mark.parametrize("config_args", [[], ["--config", "configs/default.py"]],
-                         ids=["default config", "--config given"])
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize("config_args", [
+    pytest.param([], id="default config"),
+    pytest.param(["--config", "configs/default.py"], id="--config given", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("override, message", _first_fast([
     ("--config.foo=1", "--config.foo: the config has no key 'foo'."),
     ("--config.optimzer.learning_rate=0.1",
      "--config.optimzer.learning_rate: the config has no key 'optimzer'; did you mean "
      "'optimizer'?"),
     ("--config.optimizer.learning_rate=abc", "flag --config.optimizer.learning_rate=abc: could "
      "not convert string to float: 'abc'"),
-])
+]))
 def test_unknown_keys_are_one_line_with_and_without_a_config_file(config_args, override,
                                                                    message, tmp_path):
   """With the README's quick start (no --config) a bad key ended in three
@@ -316,6 +326,7 @@ def _write_failure_config(data_dir, steps=6):
   return c
 
 
+@pytest.mark.slow
 def test_a_failed_plot_write_is_one_error_and_the_next_run_resumes(tmp_path, data_dir,
                                                                   monkeypatch):
   """An injected ENOSPC in the PNG writer (the first write to fail in the
@@ -361,6 +372,7 @@ def _can_mount_tmpfs(path) -> bool:
   return ok
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not _can_mount_tmpfs("/tmp/jaxrobust-tmpfs-probe"),
                     reason="mounting a tmpfs needs root")
 def test_a_full_tmpfs_ends_the_run_with_one_line_and_the_next_run_resumes(tmp_path, data_dir):

@@ -112,16 +112,22 @@ def test_normalize_by_rescales_a_term_to_anothers_magnitude():
 
 
 def test_constant_shapes_are_checked_before_compilation():
-  if "_test_uses_matrix" not in losses.LOSSES:
-    @losses.LOSSES.register("_test_uses_matrix",
+  # Its own name: tests/test_stages.py registers another `_test_uses_matrix`.
+  if "_test_sums_matrix" not in losses.LOSSES:
+    @losses.LOSSES.register("_test_sums_matrix",
                             info={"constants": lambda o, k: {o["matrix"]: (k, k)}})
     def _uses(inputs, *, matrix="C"):
       return jnp.sum(inputs.constants[matrix]), {}
-  ok = losses.build_loss({"_test_uses_matrix": {}}, num_classes=3,
+  ok = losses.build_loss({"_test_sums_matrix": {}}, num_classes=3,
                          constants={"C": np.eye(3)})
-  assert ok is not None
+  # The built loss reads the constant it names from the step's inputs.
+  matrix = np.arange(9.0).reshape(3, 3)
+  inputs = losses.LossInputs(**{**_inputs(LOGITS[:, :3], LABELS % 3, np.ones(12, bool)).__dict__,
+                                "constants": {"C": jnp.asarray(matrix)}})
+  total, metrics = ok(inputs)
+  assert float(total) == float(metrics["loss/_test_sums_matrix"]) == matrix.sum() == 36.0
   with pytest.raises(ValueError, match=r"constant 'C' has shape \(4, 4\); this term needs \(3, 3\)"):
-    losses.build_loss({"_test_uses_matrix": {}}, num_classes=3, constants={"C": np.eye(4)})
+    losses.build_loss({"_test_sums_matrix": {}}, num_classes=3, constants={"C": np.eye(4)})
   with pytest.raises(ValueError, match="needs constant 'D'"):
-    losses.build_loss({"_test_uses_matrix": {"matrix": "D"}}, num_classes=3,
+    losses.build_loss({"_test_sums_matrix": {"matrix": "D"}}, num_classes=3,
                       constants={"C": np.eye(3)})

@@ -48,6 +48,7 @@ def _fill(acc, state, xi, xo, update):
   return state
 
 
+@pytest.mark.slow
 def test_exact_padded_batches_equal_one_shot_under_jit():
   xi, xo = _data(0)
   acc = ExactOOD(capacity_in=96, capacity_out=64)
@@ -85,6 +86,7 @@ def test_exact_overflow_raises_eagerly_and_gives_nan_under_jit():
   assert all(np.isnan(float(v)) for v in out.values())
 
 
+@pytest.mark.slow
 def test_exact_merge_is_associative_and_commutative():
   xi, xo = _data(1)
   acc = ExactOOD(capacity_in=48, capacity_out=32)
@@ -115,6 +117,7 @@ def _run_sharded(local, *xs):
                                out_specs=P()))(*xs)
 
 
+@pytest.mark.slow
 def test_accumulators_with_batches_sharded_over_8_devices():
   xi, xo = _data(2, n_in=128, n_out=64)
   conf, correct = _calibration_data(7, n=128)
@@ -142,6 +145,7 @@ def test_accumulators_with_batches_sharded_over_8_devices():
       float(calibration.expected_calibration_error(xi, correct, num_bins=15)), abs=1e-7)
 
 
+@pytest.mark.slow
 def test_exact_per_device_states_merged_after_shard_map():
   xi, xo = _data(3, n_in=128, n_out=64)
   mesh = _mesh()
@@ -208,6 +212,7 @@ def test_histogram_bounds_hold_on_random_inputs(seed):
   _assert_bounds_hold(OODHistogram(num_bins=10), xi, xo)
 
 
+@pytest.mark.slow
 def test_histogram_auroc_bound_is_attained():
   # In every bin all ID scores sit above all OOD scores: exact - hist = bound.
   centers = np.arange(10) / 10
@@ -234,6 +239,7 @@ def test_histogram_clips_and_counts_out_of_range_scores():
   _assert_bounds_hold(hist, xi, xo)
 
 
+@pytest.mark.slow
 def test_histogram_merge_psum_and_nan_under_jit():
   xi, xo = _data(4, n_in=128, n_out=64)
   hist = OODHistogram(num_bins=10)
@@ -283,6 +289,7 @@ def test_calibration_histogram_equals_ece(norm):
   assert float(cal.compute(state, norm)) == pytest.approx(float(want), abs=1e-7)
 
 
+@pytest.mark.slow
 def test_calibration_merge_and_psum_match_one_shot():
   conf, correct = _calibration_data(6, n=256)
   cal = CalibrationHistogram(num_bins=10)

@@ -31,7 +31,9 @@ def _count(tree) -> int:
 @pytest.fixture(scope="module")
 def tiny_wrn():
   model = get_model("wrn", num_classes=7, **TINY_WRN)
-  variables = model.init(jax.random.key(0), _images((2, 16, 16, 3)), train=False)
+  x = _images((2, 16, 16, 3))
+  # Jitted: one compilation instead of one per operation (seconds on 2 cores).
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
   return model, variables
 
 
@@ -157,6 +159,7 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_wrn_matches_numpy_port_of_reference(train):
   # depth 16, width 1: identity blocks (16 -> 16) and projection blocks (16 -> 32).
@@ -182,6 +185,7 @@ def test_wrn_matches_numpy_port_of_reference(train):
   assert "shortcut" in variables["params"]["group2_block1"]
 
 
+@pytest.mark.slow
 def test_pytorch_initialisation(tiny_wrn):
   conv = layers.conv(512, 3, dtype=jnp.float32)
   kernel = np.asarray(conv.init(jax.random.key(0), jnp.zeros((1, 3, 3, 512)))["params"]["kernel"])
@@ -233,6 +237,7 @@ def test_batchnorm_train_vs_eval(tiny_wrn):
     model.apply(variables, x, train=True)  # batch_stats must be mutable in train mode
 
 
+@pytest.mark.slow
 def test_dropout_only_in_train():
   model = get_model("wrn", num_classes=3, dropout_rate=0.5, **TINY_WRN)
   x = _images((2, 16, 16, 3))
@@ -251,6 +256,7 @@ def test_dropout_only_in_train():
   np.testing.assert_array_equal(b1, b2)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = get_model("small_cnn", num_classes=4, dtype=jnp.bfloat16)
   x = _images((2, 32, 32, 1))
@@ -353,6 +359,7 @@ def _train_apply(model, variables, x):
   return model.apply(variables, x, train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.slow
 def test_batchnorm_sharded_jit_equals_single_device():
   assert jax.device_count() == 8, "tests/conftest.py sets 8 host devices"
   model = get_model("wrn", num_classes=5, **TINY_WRN)
@@ -370,6 +377,7 @@ def test_batchnorm_sharded_jit_equals_single_device():
                state["batch_stats"], ref_state["batch_stats"])
 
 
+@pytest.mark.slow
 def test_batchnorm_pmap_with_axis_name_equals_single_device():
   ndev = jax.device_count()
   x = _images((2 * ndev, 8, 8, 3), seed=5) * 2 + 1

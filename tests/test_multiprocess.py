@@ -28,6 +28,9 @@ from jaxrobust import checkpoint as ckpt_lib
 from launch import local_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test starts several real processes (minutes on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 ARGS = ["--config", "tests/run_configs/train_predict.py", "--config.progress_bar=False"]
 
 

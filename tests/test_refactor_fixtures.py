@@ -22,6 +22,7 @@ def test_resolved_configs_unchanged(path, arg):
   assert config_snapshot.resolve(path, arg) == before
 
 
+@pytest.mark.slow
 def test_old_checkpoint_loads_and_resumes_to_the_old_result(tmp_path, data_dir):
   from jaxrobust import stages
   from jaxrobust.checkpoint import load_pretrained

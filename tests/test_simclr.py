@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import recompute
 from jaxrobust import losses as losses_lib
 from jaxrobust.methods import simclr
 from jaxrobust.registry import RegistryError
@@ -62,6 +63,7 @@ def test_pmap_gathers_negatives_across_devices_like_the_global_batch():
   assert local_only != pytest.approx(whole, rel=1e-3)  # the gather mattered
 
 
+@pytest.mark.slow
 def test_augmentations_keep_shape_range_and_reduce_to_identity():
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(6, 16, 16, 3)).astype(np.float32))
   key = jax.random.PRNGKey(0)
@@ -119,6 +121,7 @@ def test_heads_keep_the_model_paths_and_feed_terms_by_name():
     losses_lib.build_terms({"x": {"name": "cross_entropy", "head": "nope"}}, heads=["src"])
 
 
+@pytest.mark.slow
 def test_simclr_pretrain_then_fine_tune_without_the_projection_head(tmp_path, data_dir):
   from jaxrobust import stages
   from jaxrobust.checkpoint import load_pretrained
@@ -134,7 +137,13 @@ def test_simclr_pretrain_then_fine_tune_without_the_projection_head(tmp_path, da
   results = stages.run(c, str(tmp_path))
   params, _ = load_pretrained(str(tmp_path / "simclr"))
   assert "proj" in params["heads"]
-  assert np.isfinite(results["finetune/test/accuracy"])
+  # The fine-tuned model's reported numbers are its checkpoint's; its test NLL is a
+  # fixed-seed value, measured 2026-12-06 on this repository's pinned versions (CPU, 8
+  # host devices); a change means the computation changed.
+  want = recompute.classification(stages.stage_configs(c)["finetune"][2], tmp_path / "finetune")
+  assert results["finetune/test/accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+  assert results["finetune/test/nll"] == pytest.approx(want["nll"], rel=1e-6)
+  assert results["finetune/test/nll"] == pytest.approx(2.30489173, rel=1e-4)
   metrics = [l for l in (tmp_path / "simclr" / "metrics.jsonl").read_text().splitlines()
              if "contrastive_accuracy" in l]
   assert metrics  # the NT-Xent term ran and logged

@@ -27,6 +27,9 @@ MODELS = [
                           dropout_rate=0.0), (16, 16, 3), 10),
 ]
 MODEL_IDS = [m[0] for m in MODELS]
+# Compiling a model's train pass takes seconds: the development tier keeps the WRN case.
+WRN_FAST = [pytest.param(*m, id=m[0], marks=() if m[0] == "wrn" else pytest.mark.slow)
+            for m in MODELS]
 
 
 def _random_variables(model, shape, seed=0):
@@ -124,6 +127,7 @@ def test_rate_zero_leaves_the_model_unchanged(name, kwargs, shape, num_blocks):
     assert default.stochastic_depth_rate == 0.2
 
 
+@pytest.mark.slow
 def test_eval_mode_is_the_identity():
   """WRN with dropout: rate 0.5 in eval mode gives the rate-0 output bit for bit
   (stochastic depth is the identity at eval); in train mode it changes it."""
@@ -144,7 +148,7 @@ def test_eval_mode_is_the_identity():
   assert not np.allclose(base_train, half_train, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, kwargs, shape, num_blocks", MODELS, ids=MODEL_IDS)
+@pytest.mark.parametrize("name, kwargs, shape, num_blocks", WRN_FAST)
 def test_drop_frequency_per_block(name, kwargs, shape, num_blocks):
   """Train mode, rate r = 0.6: block i drops its branch for a fraction r*i/N of
   the examples (4 binomial sigmas over batch x draws examples)."""
@@ -191,7 +195,9 @@ def _tiled_train(block, variables, x, k, rate_key):
   return split(out), jax.tree.map(split, state["intermediates"])
 
 
-@pytest.mark.parametrize("kind", ["preact_identity", "preact_projection", "bottleneck", "mbconv"])
+@pytest.mark.parametrize("kind", ["preact_identity",
+                                  pytest.param("preact_projection", marks=pytest.mark.slow),
+                                  "bottleneck", pytest.param("mbconv", marks=pytest.mark.slow)])
 def test_expectation_preserved_and_shortcut_kept(kind):
   """Mean over k draws of the train-mode block output (the residual sum, before
   the bottleneck's final ReLU) equals the rate-0 output: each example's branch is

@@ -16,6 +16,9 @@ import pytest
 from jaxrobust import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each test resumes a real run in a new process (the module fixture runs three).
+pytestmark = pytest.mark.slow
+
 FSDP = "--config.sharding_rules=(('.*', \"fsdp(axis='data', min_size=1)\"),)"
 
 
@@ -47,8 +50,9 @@ def runs(tmp_path_factory, data_dir):
   return root
 
 
-@pytest.mark.parametrize("how", ["4 devices", "1 device", "2 processes x 4", "fsdp on 8",
-                                 "replicated on 8 from fsdp"])
+@pytest.mark.parametrize("how", ["4 devices", "1 device",
+                                 pytest.param("2 processes x 4", marks=pytest.mark.multiprocess),
+                                 "fsdp on 8", "replicated on 8 from fsdp"])
 def test_resume_on_another_topology_ends_like_the_straight_run(how, runs, data_dir, tmp_path):
   work = tmp_path / "resumed"
   shutil.copytree(runs / ("half_fsdp" if how.endswith("from fsdp") else "half"), work)
