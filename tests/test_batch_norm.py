@@ -95,6 +95,7 @@ def test_bad_running_variance_is_named():
         jax.random.PRNGKey(0), X)
 
 
+@pytest.mark.slow
 def test_passes_by_group_equal_separate_passes_over_each_group():
   """Passes by group in a given order (here gold, then silver; GLC's recipe
   runs silver first): each group through the
