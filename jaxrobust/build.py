@@ -38,6 +38,7 @@ from jaxrobust import attacks
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import config as config_lib
 from jaxrobust import evaluators as evaluators_lib
+from jaxrobust import generated as generated_lib
 from jaxrobust import losses as losses_lib
 from jaxrobust import models
 from jaxrobust import optim
@@ -172,6 +173,9 @@ def build_streams(config: ml_collections.ConfigDict, *, num_classes: int,
   for name, cfg in config.streams.items():
     where = f"config.streams.{name}"
     spec = {**defaults, **cfg.to_dict()}
+    if generated_lib.is_generated(spec):
+      steps[name] = stream_step(name, spec)
+      continue
     dataset = spec["data"] or config.data.name
     ds_spec = data.spec(dataset)
     got = pipeline.image_shape(ds_spec, config.data.image_size)
@@ -200,6 +204,11 @@ def stream_step(name: str, spec: Mapping[str, Any]) -> step_lib.StreamStep:
   views and perturbation, built and checked); reads no data."""
   where = f"config.streams.{name}"
   spec = {**streams_lib.stream_defaults(), **dict(spec)}
+  if generated_lib.is_generated(spec):
+    return step_lib.StreamStep(
+        name=name, generator=generated_lib.generator_of(spec, where),
+        noise=generated_lib.parse_noise(spec.get("noise", ""), where),
+        batch_size=int(spec["batch_size"]))
   if spec["passes_by_group"] and (spec["views"] > 1 or spec["perturb"]):
     raise ValueError(f"{where}.passes_by_group: separate passes by group take a single-view "
                      "stream without a perturbation.")
@@ -219,6 +228,38 @@ def build_stream_steps(config: ml_collections.ConfigDict) -> dict[str, step_lib.
   return {name: stream_step(name, cfg.to_dict()) for name, cfg in config.streams.items()}
 
 
+def check_generated(stream_steps: Mapping[str, step_lib.StreamStep],
+                    modules: Mapping[str, Module]) -> None:
+  """Each generated stream's generator exists, takes its noise and returns
+  ``images`` of the shape the image modules take (abstract evaluation: nothing
+  is compiled)."""
+  shapes = {tuple(m.input_shape) for m in modules.values() if m.takes_images}
+  for name, st in stream_steps.items():
+    if not st.is_generated:
+      continue
+    where = f"config.streams.{name}"
+    if st.generator not in modules:
+      raise ValueError(f"{where}.source='module:{st.generator}': no such module; modules: "
+                       f"{', '.join(modules)} (add it in config.modules).")
+    g = modules[st.generator]
+    if g.takes_images or tuple(g.input_shape) != (st.noise.dim,):
+      raise ValueError(f"{where}.noise={st.noise.kind}({st.noise.dim}): module "
+                       f"{st.generator!r} takes inputs of shape {tuple(g.input_shape)} "
+                       f"(config.modules.{st.generator}.input_shape={(st.noise.dim,)} feeds it "
+                       "this noise).")
+    variables = jax.eval_shape(lambda k, g=g: dict(zip(("params", "batch_stats"), g.init(k))),
+                               jax.random.key(0))
+    outputs = jax.eval_shape(
+        lambda v, z, g=g: g.apply_outputs(v, z, train=False)[0], variables,
+        jax.ShapeDtypeStruct((2, st.noise.dim), jnp.float32))
+    images = generated_lib.output_images(outputs, st.generator)
+    if shapes and tuple(images.shape[1:]) not in shapes:
+      raise ValueError(f"{where}: module {st.generator!r} generates images of shape "
+                       f"{tuple(images.shape[1:])}; the image modules take {sorted(shapes)[0]} "
+                       f"(set config.modules.{st.generator}.model.kwargs to match, e.g. the "
+                       "number of channels).")
+
+
 def load_constants(config: ml_collections.ConfigDict, artifacts: artifacts_lib.Artifacts
                    ) -> dict[str, np.ndarray]:
   return {name: artifacts.load_array(ref, f"config.constants.{name}")
@@ -236,16 +277,27 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
       return value
     loaded = (artifacts or artifacts_lib.Artifacts()).load(value, where)
     return float(loaded) if np.ndim(loaded) == 0 else loaded
-  through = [n for n in stream_steps if config.streams[n].get("through_model", True)]
+  through = [n for n in stream_steps if config.streams[n].get("through_model", True)
+             and not stream_steps[n].is_generated]
   specs = ({"classifier": {"module": CLASSIFIER, "losses": tuple(config.losses.keys()),
                            "streams": tuple(through)}} if not len(config.updates) else
            {n: {"module": config.updates[n].get("module", CLASSIFIER),
                 "losses": tuple(config.updates[n].get("losses", config.losses.keys())),
-                "streams": tuple(config.updates[n].get("streams", through))}
+                "streams": tuple(config.updates[n].get("streams", through)),
+                "fresh_noise": tuple(config.updates[n].get("fresh_noise", ())),
+                "share_pass": tuple(config.updates[n].get("share_pass", ()))}
             for n in config_lib.order(config.updates, "config.updates", total=True)})
+  check_generated(stream_steps, modules)
   out = []
   for name, u in specs.items():
     m = modules[u["module"]]
+    generates = tuple(s for s, st in stream_steps.items() if st.is_generated and (
+        s in u["streams"] or st.generator == u["module"]))
+    for key in ("fresh_noise", "share_pass"):
+      for s in u.get(key, ()):
+        if s not in generates:
+          raise ValueError(f"config.updates.{name}.{key}: {s!r} is not a generated stream "
+                           f"this update reads (it reads {list(generates) or 'none'}).")
     grouped = [s for s in u["streams"] if stream_steps[s].passes_by_group]
     if grouped and len(u["streams"]) > 1:
       raise ValueError(f"config.updates.{name}: stream {grouped[0]!r} goes through the model in "
@@ -261,7 +313,9 @@ def build_updates(config: ml_collections.ConfigDict, modules: Mapping[str, Modul
                                    resolve=resolve, heads=list(m.heads))
     out.append(step_lib.Update(name=name, module=u["module"], loss_fn=losses_lib.compose(terms),
                                streams=tuple(u["streams"]),
-                               stats_keys=tuple(losses_lib.normalized_keys(terms))))
+                               stats_keys=tuple(losses_lib.normalized_keys(terms)),
+                               generates=generates, fresh_noise=tuple(u.get("fresh_noise", ())),
+                               share_pass=tuple(u.get("share_pass", ()))))
   return out
 
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrobust import generated
 from jaxrobust.data import streams
 from jaxrobust.registry import suggest
 
@@ -244,7 +245,7 @@ def _check_keys(d: Any, allowed: Any, where: str) -> None:
 
 
 MODULE_KEYS = ("model", "optimizer", "input_shape", "num_classes", "init_from")
-UPDATE_KEYS = ("module", "losses", "streams", "after")
+UPDATE_KEYS = ("module", "losses", "streams", "after", "fresh_noise", "share_pass")
 
 
 def order(entries: Mapping[str, Any], where: str, *,
@@ -398,9 +399,17 @@ def _check_streams(config: ml_collections.ConfigDict) -> None:
   defaults = streams.stream_defaults()
   if "train" not in config.streams:
     raise ValueError("config.streams.train (the main training stream) is missing.")
+  modules = module_names(config)
   for name, stream in config.streams.items():
     where = f"config.streams.{name}"
-    _check_keys(stream, list(defaults), where)
+    _check_keys(stream, list(defaults) + list(generated.GENERATED_KEYS), where)
+    if generated.is_generated(stream):
+      _check_generated_stream(name, stream, defaults, modules)
+      continue
+    for key in generated.GENERATED_KEYS:
+      if key in stream:
+        raise ValueError(f"{where}.{key}: only a generated stream (source='module:<name>') "
+                         "has it.")
     if stream.get("batch_size", defaults["batch_size"]) <= 0:
       raise ValueError(f"{where}.batch_size must be positive, got {stream['batch_size']}.")
     if stream.get("views", 1) < 1:
@@ -410,6 +419,23 @@ def _check_streams(config: ml_collections.ConfigDict) -> None:
                        f"{stream['perturb_stats']!r}.")
     if name != "train" and not stream.get("data"):
       raise ValueError(f"{where}.data: name the dataset of this stream.")
+
+
+def _check_generated_stream(name: str, stream: Any, defaults: dict[str, Any],
+                            modules: list[str]) -> None:
+  where = f"config.streams.{name}"
+  if name == "train":
+    raise ValueError(f"{where}.source: the main training stream reads a dataset; give the "
+                     "generated stream another name (e.g. config.streams.fake).")
+  module = generated.generator_of(stream, where)
+  if module not in modules:
+    raise ValueError(f"{where}.source='module:{module}': no such module{suggest(module, modules)};"
+                     f" modules: {', '.join(modules)} (add one in config.modules).")
+  generated.parse_noise(stream.get("noise", ""), where)
+  for key in ("data", "pp", "views", "perturb", "passes_by_group", "index", "sampler", "labels"):
+    if key in stream and stream[key] != defaults[key]:
+      raise ValueError(f"{where}.{key}: a generated stream reads no data and has no {key}; it "
+                       "is the output of its module on fresh noise.")
 
 
 def _check_modules_and_updates(config: ml_collections.ConfigDict) -> None:

@@ -48,9 +48,11 @@ class Module:
 
   Attributes:
     name: key in the train state (``classifier``, ``probe``, ...).
-    model: the flax module (returns ``(logits, features)`` with
-      ``return_features=True``).
-    num_classes: its output size.
+    model: the flax module: a classifier returns ``(logits, features)`` (and
+      a dict of extra heads) with ``return_features=True``; any other module
+      returns a dict of named outputs (a generator ``{'images': ...}``, a
+      discriminator ``{'score': ...}``).
+    num_classes: its number of classes, or None for a module without classes.
     input_shape: one example's input shape (for initialisation).
     mean: per-channel mean of the normalisation of ``[0, 1]`` images, or
       None when the module does not take images.
@@ -62,7 +64,7 @@ class Module:
   """
   name: str
   model: nn.Module
-  num_classes: int
+  num_classes: int | None
   input_shape: tuple[int, ...]
   mean: tuple[float, ...] | None
   std: tuple[float, ...] | None
@@ -89,7 +91,9 @@ class Module:
                     rng: Array | None = None, update_stats: bool = True
                     ) -> tuple[dict[str, Array], Any]:
     """``({'logits' float32, 'features', 'head:<name>' float32 per extra
-    head}, new batch stats or None)``.
+    head}, new batch stats or None)`` of a classifier; a module that returns a
+    dict of named outputs gives that dict (floating outputs other than
+    ``images`` and ``features`` in float32).
 
     ``train`` selects train mode unless the module freezes BatchNorm;
     ``update_stats=False`` discards the statistics a train-mode pass
@@ -106,6 +110,9 @@ class Module:
     else:
       out = self.model.apply(dict(variables), x, train=False, return_features=True)
       new_stats = None
+    if isinstance(out, Mapping):
+      return {k: v.astype(jnp.float32) if k not in ("images", "features") else v
+              for k, v in out.items()}, new_stats
     logits, features, heads = out if len(out) == 3 else (*out, {})
     outputs = {"logits": logits.astype(jnp.float32), "features": features}
     outputs.update({f"head:{n}": v.astype(jnp.float32) for n, v in heads.items()})

@@ -8,21 +8,30 @@ names to arrays from earlier stages.
 
 One step does, in order:
 
-1. **pp** -- each stream's images go to ``[0, 1]`` and through its pp chain
-   (``views`` times with independent keys for multi-view streams);
+1. **pp** -- each data stream's images go to ``[0, 1]`` and through its pp
+   chain (``views`` times with independent keys for multi-view streams);
 2. for each **update** of ``config.updates``, in order (default: one update of
    the ``classifier`` on every loss term):
+
+   0. **generate** -- the generated streams it reads (:mod:`jaxrobust.generated`)
+      are filled by their generator: as constants, or, in the update that
+      trains the generator, inside the differentiated function;
 
    a. **perturb** -- streams with a ``perturb`` hook are perturbed with the
       update module's *current* variables (BatchNorm in train mode; each pass
       its own dropout key; its statistics updated by every pass, as the
       reference's ``model.train()`` attacks, unless the stream says
       ``perturb_stats='discard'``), gradients stopped;
-   b. **forward** -- ONE pass of the module over its streams, concatenated, so
-      BatchNorm sees them together (as the OE/energy code does);
+   b. **forward** -- ONE pass of the module over its data streams,
+      concatenated, so BatchNorm sees them together (as the OE/energy code
+      does); each generated stream gets a pass of its own after it (as the GAN
+      reference's ``model(data)``, ``model(fake)``) unless the update lists it
+      in ``share_pass``; BatchNorm statistics are threaded pass to pass;
    c. **loss** -- the update's composed loss terms (:mod:`jaxrobust.losses`)
-      read the outputs; ``value_and_grad`` w.r.t. the module's *trainable*
-      parameters only;
+      read the outputs and may run other modules (``LossInputs.call``, whose
+      train-mode passes update those modules' statistics, as every train-mode
+      pass of the reference code does); ``value_and_grad`` w.r.t. the module's
+      *trainable* parameters only;
    d. **apply** -- the module's optax transformation; later updates of the
       same step see the new parameters (a GAN's generator update sees the
       discriminator just updated).
@@ -51,12 +60,14 @@ import optax
 from jax.sharding import NamedSharding
 
 from jaxrobust import attacks
+from jaxrobust import generated as generated_lib
 from jaxrobust import losses as losses_lib
 from jaxrobust.data import pp as pp_lib
 from jaxrobust.modules import Module, split_trainable, unflat
 from jaxrobust.train_state import ModuleState, TrainState
 
 Array = jax.Array
+_PASS_SALT = 0x70617373  # keys of an update's second and later forward passes
 Batch = Mapping[str, Mapping[str, Array]]
 
 
@@ -72,6 +83,13 @@ class StreamStep:
   perturb: Callable[[attacks.PerturbContext], Any] | None = None
   perturb_stats: str = "update"
   passes_by_group: tuple[int, ...] = ()
+  generator: str | None = None  # generated stream: the module that fills it
+  noise: generated_lib.Noise | None = None
+  batch_size: int = 0  # of a generated stream (global)
+
+  @property
+  def is_generated(self) -> bool:
+    return self.generator is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +100,9 @@ class Update:
   loss_fn: losses_lib.LossFn
   streams: tuple[str, ...]
   stats_keys: tuple[str, ...] = ()  # terms whose moving averages it keeps
+  generates: tuple[str, ...] = ()  # generated streams it fills (read or trained through)
+  fresh_noise: tuple[str, ...] = ()  # generated streams it draws new noise for
+  share_pass: tuple[str, ...] = ()  # generated streams in the data streams' pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +119,8 @@ def images01(spec: StepSpec, batch: Batch, rng: Array) -> dict[str, Array]:
   view-major along the batch axis)."""
   out = {}
   for i, (name, s) in enumerate(sorted(spec.streams.items())):
+    if s.is_generated:
+      continue
     x = pp_lib.to_unit_range(batch[name]["image"])
     key = jax.random.fold_in(rng, i)
     views = [s.pp(jax.random.fold_in(key, v), x) if s.pp is not None else x
@@ -111,22 +134,43 @@ def _repeat(x: Array, views: int) -> Array:
 
 
 def _caller(spec: StepSpec, modules: Mapping[str, ModuleState], trained: str, params: Any,
-            rng: Array) -> Callable[..., Mapping[str, Array]]:
+            rng: Array, book: dict[str, Any]) -> Callable[..., Mapping[str, Array]]:
   """``LossInputs.call``: each call is a pass with its own dropout key
   (``fold_in(rng, i)`` for the i-th call of the update, counted while the
-  step is traced)."""
+  step is traced). ``book`` maps module names to their current BatchNorm
+  statistics; a train-mode call with ``stats='update'`` (the default, as the
+  reference code's train-mode passes) replaces its module's entry, so the
+  next pass and the state after the update see it."""
   calls = [0]
 
-  def call(name: str, x: Array, *, train: bool = False) -> Mapping[str, Array]:
+  def call(name: str, x: Array, *, train: bool = False,
+           stats: str = "update") -> Mapping[str, Array]:
     if name not in spec.modules:
       raise KeyError(f"no module {name!r}; modules: {sorted(spec.modules)}.")
+    if stats not in ("update", "discard"):
+      raise ValueError(f"call(stats={stats!r}): 'update' or 'discard'.")
     m, ms = spec.modules[name], modules[name]
-    variables = ({"params": params, "batch_stats": ms.batch_stats} if name == trained
-                 else jax.lax.stop_gradient(ms.variables))
+    current = book.get(name, ms.batch_stats)
+    variables = ({"params": params, "batch_stats": current} if name == trained
+                 else jax.lax.stop_gradient({"params": ms.params, "batch_stats": current}))
     calls[0] += 1
-    return m.apply_outputs(variables, x, train=train, rng=jax.random.fold_in(rng, calls[0]),
-                           update_stats=False)[0]
+    out, new = m.apply_outputs(variables, x, train=train, rng=jax.random.fold_in(rng, calls[0]),
+                               update_stats=stats == "update")
+    if new:
+      book[name] = new
+    return out
   return call
+
+
+def pass_groups(update: Update, streams: Mapping[str, StreamStep]) -> list[tuple[str, ...]]:
+  """The forward passes of an update's module, in order: its data streams
+  (and the generated ones it shares that pass with) together, then each other
+  generated stream alone."""
+  together = tuple(s for s in update.streams
+                   if not streams[s].is_generated or s in update.share_pass)
+  alone = [(s,) for s in update.streams
+           if streams[s].is_generated and s not in update.share_pass]
+  return ([together] if together else []) + alone
 
 
 def _passes_by_group(m: Module, params: Any, stats: Any, x: Array, b: Mapping[str, Array],
@@ -202,6 +246,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
     modules = dict(state.modules)
     loss_stats = dict(state.loss_stats)
     metrics: dict[str, Array] = {}
+    drawn: set[tuple[str, int]] = set()
     for u_i, u in enumerate(spec.updates):
       m, ms = spec.modules[u.module], modules[u.module]
       fed = dict(x01)
@@ -216,41 +261,76 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
             jax.random.fold_in(jax.random.fold_in(perturb_rng, u_s[0]), u_s[1]),
             jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(dropout_rng, u_s[0]),
                                                   u_s[1]), 1))
-      sizes = [fed[s].shape[0] for s in u.streams]
-      x = (jnp.concatenate([fed[s] for s in u.streams]) if len(u.streams) > 1
-           else fed[u.streams[0]] if u.streams else None)
-      trainable, frozen = split_trainable(ms.params, m.trainable)
       u_dropout = jax.random.fold_in(dropout_rng, u_i)
+      u_batch = dict(batch)
+      by_module = []  # generated streams of the trained module: filled in loss_of
+      for s in u.generates:
+        st = spec.streams[s]
+        draw = 1 + u_i if s in u.fresh_noise else 0
+        keep = (s, draw) not in drawn
+        drawn.add((s, draw))
+        n = generated_lib.local_batch(st.batch_size, axis_name)
+        z = st.noise.sample(
+            generated_lib.noise_key(rng, state.step, stream_index[s], draw, axis_name), n)
+        key = jax.random.fold_in(jax.random.fold_in(u_dropout, stream_index[s]), 2)
+        u_batch[s] = generated_lib.GeneratedBatch({"mask": jnp.ones((n,), bool)}, s, st.generator)
+        if st.generator == u.module:
+          by_module.append((s, z, keep, key))
+          continue
+        g, gs = spec.modules[st.generator], modules[st.generator]
+        out, new = g.apply_outputs(jax.lax.stop_gradient(gs.variables), z, train=True, rng=key,
+                                   update_stats=keep)
+        fed[s] = jax.lax.stop_gradient(generated_lib.output_images(out, st.generator))
+        if new:
+          modules[st.generator] = gs.replace(batch_stats=jax.lax.stop_gradient(new))
+      passes = pass_groups(u, spec.streams)
+      trainable, frozen = split_trainable(ms.params, m.trainable)
 
-      def loss_of(train_params, m=m, ms=ms, u=u, x=x, sizes=sizes, frozen=frozen,
-                  u_dropout=u_dropout, u_i=u_i, fed=fed, stats=stats):
+      def loss_of(train_params, m=m, u=u, frozen=frozen, u_dropout=u_dropout, u_i=u_i,
+                  fed=fed, stats=stats, u_batch=u_batch, by_module=by_module, passes=passes,
+                  modules=dict(modules)):
         params = unflat({**frozen, **train_params})
-        outputs, new_stats = {}, None
-        grouped = spec.streams[u.streams[0]].passes_by_group if x is not None else ()
-        if grouped:
-          out, new_stats = _passes_by_group(m, params, stats, x, batch[u.streams[0]], grouped,
-                                            u_dropout)
-        elif x is not None:
-          out, new_stats = m.apply_outputs(
-              {"params": params, "batch_stats": stats}, x, train=True, rng=u_dropout)
-        if x is not None:
+        book = {u.module: stats}
+        fed = dict(fed)
+        for s, z, keep, key in by_module:
+          out, new = m.apply_outputs({"params": params, "batch_stats": book[u.module]}, z,
+                                     train=True, rng=key, update_stats=keep)
+          book[u.module] = new if new else book[u.module]
+          fed[s] = generated_lib.output_images(out, u.module)
+        outputs = {}
+        for p_i, group in enumerate(passes):
+          x = jnp.concatenate([fed[s] for s in group]) if len(group) > 1 else fed[group[0]]
+          key = u_dropout if p_i == 0 else jax.random.fold_in(
+              jax.random.fold_in(u_dropout, _PASS_SALT), p_i)
+          grouped = spec.streams[group[0]].passes_by_group
+          if grouped:
+            out, new = _passes_by_group(m, params, book[u.module], x, u_batch[group[0]], grouped,
+                                        key)
+          else:
+            out, new = m.apply_outputs({"params": params, "batch_stats": book[u.module]}, x,
+                                       train=True, rng=key)
+          book[u.module] = new if new else book[u.module]
           start = 0
-          for s, n in zip(u.streams, sizes):
+          for s in group:
+            n = fed[s].shape[0]
             outputs[s] = {k: v[start:start + n] for k, v in out.items()}
             start += n
         inputs = losses_lib.LossInputs(
-            outputs=losses_lib._Outputs(outputs, u.module, u.streams), batch=batch,
+            outputs=losses_lib._Outputs(outputs, u.module, u.streams), batch=u_batch,
             num_classes=m.num_classes, params=params,
             rng=jax.random.fold_in(loss_rng, u_i), step=state.step, images=fed,
             constants=dict(constants or {}), module=u.module,
-            call=_caller(spec, modules, u.module, params, u_dropout),
+            call=_caller(spec, modules, u.module, params, u_dropout, book),
             views={s: st.views for s, st in spec.streams.items()}, axis_name=axis_name,
             loss_stats=loss_stats)
         total, terms = u.loss_fn(inputs)
-        return total, (terms, new_stats)
+        return total, (terms, book)
 
-      (_, (u_metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-      u_metrics = dict(u_metrics)
+      (_, (u_metrics, book)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+      u_metrics, book = dict(u_metrics), dict(book)
+      new_stats = book.pop(u.module)
+      for name, other in book.items():  # statistics of the modules its terms ran
+        modules[name] = modules[name].replace(batch_stats=jax.lax.stop_gradient(other))
       if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         u_metrics = jax.lax.pmean(u_metrics, axis_name)
@@ -262,7 +342,7 @@ def make_train_step(spec: StepSpec, *, axis_name: str | None = None
       updates, opt_state = m.tx.update(full_grads, ms.opt_state, ms.params)
       modules[u.module] = ModuleState(
           params=optax.apply_updates(ms.params, updates),
-          batch_stats=new_stats if new_stats else stats, opt_state=opt_state)
+          batch_stats=new_stats, opt_state=opt_state)
       metrics.update({f"{u.name}/{k}" if prefix else k: v for k, v in u_metrics.items()})
     return state.replace(step=state.step + 1, modules=modules, loss_stats=loss_stats), metrics
 

@@ -121,7 +121,6 @@ def test_teacher_pseudo_labels_feed_a_student_stream(tmp_path, data_dir, hard):
   # The 20 images a train stream with index per_class(2) would label are not candidates
   # (disjoint labelled and unlabelled pools, as Noisy Student).
   from jaxrobust.build import stream_seed
-  from jaxrobust.data import pipeline
   from jaxrobust.data.streams import per_class, StreamData
   source = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
   labelled = per_class(StreamData("train", source, 10, stream_seed(c.seed, "train"), None, ""), 2)
