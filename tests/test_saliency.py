@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.nn import relu as imported_relu
 
+from jaxrobust import plots
 from jaxrobust import saliency as sal
 from jaxrobust.models import get_model
 
@@ -313,3 +314,28 @@ def test_clear_errors():
   m = jax.jit(functools.partial(sal.guided_backprop, f))(x, jnp.array([0, 9, 1]))
   assert float(jnp.abs(m[1]).max()) == 0 and float(jnp.abs(m[0]).max()) > 0
 
+
+# ----------------------------------------------------------------------------- figure
+
+def test_saliency_grid_writes_normalised_maps(tmp_path):
+  rng = np.random.default_rng(8)
+  images = rng.uniform(size=(3, 5, 5, 3))
+  maps = {"cross-entropy": rng.normal(size=(3, 5, 5, 3)),
+          "joint confidence": rng.normal(size=(3, 5, 5, 3)) * [[[[1]]], [[[100]]], [[[0]]]]}
+  path = tmp_path / "fig" / "saliency.png"
+  fig = plots.saliency_grid(images, maps, row_labels=["in", "in", "out"], path=str(path),
+                            title="guided backprop")
+  assert path.stat().st_size > 1000
+  assert [p.name for p in path.parent.iterdir()] == ["saliency.png"]  # no temporary left
+  axes = np.array(fig.axes).reshape(3, 3)
+  assert [ax.get_title() for ax in axes[0]] == ["input", "cross-entropy", "joint confidence"]
+  assert [ax.get_ylabel() for ax in axes[:, 0]] == ["in", "in", "out"]
+  assert fig._suptitle.get_text() == "guided backprop"
+  np.testing.assert_allclose(axes[1, 0].images[0].get_array(), images[1])
+  for r in range(3):
+    expected = np.abs(maps["joint confidence"][r]).max(-1)
+    expected = expected / expected.max() if expected.max() else expected
+    np.testing.assert_allclose(axes[r, 2].images[0].get_array(), expected, atol=1e-12)
+  assert "normalised per image" in plots.saliency_grid(images, maps)._suptitle.get_text()
+  with pytest.raises(ValueError, match="maps_by_model"):
+    plots.saliency_grid(images, {"a": maps["cross-entropy"][:2]})
