@@ -68,16 +68,20 @@ __all__ = ["gradient_times_input", "guided_backprop", "guided_relu", "input_grad
 
 # ----------------------------------------------------------------------------- guided ReLU
 
-@jax.custom_vjp
 def guided_relu(x: Array) -> Array:
   """``max(x, 0)`` whose backward pass is guided back-propagation's:
   ``g · [x > 0] · [g > 0]`` for an incoming gradient ``g`` (only positive
-  gradients reach positive inputs; Springenberg et al. 2015, eq. 3)."""
-  return _relu(x)
+  gradients reach positive inputs; Springenberg et al. 2015)."""
+  return _guided_relu(x)
 
 
 def _relu(x):
   return jax.lax.max(x, jnp.zeros_like(x))
+
+
+@jax.custom_vjp
+def _guided_relu(x):
+  return _relu(x)
 
 
 def _guided_relu_fwd(x):
@@ -88,7 +92,7 @@ def _guided_relu_bwd(x, g):
   return (jnp.where((x > 0) & (g > 0), g, jnp.zeros_like(g)),)
 
 
-guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
+_guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
 
 
 # ----------------------------------------------------------------------------- jaxpr rewrite
