@@ -250,3 +250,71 @@ def sample_grid(images, *, labels: Optional[Sequence] = None, columns: int = 8,
   ax.set_axis_off()
   ax.set_title(title or "", fontsize=9)
   return _finish(fig, path)
+
+
+def _saliency_image(m: np.ndarray, signed: bool) -> np.ndarray:
+  """One map ``[H, W, C]`` -> an image in ``[0, 1]``, normalised by its own
+  largest magnitude (an all-zero map stays black, or grey when signed)."""
+  if signed:
+    return 0.5 + 0.5 * m / max(float(np.abs(m).max()), np.finfo(np.float64).tiny)
+  mag = np.abs(m).max(axis=-1, keepdims=True)
+  return mag / max(float(mag.max()), np.finfo(np.float64).tiny)
+
+
+def saliency_grid(images, maps_by_model: dict[str, np.ndarray], *,
+                  row_labels: Sequence[str] | None = None, signed: bool = False,
+                  path: str | None = None, title: str | None = None):
+  """Saliency maps of several models side by side (the guided
+  back-propagation figure of Lee et al. 2018: a cross-entropy and a
+  joint-confidence model on in- and out-of-distribution images).
+
+  One row per image; the columns are the input (``images`` ``[N, H, W, 1 or
+  3]`` in ``[0, 1]``), then, in the dict's order, each model's map ``[N, H, W,
+  C]`` (e.g. :func:`jaxrobust.saliency.guided_backprop`). Each map is
+  normalised per image: by default its magnitude, the maximum over channels of
+  ``|g|`` divided by that image's largest (gray, black = 0); ``signed=True``
+  shows ``0.5 + 0.5 g / max|g|`` per channel (gray = 0). ``row_labels`` (one
+  per image, e.g. ``'in: 3'``, ``'out: noise'``) name the rows.
+  """
+  x = np.asarray(images, np.float64)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"saliency_grid expects images [N, H, W, 1 or 3], got shape {x.shape}.")
+  if not maps_by_model:
+    raise ValueError("maps_by_model is empty: no saliency map to plot.")
+  maps = {name: np.asarray(m, np.float64) for name, m in maps_by_model.items()}
+  for name, m in maps.items():
+    if m.ndim != 4 or m.shape[:3] != x.shape[:3]:
+      raise ValueError(f"maps_by_model[{name!r}] must be [N, H, W, C] with [N, H, W] = "
+                       f"{x.shape[:3]} of the images, got shape {m.shape}.")
+    if not np.all(np.isfinite(m)):
+      raise ValueError(f"maps_by_model[{name!r}] contains NaN or inf.")
+    if signed and m.shape[-1] not in (1, 3):
+      raise ValueError(f"signed maps are drawn as gray or RGB: maps_by_model[{name!r}] has "
+                       f"{m.shape[-1]} channels.")
+  labels = list(row_labels) if row_labels is not None else None
+  if labels is not None and len(labels) != x.shape[0]:
+    raise ValueError(f"row_labels has {len(labels)} entries for {x.shape[0]} images.")
+
+  from matplotlib.figure import Figure
+  rows, cols = x.shape[0], 1 + len(maps)
+  fig = Figure(figsize=(1.4 * cols + 0.6, 1.4 * rows + 0.8), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False)
+  columns = [("input", np.clip(x, 0.0, 1.0))] + [
+      (name, np.stack([_saliency_image(mi, signed) for mi in m])) for name, m in maps.items()]
+  for c, (name, panel) in enumerate(columns):
+    for r in range(rows):
+      ax, img = axes[r, c], panel[r]
+      gray = img.shape[-1] == 1
+      ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1,
+                interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(name, fontsize=8)
+      if c == 0 and labels is not None:
+        ax.set_ylabel(str(labels[r]), fontsize=8)
+  what = "signed gradient" if signed else "|gradient|, max over channels"
+  fig.suptitle(title if title is not None else
+               f"Guided back-propagation of the target logit ({what}, normalised per image)",
+               fontsize=9)
+  return _finish(fig, path)
