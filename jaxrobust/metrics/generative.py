@@ -68,7 +68,7 @@ from jaxrobust.metrics._validate import (
 Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 1024
-"""Rows per block: a block pair's distances take ``chunk_size**2`` floats."""
+"""Default rows per block; a block pair's distances take ``chunk_size**2`` floats."""
 
 
 # ----------------------------------------------------------------------------
@@ -302,19 +302,21 @@ def improved_precision_recall(real, fake, *, k: int = 3, real_mask=None, fake_ma
   samples' balls, built the same way from the fake set.
 
   Follows the authors' code (kynkaat/improved-precision-and-recall-metric,
-  ``precision_recall.py``, also NVlabs' StyleGAN2-ADA metric): default
-  ``k = 3`` (the paper's), a closed ball (``<=``), the k-th neighbour found
-  in the sorted distances with the sample itself at position 0 -- so a
-  duplicate of a sample counts as a neighbour at distance 0. Departs from it
-  only by computing the squared distances block by block (no
-  ``row_batch_size x N`` matrix) and by the masks. Note that
+  ``precision_recall.py``; NVlabs' StyleGAN2-ADA ``metrics/precision_recall.py``
+  computes the same): default ``k = 3`` (``nhood_sizes=[3]``), a closed ball
+  (``<=``), the k-th neighbour found in the sorted distances with the sample
+  itself at position 0 -- so a duplicate of a sample counts as a neighbour
+  at distance 0. Like it, squared distances from the Gram expansion in
+  float32; departs only by translating the features first, by working block
+  by block (no ``row_batch_size x N`` matrix) and by the masks. Note that
   ``generative-evaluation-prdc`` (Naeem et al. 2020) uses an open ball
   (``<``); the two differ only on exact ties.
 
   Args:
     real: (N, D) features of real samples (the reference set).
     fake: (M, D) features of generated samples, same embedding.
-    k: neighbourhood size, ``1 <= k < `` the number of valid rows of each set.
+    k: neighbourhood size, at least 1 and below the number of valid rows of
+      each set.
     real_mask, fake_mask: optional (N,) / (M,) validity masks.
     chunk_size: rows per block (memory ~ ``chunk_size**2`` floats; any value
       gives the same numbers).
@@ -348,11 +350,12 @@ def probabilistic_precision_recall(real, fake, *, a: float = 1.2, k: int = 4, re
 
   Reference followed: the authors' official code,
   kdst-team/Probablistic_precision_recall ``metric/pp_pr.py``
-  (``compute_pprecision_precall``, as fixed on 2024-05-29; arXiv
-  2309.01590). Its defaults are kept: ``a = 1.2``, ``k = 4`` (``kth``), the
-  k-th neighbour counted with the sample itself at position 0 (as above:
-  duplicates are neighbours), ``f = 0`` at ``|y - x| >= R`` (so a set of
-  identical points, ``R = 0``, gives 0). Departures: float32 distances from
+  (``compute_pprecision_precall``, as fixed on 2024-05-29; paper: arXiv
+  2309.01590). Kept from it: the defaults ``a = 1.2`` and ``k = 4``
+  (``kth``; also those of its ``toy_experiment.py``), the k-th neighbour
+  counted with the sample itself at position 0 (as above: duplicates are
+  neighbours), ``f = 0`` at ``|y - x| >= R`` (so a set of identical points,
+  ``R = 0``, gives 0). Departures: float32 distances from
   the Gram expansion, block by block (the reference: float64
   ``sklearn.metrics.pairwise_distances``, three full matrices); the product
   is taken as ``exp(sum log(|y - x_i| / R))`` over the samples inside the
@@ -361,9 +364,9 @@ def probabilistic_precision_recall(real, fake, *, a: float = 1.2, k: int = 4, re
   Args:
     real: (N, D) features of real samples (the reference set).
     fake: (M, D) features of generated samples, same embedding.
-    a: scale of the radius, ``a > 0`` (paper and code: 1.2).
-    k: neighbourhood size of the mean k-NN distance (paper and code: 4),
-      ``1 <= k < `` the number of valid rows of each set.
+    a: scale of the radius, ``a > 0`` (the official code's default: 1.2).
+    k: neighbourhood size of the mean k-NN distance (the official code's
+      default: 4), at least 1 and below the number of valid rows of each set.
     real_mask, fake_mask: optional (N,) / (M,) validity masks.
     chunk_size: rows per block (memory ~ ``chunk_size**2`` floats; the
       numbers agree across values up to float rounding).
