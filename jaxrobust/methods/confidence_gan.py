@@ -48,11 +48,20 @@ discards that pass's statistics -- :mod:`jaxrobust.generated`).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxrobust import checkpoint as ckpt_lib
+from jaxrobust import generated, plots
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
+from jaxrobust.metrics import generative
+from jaxrobust.modules import CLASSIFIER
+from jaxrobust.registry import RegistryError
+from jaxrobust.tasks import TASKS, StageContext, predict_outputs
 from jaxrobust.methods.outlier_exposure import confidence_loss
 
 Array = jax.Array
@@ -104,3 +113,87 @@ def generated_confidence(inputs: LossInputs, *, fake: str = "fake",
   mask = inputs.batch[fake]["mask"]
   return confidence_loss(logits, mask), {
       f"{fake}/msp": masked_mean(jnp.max(jax.nn.softmax(logits), -1), mask)}
+
+
+# --- judging the generator ----------------------------------------------------------
+
+def _generate(ctx, variables, generator: str, n: int, seed: int, batch: int) -> np.ndarray:
+  """``n`` samples of the checkpoint's generator, in train mode (batch
+  statistics, as during training and in the reference's sample grids), in
+  batches of ``batch`` rows, statistics not updated."""
+  g = ctx.modules[generator]
+  noise = generated.Noise("normal", int(g.input_shape[0]))
+  run = jax.jit(lambda v, z: g.apply_outputs(v, z, train=True, update_stats=False)[0])
+  out = []
+  for i in range(0, n, batch):
+    z = noise.sample(jax.random.fold_in(jax.random.PRNGKey(seed), i), batch)
+    out.append(np.asarray(generated.output_images(run(variables, z), generator)))
+  return np.concatenate(out)[:n]
+
+
+def _apply_batches(module, variables, images: np.ndarray, batch: int, field: str) -> np.ndarray:
+  run = jax.jit(lambda v, x: module.apply_outputs(v, x, train=False)[0][field])
+  return np.concatenate([np.asarray(run(variables, images[i:i + batch]))
+                         for i in range(0, len(images), batch)])
+
+
+@TASKS.register("gan_samples")
+def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_samples: int = 1000,
+                split: str = "test", generator: str = "generator", seed: int = 0,
+                batch_size: int = 64) -> dict[str, float]:
+  """Judges a joint-confidence run's generator (Lee et al. 2018, §3-4).
+
+  Writes ``samples.png`` (a grid of ``G(z)``), ``msp.png`` (the run's
+  classifier's MSP on generated vs real ``split`` images) and returns:
+
+  * ``gan/msp_generated``, ``gan/msp_real`` -- mean MSP of the run's
+    classifier (higher = more confident) on ``num_samples`` generated images
+    and on the ``split`` images: the paper's claim is that the generator's
+    samples get low confidence;
+  * ``gan/p_precision``, ``gan/p_recall`` (Park & Kim 2023) and
+    ``gan/precision``, ``gan/recall`` (Kynkäänniemi et al. 2019, k = 3) of the
+    generated images against the ``split`` images, on the penultimate
+    features of ``embedding`` -- a classifier trained apart from the GAN (the
+    cross-entropy baseline), never the one the generator was trained
+    against (:mod:`jaxrobust.metrics.generative`).
+
+  Generation runs the generator in train mode (batch statistics of
+  ``batch_size`` rows, as in training).
+  """
+  if num_samples < 10:
+    raise RegistryError(f"{ctx.where}.num_samples must be >= 10, got {num_samples}.")
+  path = ctx.checkpoint_path(checkpoint)
+  embed_path = ctx.checkpoint_path(embedding, "embedding")
+  if os.path.realpath(embed_path) == os.path.realpath(path):
+    raise RegistryError(f"{ctx.where}.embedding: the embedding network must be trained apart "
+                        "from the GAN (e.g. 'artifact:ce/checkpoint'), not the classifier the "
+                        "generator was trained against.")
+  if generator not in ctx.modules:
+    raise RegistryError(f"{ctx.where}.generator={generator!r}: no such module "
+                        f"({sorted(ctx.modules)}).")
+  g_vars = dict(zip(("params", "batch_stats"), ckpt_lib.load_pretrained(
+      path, module=generator, where=f"{ctx.where}.checkpoint")))
+  fake = _generate(ctx, g_vars, generator, num_samples, seed, batch_size)
+  classifier = ctx.modules[CLASSIFIER]
+  c_vars = dict(zip(("params", "batch_stats"), ckpt_lib.load_pretrained(
+      path, where=f"{ctx.where}.checkpoint")))
+  real = predict_outputs(ctx, checkpoint=checkpoint, split=split, fields=("logits",))["logits"]
+  msp_real = np.max(np.asarray(jax.nn.softmax(real)), -1)
+  msp_fake = np.max(np.asarray(jax.nn.softmax(_apply_batches(
+      classifier, c_vars, fake, batch_size, "logits"))), -1)
+  e_vars = dict(zip(("params", "batch_stats"), ckpt_lib.load_pretrained(
+      embed_path, where=f"{ctx.where}.embedding")))
+  real_features = predict_outputs(ctx, checkpoint=embedding, split=split,
+                                  fields=("features",))["features"]
+  fake_features = _apply_batches(classifier, e_vars, fake, batch_size, "features")
+  p_prec, p_rec = generative.probabilistic_precision_recall(real_features, fake_features)
+  prec, rec = generative.improved_precision_recall(real_features, fake_features)
+  plots.sample_grid(fake, path=os.path.join(ctx.workdir, "samples.png"), max_images=64,
+                    title=f"Generated samples G(z) ({generator}, {num_samples} drawn)")
+  plots.score_histograms(msp_real, msp_fake, labels=(f"real ({split})", "generated"),
+                         xlabel="MSP of the joint classifier (higher = in-dist.)",
+                         path=os.path.join(ctx.workdir, "msp.png"),
+                         title="Classifier confidence on real vs generated images")
+  return {"gan/msp_generated": float(msp_fake.mean()), "gan/msp_real": float(msp_real.mean()),
+          "gan/p_precision": float(p_prec), "gan/p_recall": float(p_rec),
+          "gan/precision": float(prec), "gan/recall": float(rec)}
