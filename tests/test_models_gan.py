@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxrobust import convert
@@ -272,8 +273,12 @@ def test_forward_equals_torch(tc, name):
     ref = {k: v.numpy() for k, v in _torch_outputs(net, name, x).items()}
   out = apply(variables, x, False)[0]
   deviations.update({f"eval/{k}": _deviation(out[k], ref[k]) for k in out})
-  if name == "dcgan_discriminator":  # the reference's sigmoid output, from our logit
+  if name == "dcgan_discriminator":  # the reference's sigmoid output and BCELoss, from our logit
     deviations["eval/prob"] = _deviation(jax.nn.sigmoid(out["score"]), ref["prob"])
+    for label in (0.0, 1.0):  # the reference's real_label / fake_label
+      bce = torch.nn.BCELoss()(torch.from_numpy(ref["prob"]), torch.full((len(x),), label))
+      ours = optax.sigmoid_binary_cross_entropy(out["score"], jnp.full((len(x),), label)).mean()
+      deviations[f"eval/bce_{label:g}"] = _deviation(ours, bce.numpy())
   assert max(deviations.values()) < RTOL, deviations
   assert np.abs(ref[next(iter(ref))]).max() > 1e-6  # not a trivially zero output
 

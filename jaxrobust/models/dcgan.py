@@ -125,10 +125,14 @@ class DCGANDiscriminator(_DCGAN):
   ``score`` is the pre-sigmoid **logit** of "real": the reference outputs
   ``sigmoid(score)`` and trains with ``nn.BCELoss``; compute the loss from the
   logit with ``optax.sigmoid_binary_cross_entropy(score, label)``, which is
-  that loss computed stably (equal to ``BCELoss(sigmoid(score), label)`` up
-  to PyTorch's clamp of each log at -100, reached only when the sigmoid
-  saturates in float32). ``return_features=True`` adds ``'features'``: the
-  flattened ``[B, 4 * 4 * ndf * 8]`` input of the last convolution.
+  that loss computed stably. The two are equal in exact arithmetic and agree
+  to float32 rounding for ``|score|`` up to about 10; beyond, PyTorch's
+  sigmoid-then-log loses precision as the sigmoid rounds towards 1, and its
+  clamp of each log at -100 takes over where the float32 sigmoid reaches 1
+  (``score`` above about 17: losses 0 and 100 for labels 1 and 0) or 0
+  (``score`` below about -88). ``return_features=True`` adds ``'features'``:
+  the flattened ``[B, 4 * 4 * ndf * 8]`` input of the last convolution (NHWC
+  order).
 
   Attributes:
     nc: image channels.
