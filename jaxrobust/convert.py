@@ -32,10 +32,35 @@ Architectures (``arch``):
                                 <-> layer{s}.{b-1}.downsample.0, downsample.1
       head                      <-> fc
 
+* ``'vgg13'`` -- :class:`jaxrobust.models.vgg.VGG` (``vgg13``, ``vgg13_bn``) <->
+  the VGG-13 of ``alinlab/Confident_classifier`` (``src/models/vgg.py``)::
+
+      conv{i} (kernel, bias)    <-> features.{j}      (j = 0, 2, 5, 7, 10, 12, 15, 17, 20, 22)
+      fc1, fc2, head            <-> classifier.0, classifier.3, classifier.6
+
+  With BatchNorm (``vgg13_bn``), torchvision's ``make_layers(batch_norm=True)``
+  indices: ``conv{i}`` <-> ``features.{j}`` and ``bn{i}`` <-> ``features.{j+1}``
+  (j = 0, 3, 7, 10, 14, 17, 21, 24, 28, 31).
+
+* ``'dcgan_generator'`` / ``'dcgan_discriminator'`` --
+  :class:`jaxrobust.models.dcgan.DCGANGenerator` /
+  :class:`~jaxrobust.models.dcgan.DCGANDiscriminator` <-> ``_netG`` / ``_netD``
+  of ``alinlab/Confident_classifier`` (``src/models/gan.py``)::
+
+      deconv1..4                <-> main.0, main.3, main.6, main.9     (generator)
+      bn1..3                    <-> main.1, main.4, main.7
+      conv1..4                  <-> main.0, main.2, main.5, main.8     (discriminator)
+      bn2, bn3                  <-> main.3, main.6
+
 Conventions:
 
 * convolution kernels: Flax HWIO ``[kh, kw, in, out]`` <-> PyTorch OIHW
   ``[out, in, kh, kw]``;
+* transposed convolution kernels: Flax ``nn.ConvTranspose`` (``transpose_kernel=False``)
+  ``[kh, kw, in, out]`` <-> ``nn.ConvTranspose2d.weight`` ``[in, out, kh, kw]``,
+  flipped in both spatial axes (PyTorch's transposed convolution is the
+  gradient of a convolution, i.e. a convolution of the dilated input with the
+  flipped kernel; flax's applies its kernel as it is);
 * dense kernels: Flax ``[in, out]`` <-> ``nn.Linear.weight`` ``[out, in]``;
   biases as they are;
 * BatchNorm: ``params`` ``scale``/``bias`` <-> ``weight``/``bias``;
@@ -47,7 +72,8 @@ Conventions:
 
 The layout (every name and its shape) is derived from the architecture's
 hyper-parameters (WRN: depth, width, classes, input channels; ResNet-50:
-classes, input channels), read from the given tree. A state_dict or a tree
+classes, input channels; VGG-13: classes, input channels, BatchNorm or not;
+DCGAN: ``nz``, ``ngf`` / ``ndf``, image channels), read from the given tree. A state_dict or a tree
 that does not fit it -- a missing key, an unexpected key, a shape mismatch,
 another architecture -- is one ``ValueError`` that names the key; nothing is
 ever partially loaded.
@@ -60,11 +86,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-ARCHS = ("wrn", "resnet50")
+ARCHS = ("wrn", "resnet50", "vgg13", "dcgan_generator", "dcgan_discriminator")
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
 # A layout: torch name -> (torch shape, flax collection, flax path, kind), in
-# the torch module order. kind: 'conv' | 'dense' | 'bias' | 'bn' | 'stat' | 'count'.
+# the torch module order. kind: 'conv' | 'convT' | 'dense' | 'bias' | 'bn' | 'stat' | 'count'.
 Layout = dict[str, tuple[tuple[int, ...], str, str, str]]
 
 _BN_LEAVES = (("weight", "params", "scale", "bn"), ("bias", "params", "bias", "bn"),
@@ -74,6 +100,11 @@ _BN_LEAVES = (("weight", "params", "scale", "bn"), ("bias", "params", "bias", "b
 
 def _conv(layout: Layout, torch_name: str, flax_path: str, cin: int, cout: int, k: int) -> None:
   layout[f"{torch_name}.weight"] = ((cout, cin, k, k), "params", f"{flax_path}/kernel", "conv")
+
+
+def _conv_t(layout: Layout, torch_name: str, flax_path: str, cin: int, cout: int,
+            k: int) -> None:
+  layout[f"{torch_name}.weight"] = ((cin, cout, k, k), "params", f"{flax_path}/kernel", "convT")
 
 
 def _bn(layout: Layout, torch_name: str, flax_path: str, c: int) -> None:
@@ -138,6 +169,61 @@ def resnet50_layout(num_classes: int, in_channels: int = 3) -> Layout:
   return layout
 
 
+#: VGG configuration "B" (the same as :data:`jaxrobust.models.vgg.VGG13`; this
+#: module imports no jax).
+VGG13 = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG_HIDDEN = 512
+
+
+def vgg13_layout(num_classes: int, in_channels: int = 3, batch_norm: bool = False) -> Layout:
+  """The ``Confident_classifier`` VGG-13 state_dict layout (torchvision's
+  ``make_layers`` indices; with ``batch_norm``, those of ``vgg13_bn``) and
+  where each entry lives in jaxrobust's tree."""
+  layout: Layout = {}
+  j, i, cin = 0, 0, in_channels
+  for v in VGG13:
+    if v == "M":
+      j += 1
+      continue
+    i += 1
+    _conv(layout, f"features.{j}", f"conv{i}", cin, v, 3)
+    layout[f"features.{j}.bias"] = ((v,), "params", f"conv{i}/bias", "bias")
+    if batch_norm:
+      _bn(layout, f"features.{j + 1}", f"bn{i}", v)
+    j += 3 if batch_norm else 2  # conv, (BatchNorm,) ReLU
+    cin = v
+  for t, f, cout in [(0, "fc1", VGG_HIDDEN), (3, "fc2", VGG_HIDDEN), (6, "head", num_classes)]:
+    layout[f"classifier.{t}.weight"] = ((cout, cin), "params", f"{f}/kernel", "dense")
+    layout[f"classifier.{t}.bias"] = ((cout,), "params", f"{f}/bias", "bias")
+    cin = cout
+  return layout
+
+
+def dcgan_generator_layout(nz: int, ngf: int, nc: int) -> Layout:
+  """The ``Confident_classifier`` ``_netG`` state_dict layout and where each
+  entry lives in jaxrobust's tree."""
+  layout: Layout = {}
+  widths = [nz, ngf * 8, ngf * 4, ngf * 2, nc]
+  for i in range(1, 5):
+    _conv_t(layout, f"main.{3 * (i - 1)}", f"deconv{i}", widths[i - 1], widths[i], 4)
+    if i < 4:
+      _bn(layout, f"main.{3 * (i - 1) + 1}", f"bn{i}", widths[i])
+  return layout
+
+
+def dcgan_discriminator_layout(nc: int, ndf: int) -> Layout:
+  """The ``Confident_classifier`` ``_netD`` state_dict layout and where each
+  entry lives in jaxrobust's tree."""
+  layout: Layout = {}
+  _conv(layout, "main.0", "conv1", nc, ndf * 2, 4)
+  _conv(layout, "main.2", "conv2", ndf * 2, ndf * 4, 4)
+  _bn(layout, "main.3", "bn2", ndf * 4)
+  _conv(layout, "main.5", "conv3", ndf * 4, ndf * 8, 4)
+  _bn(layout, "main.6", "bn3", ndf * 8)
+  _conv(layout, "main.8", "conv4", ndf * 8, 1, 4)
+  return layout
+
+
 # --- reading the hyper-parameters of a tree or a state_dict -------------------------
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,12 +277,34 @@ def _layout_of_flax(flat_params: Mapping[str, Any], arch: str) -> Layout:
               if (m := re.fullmatch(r"group1_block(\d+)/.*", p))}
     width = _need(flat_params, "group1_block1/conv1/kernel", what, 4)[3] // 16
     return wrn_layout(6 * len(blocks) + 4, width, head[1], stem[2])
+  if arch == "vgg13":
+    head = _need(flat_params, "head/kernel", what, 2)
+    conv1 = _need(flat_params, "conv1/kernel", what, 4)
+    return vgg13_layout(head[1], conv1[2], batch_norm="bn1/scale" in flat_params)
+  if arch == "dcgan_generator":
+    first = _need(flat_params, "deconv1/kernel", what, 4)
+    last = _need(flat_params, "deconv4/kernel", what, 4)
+    return dcgan_generator_layout(first[2], first[3] // 8, last[3])
+  if arch == "dcgan_discriminator":
+    first = _need(flat_params, "conv1/kernel", what, 4)
+    return dcgan_discriminator_layout(first[2], first[3] // 2)
   head = _need(flat_params, "head/kernel", what, 2)
   return resnet50_layout(head[1], _need(flat_params, "conv1/kernel", what, 4)[2])
 
 
 def _layout_of_torch(sd: Mapping[str, Any], arch: str) -> Layout:
   what = f"from_torch(arch={arch!r})"
+  if arch == "vgg13":
+    head = _need(sd, "classifier.6.weight", what, 2)
+    first = _need(sd, "features.0.weight", what, 4)
+    return vgg13_layout(head[0], first[1], batch_norm="features.1.weight" in sd)
+  if arch == "dcgan_generator":
+    first = _need(sd, "main.0.weight", what, 4)
+    last = _need(sd, "main.9.weight", what, 4)
+    return dcgan_generator_layout(first[0], first[1] // 8, last[1])
+  if arch == "dcgan_discriminator":
+    first = _need(sd, "main.0.weight", what, 4)
+    return dcgan_discriminator_layout(first[1], first[0] // 2)
   fc = _need(sd, "fc.weight", what, 2)
   conv1 = _need(sd, "conv1.weight", what, 4)
   if arch == "wrn":
@@ -209,14 +317,16 @@ def _layout_of_torch(sd: Mapping[str, Any], arch: str) -> Layout:
 # --- the two directions ---------------------------------------------------------------
 
 def _to_numpy(x: Any) -> np.ndarray:
-  if hasattr(x, "detach"):  # a torch tensor (read without importing torch)
-    x = x.detach().cpu().numpy()
+  if hasattr(x, "detach"):  # a torch tensor (read without importing torch), copied: its
+    x = np.array(x.detach().cpu().numpy())  # .numpy() shares the tensor's memory
   return np.asarray(x)
 
 
 def _to_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == "conv":
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+  if kind == "convT":  # flipped HW, I, O -> I, O, H, W
+    return np.ascontiguousarray(x[::-1, ::-1].transpose(2, 3, 0, 1))
   if kind == "dense":
     return np.ascontiguousarray(x.T)
   return x
@@ -225,6 +335,8 @@ def _to_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
 def _from_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == "conv":
     return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  if kind == "convT":  # I, O, H, W -> flipped HW, I, O
+    return np.ascontiguousarray(x.transpose(2, 3, 0, 1)[::-1, ::-1])
   if kind == "dense":
     return np.ascontiguousarray(x.T)
   return x
@@ -291,7 +403,7 @@ def from_torch(state_dict: Mapping[str, Any], *, arch: str,
   ``params_template`` (e.g. the params of the model to load into, or their
   ``jax.eval_shape``): the state_dict must then give exactly its entries with
   its shapes, and the arrays take its dtypes; without it, the layout is read
-  from the state_dict itself (depth, width, classes, input channels). Raises
+  from the state_dict itself (the hyper-parameters listed above). Raises
   ``ValueError`` naming every missing, unexpected or mis-shaped key.
   """
   _check_arch(arch)
@@ -327,6 +439,9 @@ def _flax_shape(entry: tuple[tuple[int, ...], str, str, str]) -> tuple[int, ...]
   shape, _, _, kind = entry
   if kind == "conv":
     o, i, h, w = shape
+    return (h, w, i, o)
+  if kind == "convT":
+    i, o, h, w = shape
     return (h, w, i, o)
   if kind == "dense":
     return shape[::-1]
