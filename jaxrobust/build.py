@@ -122,8 +122,8 @@ def build_modules(config: ml_collections.ConfigDict, *, num_classes: int,
     kwargs = dict(m.get("kwargs") or {})
     if config.parallelism == "pmap":
       kwargs["bn_axis_name"] = "batch"
-    k = int(spec["num_classes"] or num_classes)
     try:
+      k = int(spec["num_classes"] or num_classes) if models.has_classes(m["name"]) else None
       model = models.get_model(m["name"], num_classes=k, dtype=jnp.dtype(m.get("dtype", "float32")),
                                **kwargs)
     except (TypeError, ValueError) as e:

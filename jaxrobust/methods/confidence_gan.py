@@ -146,12 +146,12 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
   Writes ``samples.png`` (a grid of ``G(z)``), ``msp.png`` (the run's
   classifier's MSP on generated vs real ``split`` images) and returns:
 
-  * ``gan/msp_generated``, ``gan/msp_real`` -- mean MSP of the run's
+  * ``msp_generated``, ``msp_real`` -- mean MSP of the run's
     classifier (higher = more confident) on ``num_samples`` generated images
     and on the ``split`` images: the paper's claim is that the generator's
     samples get low confidence;
-  * ``gan/p_precision``, ``gan/p_recall`` (Park & Kim 2023) and
-    ``gan/precision``, ``gan/recall`` (Kynkäänniemi et al. 2019, k = 3) of the
+  * ``p_precision``, ``p_recall`` (Park & Kim 2023) and
+    ``precision``, ``recall`` (Kynkäänniemi et al. 2019, k = 3) of the
     generated images against the ``split`` images, on the penultimate
     features of ``embedding`` -- a classifier trained apart from the GAN (the
     cross-entropy baseline), never the one the generator was trained
@@ -194,6 +194,6 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
                          xlabel="MSP of the joint classifier (higher = in-dist.)",
                          path=os.path.join(ctx.workdir, "msp.png"),
                          title="Classifier confidence on real vs generated images")
-  return {"gan/msp_generated": float(msp_fake.mean()), "gan/msp_real": float(msp_real.mean()),
-          "gan/p_precision": float(p_prec), "gan/p_recall": float(p_rec),
-          "gan/precision": float(prec), "gan/recall": float(rec)}
+  return {"msp_generated": float(msp_fake.mean()), "msp_real": float(msp_real.mean()),
+          "p_precision": float(p_prec), "p_recall": float(p_rec),
+          "precision": float(prec), "recall": float(rec)}

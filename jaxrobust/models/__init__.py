@@ -25,12 +25,12 @@ logit), the GAN of Lee et al. 2018 (:mod:`jaxrobust.models.dcgan`).
 from jaxrobust.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from jaxrobust.models.efficientnet import EfficientNet
 from jaxrobust.models.layers import ImageClassifier
-from jaxrobust.models.registry import get_model, list_models, register_model
+from jaxrobust.models.registry import get_model, has_classes, list_models, register_model
 from jaxrobust.models.resnet import PreActResNet18, ResNet50
 from jaxrobust.models.small_cnn import SmallCNN
 from jaxrobust.models.vgg import VGG
 from jaxrobust.models.wide_resnet import WideResNet
 
 __all__ = ["VGG", "DCGANDiscriminator", "DCGANGenerator", "EfficientNet", "ImageClassifier",
-           "PreActResNet18", "ResNet50", "SmallCNN", "WideResNet", "get_model", "list_models",
+           "PreActResNet18", "ResNet50", "SmallCNN", "WideResNet", "get_model", "has_classes", "list_models",
            "register_model"]

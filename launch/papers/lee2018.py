@@ -42,12 +42,12 @@ METRICS = (
 )
 PER_SET = tuple(_ood("tnr95", s, f"TNR95 {s}") for s in SETS)
 GAN = (
-    Metric("gan/msp_generated", "MSP on G(z)", False),
-    Metric("gan/msp_real", "MSP on test digits", True),
-    Metric("gan/p_precision", "P-precision", True),
-    Metric("gan/p_recall", "P-recall", True),
-    Metric("gan/precision", "precision (k=3)", True),
-    Metric("gan/recall", "recall (k=3)", True),
+    Metric("msp_generated", "MSP on G(z)", False),
+    Metric("msp_real", "MSP on test digits", True),
+    Metric("p_precision", "P-precision", True),
+    Metric("p_recall", "P-recall", True),
+    Metric("precision", "precision (k=3)", True),
+    Metric("recall", "recall (k=3)", True),
 )
 
 PAPER = Paper(
@@ -74,7 +74,7 @@ PAPER = Paper(
         Claim("The confidence loss with real outliers improves detection over cross-entropy",
               "ood/msp/mean/tnr95", "confidence", "ce", "Fig. 2 / Table 1 (explicit OOD set)"),
         Claim("The classifier is less confident on the generator's samples than on test digits",
-              "gan/msp_generated", "gan:gan/msp_generated", "gan:gan/msp_real",
+              "msp_generated", "gan:msp_generated", "gan:msp_real",
               "§3: the generator produces samples in the low-density boundary region"),
     ),
     protocol=(
