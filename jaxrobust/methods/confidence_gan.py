@@ -56,7 +56,8 @@ import numpy as np
 import optax
 
 from jaxrobust import checkpoint as ckpt_lib
-from jaxrobust import generated, plots
+from jaxrobust import generated, plots, saliency
+from jaxrobust.data import pp
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.metrics import generative
 from jaxrobust.modules import CLASSIFIER
@@ -137,10 +138,32 @@ def _apply_batches(module, variables, images: np.ndarray, batch: int, field: str
                          for i in range(0, len(images), batch)])
 
 
+def _saliency_figure(ctx: StageContext, classifier, variables_by_model, split: str, ood: str,
+                     path: str, n: int = 4) -> None:
+  sets = dict(ctx.config.evaluators.ood.get("sets", {}))
+  ood = ood or (next(iter(sets.values())) if sets else "")
+  sources = [(split, ctx.data.load(ctx.config.data.name, split))]
+  if ood:
+    name, _, ood_split = ood.rpartition(":")
+    sources.append((ood, ctx.data.load(name, ood_split)))
+  images = np.concatenate([np.stack([pp.to_unit_range(np.asarray(src[i]["image"]))
+                                     for i in range(n)]) for _, src in sources])
+  rows = [label for label, _ in sources for _ in range(n)]
+  maps = {}
+  for model, variables in variables_by_model.items():
+    def logits(x, variables=variables):
+      return classifier.apply_outputs(variables, x, train=False)[0]["logits"]
+    target = jnp.argmax(logits(jnp.asarray(images)), -1)
+    maps[model] = np.asarray(saliency.guided_backprop(logits, jnp.asarray(images), target))
+  plots.saliency_grid(images, maps, row_labels=rows, path=path,
+                      title="Guided backprop (predicted class): "
+                            + " vs ".join(variables_by_model))
+
+
 @TASKS.register("gan_samples")
 def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_samples: int = 1000,
                 split: str = "test", generator: str = "generator", seed: int = 0,
-                batch_size: int = 64) -> dict[str, float]:
+                batch_size: int = 64, ood: str = "") -> dict[str, float]:
   """Judges a joint-confidence run's generator (Lee et al. 2018, §3-4).
 
   Writes ``samples.png`` (a grid of ``G(z)``), ``msp.png`` (the run's
@@ -156,6 +179,12 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
     features of ``embedding`` -- a classifier trained apart from the GAN (the
     cross-entropy baseline), never the one the generator was trained
     against (:mod:`jaxrobust.metrics.generative`).
+
+  ``saliency.png``: guided back-propagation maps
+  (:func:`jaxrobust.saliency.guided_backprop`, predicted class) of the
+  cross-entropy and the joint classifier on four ``split`` images and four
+  images of ``ood`` (``dataset:split``; default the first of
+  ``config.evaluators.ood.sets``) -- the paper's interpretability figure.
 
   Generation runs the generator in train mode (batch statistics of
   ``batch_size`` rows, as in training).
@@ -188,6 +217,8 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
   fake_features = _apply_batches(classifier, e_vars, fake, batch_size, "features")
   p_prec, p_rec = generative.probabilistic_precision_recall(real_features, fake_features)
   prec, rec = generative.improved_precision_recall(real_features, fake_features)
+  _saliency_figure(ctx, classifier, {"cross-entropy": e_vars, "joint confidence": c_vars},
+                   split, ood, os.path.join(ctx.workdir, "saliency.png"))
   plots.sample_grid(fake, path=os.path.join(ctx.workdir, "samples.png"), max_images=64,
                     title=f"Generated samples G(z) ({generator}, {num_samples} drawn)")
   plots.score_histograms(msp_real, msp_fake, labels=(f"real ({split})", "generated"),
