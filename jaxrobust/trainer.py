@@ -284,6 +284,7 @@ def train(run: Run) -> dict[str, float]:
         last_saved = done
       if eval_due and done != total_steps:
         writer.write_scalars(done, evaluators_lib.run(evaluators, host_state(state), step=done))
+        _write_images(writer, evaluators, done, workdir if config.plots else None, is_main)
       bar.update(1)
       if done != total_steps and preemption.due(done):
         if pending is not None:
@@ -316,11 +317,28 @@ def train(run: Run) -> dict[str, float]:
                       / max(train_seconds, 1e-9),
                   "wall_seconds": time.time() - t_start})
   writer.write_scalars(total_steps, results)
+  _write_images(writer, evaluators, total_steps, workdir if config.plots else None, is_main)
   writer.flush()
   writer.close()
   if is_main:
     files.write_json(os.path.join(workdir, "results.json"), results, what="results")
   return results
+
+
+def _write_images(writer: Any, evaluators: Mapping[str, Any], step: int, workdir: str | None,
+                  is_main: bool) -> None:
+  """The images the evaluators drew (a generator's samples) to TensorBoard
+  and, with plots on, to ``plots/<name>_step<step>.png``."""
+  images = evaluators_lib.take_images(evaluators)
+  if not images:
+    return
+  writer.write_images(step, images)
+  if workdir is not None and is_main:
+    from jaxrobust import plots
+    for name, x in images.items():
+      slug = name.replace("/", "_")
+      plots.sample_grid(x, max_images=len(x), path=os.path.join(
+          workdir, "plots", f"{slug}_step{step}.png"), title=f"{name} at step {step}")
 
 
 @tasks.TASKS.register("train")

@@ -157,6 +157,9 @@ def shrink(c) -> Any:
   for name, m in c.modules.items():
     if m.model.get("name") == "wrn":
       m.model.kwargs.depth, m.model.kwargs.width = 10, 1
+    for key in ("ngf", "ndf"):  # DCGAN widths (64 in the CIFAR/SVHN configs)
+      if key in m.model.get("kwargs", {}):
+        m.model.kwargs[key] = 8
   for s in c.streams.values():
     s.batch_size = 8
     for key in ("index", "labels"):
@@ -189,6 +192,8 @@ def shrink_options(task: str, options: dict) -> dict:
     options.update(threshold=0.0, num_per_class=8)  # a batch even if one class is predicted
     if options.get("exclude"):
       options["exclude"] = re.sub(r"num_per_class=\d+", "num_per_class=2", options["exclude"])
+  if task == "gan_samples":
+    options.update(num_samples=16, batch_size=8)
   if task == "importance_sample":
     options["size"] = 16
   if task == "estimate_corruption" and options.get("gold_fraction"):

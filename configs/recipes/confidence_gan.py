@@ -64,10 +64,12 @@ def _adam(b1: float, epochs: float) -> dict:
           "grad_clip_norm": 0.0}
 
 
-def joint_overrides(*, beta: float, batch: int, channels: int, width: int, epochs: float) -> dict:
+def joint_overrides(*, beta: float, batch: int, channels: int, width: int, epochs: float,
+                    samples_every: int = 1000) -> dict:
   """A ``train`` stage's overrides for the joint confidence loss: the
-  generator and discriminator modules, the generated stream and the three
-  updates in the reference's order."""
+  generator and discriminator modules, the generated stream, the three
+  updates in the reference's order, and a grid of the generator's samples
+  (fixed noise) every ``samples_every`` steps."""
   gan_opt = _adam(0.5, epochs)
   return {
       "modules": {
@@ -90,6 +92,7 @@ def joint_overrides(*, beta: float, batch: int, channels: int, width: int, epoch
           "classifier": {"module": "classifier", "losses": ("cross_entropy", "confidence"),
                          "streams": ("train", "fake"), "fresh_noise": ("fake",),
                          "after": "generator"}},
+      "evaluators": {"generated": {"type": "generated_samples", "every_steps": samples_every}},
   }
 
 
@@ -127,7 +130,8 @@ def get_config(arg=None):
   c.evaluators.ood.preset = "lee"
   c.evaluators.ood.scores = ("msp",)
   joint = {"task": "train", "config": joint_overrides(
-      beta=beta, batch=batch, channels=channels, width=32 if embedded else 64, epochs=epochs)}
+      beta=beta, batch=batch, channels=channels, width=32 if embedded else 64, epochs=epochs,
+      samples_every=200 if embedded else 1000)}
   stages = {}
   if args.mode in ("compare", "ce"):
     stages["ce"] = {"task": "train", "config": {}}

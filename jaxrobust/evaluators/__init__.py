@@ -244,6 +244,18 @@ def run(evaluators: Mapping[str, Evaluator], state: Any, *, step: int | None = N
   return results
 
 
+def take_images(evaluators: Mapping[str, Evaluator]) -> dict[str, np.ndarray]:
+  """Images ``[N, H, W, C]`` in ``[0, 1]`` the evaluators drew in their last
+  round (an evaluator's ``images`` dict, e.g. a generator's samples), by
+  name; each evaluator's dict is emptied."""
+  out: dict[str, np.ndarray] = {}
+  for e in evaluators.values():
+    out.update(getattr(e, "images", None) or {})
+    if getattr(e, "images", None):
+      e.images = {}
+  return out
+
+
 @functools.cache
 def _register_builtin() -> None:
   from jaxrobust.evaluators import classification, ood, robust  # noqa: F401

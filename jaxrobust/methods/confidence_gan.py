@@ -58,6 +58,7 @@ import optax
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import generated, plots, saliency
 from jaxrobust.data import pp
+from jaxrobust.evaluators import EVALUATORS, Evaluator
 from jaxrobust.losses import LOSSES, LossInputs, masked_mean
 from jaxrobust.metrics import generative
 from jaxrobust.modules import CLASSIFIER
@@ -228,3 +229,50 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
   return {"msp_generated": float(msp_fake.mean()), "msp_real": float(msp_real.mean()),
           "p_precision": float(p_prec), "p_recall": float(p_rec),
           "precision": float(prec), "recall": float(rec)}
+
+
+@EVALUATORS.register("generated_samples")
+class GeneratedSamples(Evaluator):
+  """Samples of the generator during training (the reference saves
+  ``netG(fixed_noise)`` every 100 batches): ``num_images`` images from fixed
+  noise (``seed``), the generator in train mode as in the reference, drawn to
+  TensorBoard and ``plots/<key>_step<N>.png`` by the trainer, every
+  ``every_steps`` steps and at the end. Returns ``<key>/msp_generated``: the
+  evaluated classifier's mean MSP (higher = more confident) on them.
+
+  Args:
+    generator: the generator module.
+    num_images: images drawn (also the batch of the generator's pass).
+    seed: of the fixed noise.
+  """
+
+  def __init__(self, ctx, generator: str = "generator", num_images: int = 64, seed: int = 0,
+               key: str = "generated"):
+    super().__init__(ctx)
+    if generator not in ctx.modules:
+      raise RegistryError(f"{ctx.where}.generator={generator!r}: no such module "
+                          f"({sorted(ctx.modules)}).")
+    if num_images < 1:
+      raise RegistryError(f"{ctx.where}.num_images must be >= 1, got {num_images}.")
+    self.generator, self.key = generator, key
+    g = ctx.modules[generator]
+    self.noise = generated.Noise("normal", int(g.input_shape[0])).sample(
+        jax.random.PRNGKey(seed), int(num_images))
+    c = ctx.modules[ctx.module]
+    self._run = jax.jit(lambda gv, cv, z: _samples_and_msp(g, c, gv, cv, z, generator))
+    self.images: dict[str, np.ndarray] = {}
+
+  def evaluate(self, state, *, plots_dir: str | None = None, final: bool = False
+               ) -> dict[str, float]:
+    del plots_dir, final
+    images, msp = self._run(state.modules[self.generator].variables,
+                            state.modules[self.ctx.module].variables, self.noise)
+    self.images = {f"{self.key}/samples": np.asarray(images)}
+    return {f"{self.key}/msp_generated": float(msp)}
+
+
+def _samples_and_msp(g, c, g_vars, c_vars, z, generator: str):
+  images = generated.output_images(g.apply_outputs(g_vars, z, train=True, update_stats=False)[0],
+                                   generator)
+  logits = c.apply_outputs(c_vars, images, train=False)[0]["logits"]
+  return images, jnp.mean(jnp.max(jax.nn.softmax(logits), -1))
