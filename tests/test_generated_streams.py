@@ -222,6 +222,7 @@ def test_engine_step_equals_the_three_updates_written_by_hand(toy):
   del s_hand
 
 
+@pytest.mark.slow
 def test_each_update_changes_only_its_modules_parameters(toy):
   c, spec, state, _ = toy
   before = jax.device_get(state.modules)
@@ -236,6 +237,7 @@ def test_each_update_changes_only_its_modules_parameters(toy):
     assert float(m["grad_norm"]) > 0, u.name
 
 
+@pytest.mark.slow
 def test_generator_gradient_flows_through_discriminator_and_classifier(toy):
   c, spec, state, _ = toy
   gen_update = [u for u in spec.updates if u.name == "generator"]
@@ -257,6 +259,7 @@ def test_generator_gradient_flows_through_discriminator_and_classifier(toy):
                                                    jax.tree.leaves(norms[0.1])))
 
 
+@pytest.mark.slow
 def test_beta_zero_reduces_the_classifier_update_to_cross_entropy(toy):
   _, _, state, _ = toy
   cz = gan_config(0.0)
@@ -278,6 +281,7 @@ def test_beta_zero_reduces_the_classifier_update_to_cross_entropy(toy):
                       "classifier params", atol=1e-7)
 
 
+@pytest.mark.slow
 def test_pmap_twin_runs_the_joint_step(toy):
   _, spec, state, _ = toy
   devices = jax.local_devices()[:2]

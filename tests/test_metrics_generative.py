@@ -62,6 +62,7 @@ def test_chunk_size_does_not_change_the_numbers():
       _floats(PROBABILISTIC(real, fake, chunk_size=CHUNK)), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_options_k_and_a_follow_the_reference():
   rng = np.random.default_rng(1)
   real, fake = _gaussian(rng, PAD, DIM), _gaussian(rng, PAD, DIM, shift=0.5)
@@ -72,6 +73,7 @@ def test_options_k_and_a_follow_the_reference():
         ref.probabilistic_precision_recall(real, fake, a=a, k=k), abs=2e-6)
 
 
+@pytest.mark.slow
 def test_translation_invariant_far_from_the_origin():
   """Both sets 1000 away from the origin (a feature mean like real embeddings'):
   the Gram expansion runs on translated features, so the numbers stay exact."""

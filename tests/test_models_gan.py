@@ -230,6 +230,7 @@ def _deviation(a, b) -> float:
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forward_equals_torch(tc, name):
   """The reference's initial weights, converted: a train-mode pass (batch
@@ -420,6 +421,7 @@ def test_vgg13_dropout_only_in_train_with_a_dropout_rng():
   np.testing.assert_allclose(train_no_dropout, eval_logits, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg13_bn", "dcgan_generator", "dcgan_discriminator"])
 def test_bfloat16_runs(name):
   model32, variables = _init(name)
