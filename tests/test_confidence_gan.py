@@ -16,7 +16,8 @@ def test_variants_carry_the_reference_defaults(variant, beta, batch, model):
   assert c.streams.train.batch_size == joint.streams.fake.batch_size == batch
   assert c.model.name == model
   assert joint.streams.fake.noise == "normal(100)"
-  assert c.optimizer.name == "adam" and c.optimizer.learning_rate == 2e-4
+  assert c.optimizer.name == "adam"
+  assert c.optimizer.learning_rate == (3e-3 if variant == "embedded" else 2e-4)
   assert c.optimizer.b1 == 0.9 and joint.modules.generator.optimizer.b1 == 0.5
   assert c.optimizer.weight_decay == 0.0
   assert c.optimizer.step_epochs == (0.6 * c.num_epochs,)  # epoch 60 of 100

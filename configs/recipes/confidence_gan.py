@@ -36,7 +36,9 @@ and schedule.
 Embedded variant (sizes reduced so that it runs in minutes on 2 CPU cores):
 ``digits`` in-distribution, the embedded ``small_cnn`` classifier, a DCGAN
 with ngf = ndf = 32 and one channel, beta 1 (SVHN's, as digits), batch 64,
-15 epochs; test OOD sets: the noise sets, blobs, photo patches and the
+15 epochs (295 steps), the classifier's Adam lr 3e-3 (picked on
+``digits:validation``: the reference's 2e-4 underfits in 295 steps; G and D
+keep 2e-4); test OOD sets: the noise sets, blobs, photo patches and the
 lower-case letters. CIFAR-10 / SVHN: the other of the two (the reference's
 pairing) and the embedded RGB noise sets.
 
@@ -55,6 +57,9 @@ BATCH = {"embedded": 64, "cifar10": 64, "svhn": 128}
 EPOCHS = {"embedded": 15.0, "cifar10": 100.0, "svhn": 100.0}
 DATA = {"cifar10": "cifar10", "svhn": "svhn_cropped"}
 NZ = 100
+# The embedded classifier's Adam lr, picked on digits:validation (NLL after 15 epochs, seed 0) from
+# {2e-4 (the reference's): 1.145, 1e-3: 0.155, 3e-3: 0.043}; 295 steps are too few for 2e-4.
+EMBEDDED_LR = 3e-3
 
 
 def _adam(b1: float, epochs: float) -> dict:
@@ -127,6 +132,8 @@ def get_config(arg=None):
   c.streams.train.batch_size = batch
   c.num_epochs = float(epochs)
   c.optimizer.update(_adam(0.9, epochs))
+  if embedded:
+    c.optimizer.learning_rate = EMBEDDED_LR
   c.evaluators.ood.preset = "lee"
   c.evaluators.ood.scores = ("msp",)
   joint = {"task": "train", "config": joint_overrides(
