@@ -86,7 +86,7 @@ class GeneratedBatch(dict):
   """A generated stream's batch fields (``mask``); asking for another field,
   e.g. labels, names the stream and its generator."""
 
-  def __init__(self, data: Mapping[str, Array], stream: str, generator: str):
+  def __init__(self, data: Mapping[str, Any], stream: str, generator: str):
     super().__init__(data)
     self.stream, self.generator = stream, generator
 

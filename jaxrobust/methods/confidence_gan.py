@@ -25,7 +25,7 @@ Conventions:
 * D returns a logit (``{'score': [B]}``); the BCE is
   ``optax.sigmoid_binary_cross_entropy``, which equals the reference's
   ``nn.Sigmoid`` + ``nn.BCELoss`` except where BCELoss clamps ``log`` at -100
-  (|logit| > 100).
+  (logits beyond ±100).
 * KL(U ‖ p) per example, averaged over the batch
   (:func:`~jaxrobust.methods.outlier_exposure.confidence_loss`): the
   reference's ``F.kl_div(log_softmax, uniform) * num_classes``.
