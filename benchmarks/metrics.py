@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,8 @@ import numpy as np
 from sklearn import metrics as skm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed  # noqa: E402
 from jaxrobust.metrics import ood  # noqa: E402
 from jaxrobust.metrics.streaming import OODHistogram  # noqa: E402
 
@@ -39,16 +40,6 @@ def msp_like(rng, n: int, in_dist: bool) -> np.ndarray:
   if in_dist:
     gap[rng.random(n) < 0.3] = 0.0  # saturated softmax
   return np.round(1.0 - 0.9 * gap, 4).astype(np.float32)
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-  out = jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), out
 
 
 def sklearn_openood(y_ood, conf):

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import default
+from configs.recipes import confidence_gan as confidence_gan_recipe
 from jaxrobust import build, config as config_lib, generated
 from jaxrobust import train_state as state_lib
 from jaxrobust import train_step as step_lib
@@ -85,26 +86,19 @@ def gan_config(beta: float = 0.1, **stream_overrides):
   c.model.name, c.model.kwargs = "toy_classifier", {}
   c.optimizer.update(SGD)
   c.num_steps = 2
-  c.modules = {
-      "generator": {"model": {"name": "toy_generator", "kwargs": {}}, "input_shape": (NZ,),
-                    "optimizer": SGD},
-      "discriminator": {"model": {"name": "toy_discriminator", "kwargs": {}},
-                        "optimizer": SGD}}
+  # The recipe's joint step, with toy networks, SGD and 8-d noise.
+  joint = confidence_gan_recipe.joint_overrides(beta=beta, batch=B, channels=1, width=8,
+                                                epochs=1.0)
+  joint["modules"]["generator"].update(model={"name": "toy_generator", "kwargs": {}},
+                                       input_shape=(NZ,), optimizer=SGD)
+  joint["modules"]["discriminator"].update(model={"name": "toy_discriminator", "kwargs": {}},
+                                           optimizer=SGD)
+  joint["streams"]["fake"].update(noise=f"normal({NZ})", **stream_overrides)
+  del joint["evaluators"]
+  c.modules, c.losses, c.updates = joint["modules"], joint["losses"], joint["updates"]
   c.streams.train.batch_size = B
   c.streams.train.pp = ""  # the hand-written step feeds the images as they are
-  c.streams.fake = {"source": "module:generator", "noise": f"normal({NZ})", "batch_size": B,
-                    **stream_overrides}
-  c.losses = {"cross_entropy": {}, "confidence": {"stream": "fake", "weight": beta},
-              "gan_discriminator": {}, "gan_generator": {},
-              "generated_confidence": {"weight": beta}}
-  c.updates = {
-      "discriminator": {"module": "discriminator", "losses": ("gan_discriminator",),
-                        "streams": ("train", "fake")},
-      "generator": {"module": "generator", "losses": ("gan_generator", "generated_confidence"),
-                    "streams": (), "after": "discriminator"},
-      "classifier": {"module": "classifier", "losses": ("cross_entropy", "confidence"),
-                     "streams": ("train", "fake"), "fresh_noise": ("fake",),
-                     "after": "generator"}}
+  c.streams.fake = joint["streams"]["fake"]
   return c
 
 
