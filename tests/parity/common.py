@@ -289,7 +289,8 @@ class Report:
 def compare(name: str, jax_traj: Trajectory, torch_traj: Trajectory, init: Mapping[str, Any],
             torch64: Trajectory | None = None) -> Report:
   """Deviations of ``torch_traj`` from ``jax_traj`` (see the module docstring);
-  ``torch64``: the port's float64 run, for the float32 floor (``Report.floor``)."""
+  ``torch64``: the port's float64 run, for the float32 floor (``Report.floor``).
+  A network without BatchNorm has BatchNorm deviations 0."""
   j, t = jax_traj, torch_traj
   params, means, var = {}, {}, {}
   for key, tv in t.final.items():
@@ -309,8 +310,8 @@ def compare(name: str, jax_traj: Trajectory, torch_traj: Trajectory, init: Mappi
   return Report(
       name=name, loss=float(np.max(np.abs(j.losses - t.losses) / np.abs(t.losses))),
       lr=float(np.max(np.abs(j.lrs - t.lrs) / np.abs(t.lrs))), params=params[worst],
-      params_worst=worst, kernels=max(params[k] for k in kernels), bn_mean=max(means.values()),
-      bn_var=max(var.values()), moved=moved, loss_drop=float(t.losses[0] - t.losses[-1]),
+      params_worst=worst, kernels=max(params[k] for k in kernels), bn_mean=max(means.values(), default=0.0),
+      bn_var=max(var.values(), default=0.0), moved=moved, loss_drop=float(t.losses[0] - t.losses[-1]),
       floor=floor)
 
 
