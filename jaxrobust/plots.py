@@ -139,6 +139,24 @@ def score_histograms(in_scores, out_scores, *, bins: int = 50,
   return _finish(fig, path)
 
 
+def histograms(values: dict, *, bins: int = 50, xlabel: str = "score", density: bool = True,
+               ax=None, path: Optional[str] = None, title: Optional[str] = None):
+  """Overlaid histograms of several named score sets on shared bins (e.g. a
+  classifier's MSP on real, generated and OOD images, Lee et al. 2018)."""
+  sets = {name: _scores(name, v) for name, v in values.items()}
+  if not sets:
+    raise ValueError("histograms: no score set given.")
+  edges = np.histogram_bin_edges(np.concatenate(list(sets.values())), bins=bins)
+  fig, ax = _figure(ax, (5.0, 3.5))
+  for name, v in sets.items():
+    ax.hist(v, bins=edges, density=density, alpha=0.45, label=f"{name} (n={len(v)})", gid=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("density" if density else "count")
+  ax.set_title(title or "")
+  ax.legend()
+  return _finish(fig, path)
+
+
 def reliability_diagram(confidences, correct, *, num_bins: int = 15, mask=None,
                         path: Optional[str] = None, title: Optional[str] = None):
   """Reliability diagram (Guo et al. 2017; Hendrycks et al. figures).

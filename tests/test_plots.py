@@ -99,6 +99,22 @@ def test_score_histograms_are_densities_on_shared_bins(tmp_path):
     np.testing.assert_allclose(by_gid[gid], want, rtol=1e-12)
 
 
+def test_histograms_of_several_sets_share_bins_and_name_their_sizes(tmp_path):
+  r = np.random.default_rng(0)
+  sets = {"real": r.normal(0, 1, 50), "generated": r.normal(1, 1, 30), "ood": r.normal(2, 1, 20)}
+  fig = plots.histograms(sets, bins=10, path=str(tmp_path / "h.png"), title="t")
+  assert (tmp_path / "h.png").stat().st_size > 1000
+  ax = fig.axes[0]
+  edges = np.histogram_bin_edges(np.concatenate(list(sets.values())), bins=10)
+  for name, v in sets.items():
+    got = [p.get_height() for p in ax.patches if p.get_gid() == name]
+    np.testing.assert_allclose(got, np.histogram(v, bins=edges, density=True)[0], rtol=1e-12)
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+      "real (n=50)", "generated (n=30)", "ood (n=20)"]
+  with pytest.raises(ValueError, match="no score set"):
+    plots.histograms({})
+
+
 def test_plots_draw_into_a_given_axes_and_reject_bad_input():
   from matplotlib.figure import Figure
   fig = Figure()

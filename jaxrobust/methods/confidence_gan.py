@@ -139,10 +139,14 @@ def _apply_batches(module, variables, images: np.ndarray, batch: int, field: str
                          for i in range(0, len(images), batch)])
 
 
+def _first_ood_set(ctx: StageContext) -> str:
+  sets = dict(ctx.config.evaluators.get("ood", {}).get("sets", {}) or {})
+  return str(next(iter(sets.values()))) if sets else ""
+
+
 def _saliency_figure(ctx: StageContext, classifier, variables_by_model, split: str, ood: str,
                      path: str, n: int = 4) -> None:
-  sets = dict(ctx.config.evaluators.ood.get("sets", {}))
-  ood = ood or (next(iter(sets.values())) if sets else "")
+  ood = ood or _first_ood_set(ctx)
   sources = [(split, ctx.data.load(ctx.config.data.name, split))]
   if ood:
     name, _, ood_split = ood.rpartition(":")
@@ -168,7 +172,8 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
   """Judges a joint-confidence run's generator (Lee et al. 2018, §3-4).
 
   Writes ``samples.png`` (a grid of ``G(z)``), ``msp.png`` (the run's
-  classifier's MSP on generated vs real ``split`` images) and returns:
+  classifier's MSP on real ``split`` images, generated images and up to
+  ``num_samples`` images of ``ood``) and returns:
 
   * ``msp_generated``, ``msp_real`` -- mean MSP of the run's
     classifier (higher = more confident) on ``num_samples`` generated images
@@ -222,10 +227,18 @@ def gan_samples(ctx: StageContext, *, checkpoint: str, embedding: str, num_sampl
                    split, ood, os.path.join(ctx.workdir, "saliency.png"))
   plots.sample_grid(fake, path=os.path.join(ctx.workdir, "samples.png"), max_images=64,
                     title=f"Generated samples G(z) ({generator}, {num_samples} drawn)")
-  plots.score_histograms(msp_real, msp_fake, labels=(f"real ({split})", "generated"),
-                         xlabel="MSP of the joint classifier (higher = in-dist.)",
-                         path=os.path.join(ctx.workdir, "msp.png"),
-                         title="Classifier confidence on real vs generated images")
+  msp = {f"real ({split})": msp_real, "generated": msp_fake}
+  ood = ood or _first_ood_set(ctx)
+  if ood:
+    name, _, ood_split = ood.rpartition(":")
+    source = ctx.data.load(name, ood_split)
+    x = np.stack([pp.to_unit_range(np.asarray(source[i]["image"]))
+                  for i in range(min(len(source), num_samples))])
+    msp[f"OOD ({ood})"] = np.max(np.asarray(jax.nn.softmax(_apply_batches(
+        classifier, c_vars, x, batch_size, "logits"))), -1)
+  plots.histograms(msp, xlabel="MSP of the joint classifier (higher = in-dist.)",
+                   path=os.path.join(ctx.workdir, "msp.png"),
+                   title="MSP on real, generated and OOD images")
   return {"msp_generated": float(msp_fake.mean()), "msp_real": float(msp_real.mean()),
           "p_precision": float(p_prec), "p_recall": float(p_rec),
           "precision": float(prec), "recall": float(rec)}
