@@ -169,7 +169,8 @@ def test_prior_is_the_same_on_1_device_8_devices_and_2_processes(data_dir):
   np.testing.assert_array_equal(two, one)
 
 
-FT_NLL = {"same": 2.30329428, "elastic": 2.3031167, "uniform": 2.30328225}
+# elastic re-measured after its default became the seed's greedy rule (issue 18).
+FT_NLL = {"same": 2.30329428, "elastic": 2.30517105, "uniform": 2.30328225}
 
 
 @pytest.mark.slow

@@ -70,10 +70,19 @@ class NoImages(nn.Module):
     return {"score": nn.Dense(1)(z)[:, 0]}
 
 
-for _name, _cls in (("toy_generator", ToyGenerator), ("toy_discriminator", ToyDiscriminator),
-                    ("toy_classifier", ToyClassifier), ("toy_no_images", NoImages)):
-  if _name not in MODELS.names():
-    register_model(_name)(_cls)
+TOYS = {"toy_generator": ToyGenerator, "toy_discriminator": ToyDiscriminator,
+        "toy_classifier": ToyClassifier, "toy_no_images": NoImages}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_models():
+  """The toy networks in the model registry for this module's tests only (the
+  model tests enumerate the registry)."""
+  for name, cls in TOYS.items():
+    register_model(name)(cls)
+  yield
+  for name in TOYS:
+    MODELS.unregister(name)
 
 # SGD, not the reference's Adam: Adam's first step is lr * sign(g), which turns
 # rounding-sized gradients (a BatchNorm bias before a sigmoid) into +-lr.

@@ -339,9 +339,10 @@ def test_tiny_glc_recipe_end_to_end(tmp_path, data_dir):
   with open(tmp_path / "glc" / "metrics.jsonl", encoding="utf-8") as f:
     metrics = [json.loads(line) for line in f]
   train = [x for x in metrics if "train/loss/forward_corrected" in x]
-  # Fixed-seed values (the losses logged at steps 2 and 4), measured 2026-12-06 on this
+  # Fixed-seed values (the losses logged at steps 2 and 4), re-measured 2026-12-06 after GLC's
+  # separate silver/gold passes and BatchNorm's two-pass variance, on this
   # repository's pinned versions (CPU, 8 host devices); a change means the computation changed.
-  assert [x["train/loss"] for x in train] == pytest.approx([2.25598514, 2.29160225], rel=1e-4)
+  assert [x["train/loss"] for x in train] == pytest.approx([2.25574553, 2.29102123], rel=1e-4)
   assert all(x["train/loss"] == pytest.approx(x["train/loss/forward_corrected"]) for x in train)
   assert all(0 < x["train/trusted_fraction"] < 0.5 for x in train)
   # The reported test numbers are those of the phase-2 model's checkpoint.

@@ -97,12 +97,13 @@ def test_noisy_student_rounds_and_joint_training_run(tmp_path, data_dir):
   results = stages.run(c, str(tmp_path))
   assert results["labels_2/num_selected"] > 0
   # The last student's reported numbers are its checkpoint's; its test NLL is a
-  # fixed-seed value, measured 2026-12-06 on this repository's pinned versions (CPU,
+  # fixed-seed value, re-measured 2026-12-06 after Noisy Student's labelled label smoothing
+  # and BatchNorm's two-pass variance, on this repository's pinned versions (CPU,
   # 8 host devices); a change means the computation changed.
   want = recompute.classification(stages.stage_configs(c)["student_2"][2], tmp_path / "student_2")
   assert results["student_2/test/accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
   assert results["student_2/test/nll"] == pytest.approx(want["nll"], rel=1e-6)
-  assert results["student_2/test/nll"] == pytest.approx(2.61181564, rel=1e-4)
+  assert results["student_2/test/nll"] == pytest.approx(2.60450577, rel=1e-4)
   lines = (tmp_path / "student_1" / "metrics.jsonl").read_text()
   assert "loss/pseudo/scale" in lines
 
