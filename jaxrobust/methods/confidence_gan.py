@@ -48,6 +48,7 @@ discards that pass's statistics -- :mod:`jaxrobust.generated`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -133,9 +134,16 @@ def _generate(ctx, variables, generator: str, n: int, seed: int, batch: int) -> 
   return np.concatenate(out)[:n]
 
 
+@functools.cache
+def _eval_outputs(module):
+  """One compiled eval-mode pass per module (its variables are an argument),
+  shared by every call of :func:`_apply_batches`."""
+  return jax.jit(lambda v, x: module.apply_outputs(v, x, train=False)[0])
+
+
 def _apply_batches(module, variables, images: np.ndarray, batch: int, field: str) -> np.ndarray:
-  run = jax.jit(lambda v, x: module.apply_outputs(v, x, train=False)[0][field])
-  return np.concatenate([np.asarray(run(variables, images[i:i + batch]))
+  run = _eval_outputs(module)
+  return np.concatenate([np.asarray(run(variables, images[i:i + batch])[field])
                          for i in range(0, len(images), batch)])
 
 
