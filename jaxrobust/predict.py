@@ -14,7 +14,8 @@ which interleaves processes). Padding rows are dropped; every index of the
 split must come back exactly once.
 
 Fields: ``logits`` (float32 ``[N, K]``), ``features`` (penultimate,
-``[N, D]``), ``probs`` (softmax), ``label``, ``correct`` (argmax == label),
+``[N, D]``), ``probs`` (softmax), ``label``, ``group`` (the dataset's group
+annotation, -1 for datasets without groups), ``correct`` (argmax == label),
 ``nll`` (per example, 0 for unlabelled), and any OOD score of
 :mod:`jaxrobust.scores` by its result name (``msp``, ``energy``, ...). With a
 ``perturb`` hook the inputs are first perturbed (BatchNorm in eval mode): robust
@@ -37,7 +38,7 @@ from jaxrobust.modules import Module
 from jaxrobust.scores import ScoreMethod
 
 Array = jax.Array
-BASE_FIELDS = ("logits", "features", "probs", "label", "correct", "nll")
+BASE_FIELDS = ("logits", "features", "probs", "label", "group", "correct", "nll")
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -82,6 +83,8 @@ def _per_batch(module: Module, fields: Sequence[str],
         out[f] = jax.nn.softmax(logits)
       elif f == "label":
         out[f] = labels
+      elif f == "group":
+        out[f] = batch["group"] if "group" in batch else jnp.full_like(labels, -1)
       elif f == "correct":
         out[f] = (jnp.argmax(logits, -1) == labels) & (labels >= 0)
       elif f == "nll":

@@ -13,7 +13,11 @@
   :mod:`jaxrobust.data.streams`.
 
 Batches are dicts of numpy arrays: ``image`` uint8 [b, H, W, C], ``label`` int32
-[b] (-1 for unlabelled data), ``index`` int32 [b], ``mask`` bool [b].
+[b] (-1 for unlabelled data), ``index`` int32 [b], ``mask`` bool [b], and, for
+datasets with group annotations (``DatasetSpec.num_groups``), ``group`` int32
+[b] (padded and masked like ``label``). Batches of datasets without groups
+have no ``group`` key (a label source may still set one, e.g. GLC's trusted
+rows).
 """
 
 from __future__ import annotations
@@ -32,23 +36,36 @@ CACHE_LIMIT_BYTES = 2 << 30
 
 
 class InMemorySource:
-  """A decoded split as numpy arrays, with the random-access source protocol."""
+  """A decoded split as numpy arrays, with the random-access source protocol
+  (``groups``: int32 [N] for datasets with group annotations, else None)."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+  def __init__(self, images: np.ndarray, labels: np.ndarray,
+               groups: np.ndarray | None = None):
     self.images = images
     self.labels = labels
+    self.groups = groups
+
+  @property
+  def has_groups(self) -> bool:
+    return self.groups is not None
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    return {"image": self.images[i], "label": self.labels[i]}
+    out = {"image": self.images[i], "label": self.labels[i]}
+    if self.groups is not None:
+      out["group"] = self.groups[i]
+    return out
 
   def __getitems__(self, idx) -> list[dict[str, np.ndarray]]:
     return [self[i] for i in idx]
 
   def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {"image": self.images[idx], "label": self.labels[idx]}
+    out = {"image": self.images[idx], "label": self.labels[idx]}
+    if self.groups is not None:
+      out["group"] = self.groups[idx]
+    return out
 
 
 def record(rec: Mapping[str, Any]) -> tuple[np.ndarray, int]:
@@ -59,20 +76,35 @@ def record(rec: Mapping[str, Any]) -> tuple[np.ndarray, int]:
   return image, int(rec.get("label", sources.UNLABELED))
 
 
+def has_groups(source: Any) -> bool:
+  """Whether a source's records carry ``group`` (a dataset with group
+  annotations); wrappers (resized, subsets) answer for what they wrap."""
+  while not hasattr(source, "has_groups") and hasattr(source, "source"):
+    source = source.source
+  return bool(getattr(source, "has_groups", False))
+
+
 def read(source: Any, idx: np.ndarray) -> dict[str, np.ndarray]:
-  """``{'image': uint8 [b, H, W, C], 'label': int32 [b]}`` for dataset indices."""
+  """``{'image': uint8 [b, H, W, C], 'label': int32 [b]}`` for dataset indices,
+  and ``'group': int32 [b]`` when the records have one."""
+  groups = None
   if isinstance(source, InMemorySource):
     out = source.take(idx)
-    images, labels = out["image"], out["label"]
+    images, labels, groups = out["image"], out["label"], out.get("group")
   else:
     getitems = getattr(source, "__getitems__", None)
     recs = getitems([int(i) for i in idx]) if getitems else [source[int(i)] for i in idx]
     pairs = [record(r) for r in recs]
     images = np.stack([p[0] for p in pairs])
     labels = np.asarray([p[1] for p in pairs])
+    if recs and "group" in recs[0]:
+      groups = np.asarray([r["group"] for r in recs])
   if images.ndim == 3:
     images = images[..., None]
-  return {"image": images, "label": np.asarray(labels, np.int32)}
+  batch = {"image": images, "label": np.asarray(labels, np.int32)}
+  if groups is not None:
+    batch["group"] = np.asarray(groups, np.int32)
+  return batch
 
 
 def all_labels(source: Any) -> np.ndarray:
@@ -86,12 +118,52 @@ def all_labels(source: Any) -> np.ndarray:
   return out
 
 
+def all_groups(source: Any, *, what: str) -> np.ndarray:
+  """The group of every example (int32), read once for sources not in RAM.
+
+  Raises a ValueError naming ``what`` (the dataset and split) when the
+  source's dataset has no group annotations.
+  """
+  if not has_groups(source):
+    raise ValueError(
+        f"{what} has no group labels: group metrics need a dataset with group annotations "
+        f"({', '.join(sources.GROUPED_EXAMPLES)}, or a dataset with a 'group' ClassLabel "
+        "feature; see jaxrobust.data.sources.DERIVED_LABELS).")
+  if isinstance(source, InMemorySource):
+    return np.asarray(source.groups, np.int32)
+  out = np.empty(len(source), np.int32)
+  for start in range(0, len(source), 4096):
+    idx = np.arange(start, min(start + 4096, len(source)))
+    out[idx] = read(source, idx)["group"]
+  return out
+
+
+def group_counts(source: Any, num_groups: int, *, what: str) -> np.ndarray:
+  """Examples per group (int64 [num_groups]) of a split; raises a ValueError
+  naming ``what`` when the split has no group labels, a group outside
+  [0, num_groups), or a group without examples."""
+  groups = all_groups(source, what=what)
+  if groups.size and (groups.min() < 0 or groups.max() >= num_groups):
+    raise ValueError(f"{what}: group labels outside [0, {num_groups}): "
+                     f"{np.unique(groups[(groups < 0) | (groups >= num_groups)])[:10].tolist()}.")
+  counts = np.bincount(groups, minlength=num_groups).astype(np.int64)
+  if np.any(counts == 0):
+    raise ValueError(f"{what}: group(s) {np.flatnonzero(counts == 0).tolist()} have no "
+                     f"examples (group sizes {counts.tolist()}); every one of the "
+                     f"{num_groups} groups must be present.")
+  return counts
+
+
 class SubsetSource:
   """Examples ``indices`` of a source, as a source of its own (position i is
   ``source[indices[i]]``)."""
 
   def __init__(self, source: Any, indices: np.ndarray):
     self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  @property
+  def has_groups(self) -> bool:
+    return has_groups(self.source)
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -107,7 +179,8 @@ def subset(source: Any, indices: np.ndarray) -> Any:
   """A source of the examples ``indices`` of ``source`` (in RAM if it is)."""
   indices = np.asarray(indices, np.int64)
   if isinstance(source, InMemorySource):
-    return InMemorySource(source.images[indices], source.labels[indices])
+    return InMemorySource(source.images[indices], source.labels[indices],
+                          None if source.groups is None else source.groups[indices])
   return SubsetSource(source, indices)
 
 
@@ -144,6 +217,10 @@ class ResizedSource:
 
   def __init__(self, source: Any, size: int):
     self.source, self.size = source, size
+
+  @property
+  def has_groups(self) -> bool:
+    return has_groups(self.source)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -214,13 +291,16 @@ def _load_split(key, name: str, split: str, *, data_dir: str | None, cache: str,
     return src
   images = np.empty((n,) + first.shape, dtype=first.dtype)
   labels = np.empty((n,), dtype=np.int32)
+  groups = np.empty((n,), dtype=np.int32) if has_groups(src) else None
   getitems = getattr(src, "__getitems__", None)
   for start in range(0, n, 4096):
     idx = list(range(start, min(start + 4096, n)))
     records = getitems(idx) if getitems else [src[i] for i in idx]
     for i, rec in zip(idx, records):
       images[i], labels[i] = record(rec)
-  decoded = InMemorySource(images, labels)
+      if groups is not None:
+        groups[i] = rec["group"]
+  decoded = InMemorySource(images, labels, groups)
   _DECODED[key] = decoded
   if len(_DECODED) > _DECODED_MAX:
     _DECODED.popitem(last=False)

@@ -3,7 +3,12 @@
 ``get_source(name, split)`` returns a grain-compatible random-access source
 (``len``, ``__getitem__``, ``__getitems__``) of records
 ``{'image': uint8 [H, W, C], 'label': int64}``; ``label`` is ``UNLABELED`` (-1)
-when the dataset has no class label (the out-of-distribution sets).
+when the dataset has no class label (the out-of-distribution sets). Datasets
+with group annotations (spurious-correlation benchmarks: ``spurious_glyphs``,
+``waterbirds``, ``celeb_a``) also carry ``'group': int64``, with the
+Sagawa et al./DFR convention ``group = label * n_spurious + spurious``
+(``DatasetSpec.num_groups``); records of other datasets have no ``group`` key
+(batches and predictions then say -1 where they need a value).
 ``get_spec(name)`` describes a dataset without reading (or preparing) it.
 
 Names are tfds names with optional config and version: ``'digits'``,
@@ -46,6 +51,9 @@ except ImportError:  # Windows: no advisory locks; prepare once before going par
   fcntl = None
 
 EMBEDDED: tuple[str, ...] = builders.NAMES
+# Builders composed from other tfds datasets in data_dir (no download): prepared
+# on first use like the embedded ones, from the user's copies of their sources.
+COMPOSED: tuple[str, ...] = builders.COMPOSED
 UNLABELED = builders.UNLABELED  # defined once, with the builders that write it
 
 # (image key, label key) of tfds datasets that `_feature_keys`'s rule gets
@@ -54,6 +62,52 @@ UNLABELED = builders.UNLABELED  # defined once, with the builders that write it
 # key of None marks a dataset without class labels.
 KEY_OVERRIDES: dict[str, tuple[str, str | None]] = {
     "smallnorb": ("image", "label_category"),  # has five ClassLabels
+}
+
+
+# The group feature of datasets that store one: a top-level ClassLabel named
+# 'group' (the embedded spurious_glyphs, the composed waterbirds).
+GROUP_KEY = "group"
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedLabels:
+  """Class label and group of a tfds dataset computed from other features.
+
+  ``label = features[label]`` and ``group = label * num_spurious +
+  features[spurious]`` (Sagawa et al. 2020 / DFR: group = y * n_confounders +
+  confounder), both from boolean or integer features given by their nested
+  path (``('attributes', 'Blond_Hair')``).
+  """
+  label: tuple[str, ...]
+  spurious: tuple[str, ...]
+  class_names: tuple[str, ...]
+  num_spurious: int = 2
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.class_names) * self.num_spurious
+
+  def __call__(self, raw: Mapping[str, Any]) -> tuple[int, int]:
+    label, spurious = int(_get(raw, self.label)), int(_get(raw, self.spurious))
+    return label, label * self.num_spurious + spurious
+
+
+def _get(raw: Mapping[str, Any], path: Sequence[str]) -> Any:
+  for key in path:
+    raw = raw[key]
+  return np.asarray(raw)
+
+
+#: Datasets with group annotations, for messages.
+GROUPED_EXAMPLES = ("spurious_glyphs", "waterbirds", "celeb_a")
+
+# tfds datasets whose class label and group come from other features. CelebA as
+# in Sagawa et al. 2020 and DFR: label = Blond_Hair, spurious = Male, so groups
+# 0 non-blond woman, 1 non-blond man, 2 blond woman, 3 blond man (the minority).
+DERIVED_LABELS: dict[str, DerivedLabels] = {
+    "celeb_a": DerivedLabels(label=("attributes", "Blond_Hair"), spurious=("attributes", "Male"),
+                             class_names=("not_blond", "blond")),
 }
 
 
@@ -69,28 +123,44 @@ class DatasetSpec:
     splits: split name -> number of examples. Empty when unknown, i.e. for a
       catalog dataset that is not prepared in ``data_dir``.
     has_labels: whether ``label`` holds class labels (else it is always -1).
+    num_groups: number of annotated groups (``group = label * n_spurious +
+      spurious``), or None when the dataset has no group labels.
   """
   name: str
   num_classes: int | None
   image_shape: tuple[int | None, int | None, int]
   splits: dict[str, int]
   has_labels: bool
+  num_groups: int | None = None
+
+  @property
+  def has_groups(self) -> bool:
+    return self.num_groups is not None
 
 
 class RecordSource:
-  """Random-access records ``{'image', 'label'}`` over a tfds data source.
+  """Random-access records ``{'image', 'label'[, 'group']}`` over a tfds data source.
 
   Keeps only the image and label features (others, e.g. string ids, would not
   batch), gives 2-D images a channel axis and returns labels as ``np.int64``
-  (``UNLABELED`` when the dataset has no label). Picklable if the wrapped source
-  is (tfds array_record sources are), so grain worker processes can use it.
+  (``UNLABELED`` when the dataset has no label). Datasets with groups (a
+  ``group_key`` feature, or ``derived`` labels) also give ``group`` (int64).
+  Picklable if the wrapped source is (tfds array_record sources are), so grain
+  worker processes can use it.
   """
 
-  def __init__(self, source: Any, image_key: str, label_key: str | None, name: str = ""):
+  def __init__(self, source: Any, image_key: str, label_key: str | None, name: str = "",
+               group_key: str | None = None, derived: DerivedLabels | None = None):
     self.source = source
     self.image_key = image_key
     self.label_key = label_key
     self.name = name
+    self.group_key = group_key
+    self.derived = derived
+
+  @property
+  def has_groups(self) -> bool:
+    return self.group_key is not None or self.derived is not None
 
   def __len__(self) -> int:
     return len(self.source)
@@ -99,8 +169,14 @@ class RecordSource:
     image = np.asarray(raw[self.image_key])
     if image.ndim == 2:
       image = image[..., None]
+    if self.derived is not None:
+      label, group = self.derived(raw)
+      return {"image": image, "label": np.int64(label), "group": np.int64(group)}
     label = UNLABELED if self.label_key is None else raw[self.label_key]
-    return {"image": image, "label": np.int64(label)}
+    rec = {"image": image, "label": np.int64(label)}
+    if self.group_key is not None:
+      rec["group"] = np.int64(raw[self.group_key])
+    return rec
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return self._record(self.source[index])
@@ -116,7 +192,7 @@ class RecordSource:
 
   def __repr__(self) -> str:
     return (f"RecordSource({self.name!r}, len={len(self)}, image={self.image_key!r}, "
-            f"label={self.label_key!r})")
+            f"label={self.label_key!r}" + (", groups" if self.has_groups else "") + ")")
 
 
 def default_data_dir() -> str:
@@ -135,7 +211,8 @@ def base_name(name: str) -> str:
 
 def _unknown_name_error(name: str) -> ValueError:
   base = base_name(name)
-  known = sorted(set(EMBEDDED) | set(tfds.list_builders(with_community_datasets=False)))
+  known = sorted(set(EMBEDDED) | set(COMPOSED)
+                 | set(tfds.list_builders(with_community_datasets=False)))
   hint = suggest(base, known, n=5)
   return ValueError(
       f"Unknown dataset {name!r}{hint}. Embedded (offline) datasets: {', '.join(EMBEDDED)}. "
@@ -152,7 +229,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   except tfds.core.registered.DatasetNotFoundError:
     raise _unknown_name_error(name) from None
   except ValueError as e:
-    if base in EMBEDDED and "BuilderConfig" in str(e):
+    if (base in EMBEDDED or base in COMPOSED) and "BuilderConfig" in str(e):
       configs = sorted(tfds.builder_cls(base).builder_configs)
       raise ValueError(
           f"Unknown config in {name!r}; {base} has configs: {', '.join(configs)}.") from None
@@ -197,6 +274,20 @@ def _feature_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str | None]:
   if "label" in labels:
     return image_key, "label"
   return image_key, labels[0] if len(labels) == 1 else None
+
+
+def _group_labels(builder: tfds.core.DatasetBuilder
+                  ) -> tuple[str | None, DerivedLabels | None, int | None]:
+  """(group feature key, derived labels, number of groups) of a builder; all
+  None when it has no group annotations."""
+  if builder.name in DERIVED_LABELS:
+    derived = DERIVED_LABELS[builder.name]
+    return None, derived, derived.num_groups
+  features = builder.info.features
+  feature = features[GROUP_KEY] if GROUP_KEY in features.keys() else None
+  if isinstance(feature, tfds.features.ClassLabel):
+    return GROUP_KEY, None, int(feature.num_classes)
+  return None, None, None
 
 
 def _random_access_formats(builder: tfds.core.DatasetBuilder) -> set[Any]:
@@ -304,26 +395,34 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
   base = base_name(name)
   builder = _builder(name, data_dir)
   _check_split(name, split, _known_splits(builder))
-  if base in EMBEDDED:
+  if base in EMBEDDED or base in COMPOSED:
     builder, _ = _prepare_embedded(name, data_dir)
     source = builder.as_data_source(split=split)
   else:
     source = _catalog_source(name, split, builder)
   image_key, label_key = _feature_keys(builder)
-  return RecordSource(source, image_key, label_key, name=f"{name}[{split}]")
+  group_key, derived, _ = _group_labels(builder)
+  return RecordSource(source, image_key, label_key, name=f"{name}[{split}]",
+                      group_key=group_key, derived=derived)
 
 
 def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
   """Classes, image shape and split sizes of a dataset; prepares nothing."""
   builder = _builder(name, data_dir)
   image_key, label_key = _feature_keys(builder)
+  _, derived, num_groups = _group_labels(builder)
   features = builder.info.features
+  if derived is not None:
+    num_classes = len(derived.class_names)
+  else:
+    num_classes = None if label_key is None else int(features[label_key].num_classes)
   return DatasetSpec(
       name=name,
-      num_classes=None if label_key is None else int(features[label_key].num_classes),
+      num_classes=num_classes,
       image_shape=tuple(features[image_key].shape),
       splits=_known_splits(builder),
-      has_labels=label_key is not None,
+      has_labels=num_classes is not None,
+      num_groups=num_groups,
   )
 
 
@@ -331,6 +430,8 @@ def class_names(name: str, *, data_dir: str | None = None) -> list[str]:
   """The dataset's class names (tfds ``ClassLabel`` names; ids as strings
   when it has none, ``[]`` for unlabelled data)."""
   builder = _builder(name, data_dir)
+  if builder.name in DERIVED_LABELS:
+    return list(DERIVED_LABELS[builder.name].class_names)
   _, label_key = _feature_keys(builder)
   if label_key is None:
     return []
@@ -348,7 +449,7 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
   access (and, for some datasets, TensorFlow or manual downloads); failures
   are re-raised as a RuntimeError that says so.
   """
-  if base_name(name) in EMBEDDED:
+  if base_name(name) in EMBEDDED or base_name(name) in COMPOSED:
     builder, _ = _prepare_embedded(name, data_dir)
     return str(builder.data_dir)
   builder = _builder(name, data_dir)

@@ -5,6 +5,7 @@
     evaluators.classification = dict(type='classification', splits=('validation', 'test'))
     evaluators.ood = dict(type='ood', sets={'blobs': 'blobs/gray:test'}, scores=('msp', 'energy'))
     evaluators.robust = dict(type='robust', attacks={'fgsm': 'fgsm(eps=8/255)'})
+    evaluators.groups = dict(type='groups', splits=('test',), weights_split='train')
 
 Every key but ``type``, ``every_steps`` (default ``config.eval_every_steps``;
 ``<= 0``: only at the end) and ``module`` (default ``classifier``) is an option
@@ -18,7 +19,8 @@ checks its data, so bad input fails before any compilation -- with
 Evaluators of one round share predictions through the context (the test
 split's logits are computed once for the classification and OOD evaluators).
 Result keys are flat and name what they measure: ``test/accuracy``,
-``ood/<score>/<set>/<metric>``, ``robust/<attack>/accuracy``.
+``ood/<score>/<set>/<metric>``, ``robust/<attack>/accuracy``,
+``test/worst_group_accuracy`` (:mod:`jaxrobust.evaluators.groups`).
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ def take_images(evaluators: Mapping[str, Evaluator]) -> dict[str, np.ndarray]:
 
 @functools.cache
 def _register_builtin() -> None:
-  from jaxrobust.evaluators import classification, ood, robust  # noqa: F401
+  from jaxrobust.evaluators import classification, groups, ood, robust  # noqa: F401
 
 
 _register_builtin()
