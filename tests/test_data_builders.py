@@ -28,6 +28,8 @@ PINNED = {
     ("gaussian_noise/gray", "test"):
         "ad6fcb9a3455ee2ff7115af6ea904b51e4214af203353e8124ae49a3983b2dd7",
     ("blobs/gray", "test"): "31f0059715c1f9feca4568f92ea2a771660d9b504618133949510e801aac223c",
+    ("spurious_glyphs", "test"):
+        "bb22e010040b2c7cc4125b6af6fa0e11ff88bf9886fb4f5f0d9bdcd2189dd8d8",
 }
 
 

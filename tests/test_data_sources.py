@@ -39,7 +39,7 @@ def test_embedded_names_are_registered_and_do_not_collide_with_tfds():
   catalog = tfds.list_builders(with_community_datasets=False)
   assert jaxrobust.data.EMBEDDED == (
       "digits", "glyphs", "gaussian_noise", "rademacher_noise", "blobs", "uniform_noise",
-      "photo_patches")
+      "photo_patches", "spurious_glyphs")
   for name in sources.EMBEDDED:
     assert catalog.count(name) == 1, name
     assert tfds.builder_cls(name).__module__.startswith("jaxrobust.data.builders."), name
