@@ -17,7 +17,7 @@ from jaxrobust import evaluators as ev
 from jaxrobust import predict as predict_lib
 from jaxrobust import train_state as state_lib
 from jaxrobust.data import pipeline, sources
-from jaxrobust.data.builders import spurious
+from jaxrobust.data.builders import spurious, waterbirds
 from jaxrobust.evaluators import groups as groups_ev
 
 
@@ -196,3 +196,81 @@ def test_groups_evaluator_errors_before_compiling(data_dir):
   with pytest.raises(ValueError, match=r"config\.evaluators\.wga\.weights_split: .*'nope'"):
     ev.build_evaluators(c, modules, num_classes=2, image_shape=(32, 32, 3),
                         batch_sharding=batch_sharding)
+
+
+# ----------------------------------------------------------------- waterbirds
+
+SPECIES = ("black_footed_albatross", "american_crow", "western_gull", "blue_jay",
+           "pacific_loon", "cardinal", "horned_grebe", "house_sparrow")
+
+
+def _fake_sources(names):
+  """``as_data_source`` for tfds.testing.mock_data: CUB records with species
+  names (every 8th pattern) and a square mask, Places records of the four
+  target categories and others."""
+  target = [names.index(c) for kinds in waterbirds.TARGET_PLACES for c in kinds]
+
+  def cub(split, i):
+    rng = np.random.default_rng([i, split == "test"])
+    h, w = 30 + i % 7, 40 + i % 5
+    mask = np.zeros((h, w, 1), np.uint8)
+    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+    return {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            "segmentation_mask": mask, "label": i % 200,
+            "label_name": SPECIES[i % len(SPECIES)].encode()}
+
+  def place(i):
+    label = target[i % 4] if i % 5 else 0  # every 5th: another category
+    return {"image": np.full((48, 48, 3), 10 * (i % 4) + 100, np.uint8), "label": label}
+
+  def as_data_source(self, split, decoders=None, **kwargs):
+    del decoders, kwargs
+    if self.name == waterbirds.CUB:
+      return [cub(split, i) for i in range(80 if split == "train" else 40)]
+    assert self.name == waterbirds.PLACES and split == "train"
+    return [place(i) for i in range(400)]
+  return as_data_source
+
+
+def test_waterbirds_composed_from_mocked_cub_and_places(tmp_path):
+  names = tfds.builder(waterbirds.PLACES, data_dir=str(tmp_path)).info.features["label"].names
+  with tfds.testing.mock_data(as_data_source_fn=_fake_sources(names)):
+    builder = tfds.builder("waterbirds/64", data_dir=str(tmp_path))
+    gens = builder._split_generators(None)
+    examples = {s: [ex for _, ex in gens[s]] for s in waterbirds.SPLITS}
+  assert builder.split_sizes() == {"train": 64, "validation": 16, "test": 40}
+  spec = sources.get_spec("waterbirds/64", data_dir=str(tmp_path))
+  assert (spec.num_classes, spec.num_groups, spec.image_shape) == (2, 4, (64, 64, 3))
+  plan = builder._plan
+  for split, exs in examples.items():
+    label, group, place, species = (np.array([e[k] for e in exs])
+                                    for k in ("label", "group", "place", "species"))
+    assert all(e["image"].shape == (64, 64, 3) and e["image"].dtype == np.uint8 for e in exs)
+    np.testing.assert_array_equal(group, 2 * label + place)
+    np.testing.assert_array_equal(label, [waterbirds.is_waterbird(SPECIES[s % 8])
+                                          for s in species])
+    for y in (0, 1):
+      p = {"train": 0.95 if y else 0.05}.get(split, 0.5)
+      assert np.sum(place[label == y]) == np.round(p * np.sum(label == y))
+    # Backgrounds: places of the right kind, each used once over all splits.
+    kinds = np.array([(plan[split]["place_index"] % 5 != 0)
+                      & (plan[split]["place_index"] % 4 >= 2 * place)
+                      & (plan[split]["place_index"] % 4 < 2 * place + 2)])
+    assert kinds.all()
+  used = np.concatenate([plan[s]["place_index"] for s in waterbirds.SPLITS])
+  assert len(np.unique(used)) == len(used)
+  # Validation is drawn from CUB train, test is CUB test.
+  assert set(plan["validation"]["cub_index"]).isdisjoint(plan["train"]["cub_index"])
+  assert plan["test"]["cub_split"].all() and len(plan["test"]["cub_index"]) == 40
+
+
+def test_waterbirds_composite_keeps_the_bird_and_replaces_the_background():
+  image = np.full((20, 30, 3), 200, np.uint8)
+  mask = np.zeros((20, 30, 1), np.uint8)
+  mask[5:15, 10:20] = 255
+  place = np.full((64, 64, 3), 7, np.uint8)
+  out = waterbirds.composite(image, mask, place)
+  assert out.shape == (20, 30, 3)
+  assert (out[5:15, 10:20] == 200).all() and (out[:5] == 7).all() and (out[:, :10] == 7).all()
+  assert waterbirds.to_stored_size(out, 16).shape == (16, 16, 3)
+  assert waterbirds.is_waterbird(b"laysan_albatross") and not waterbirds.is_waterbird("blue_jay")

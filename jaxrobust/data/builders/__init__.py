@@ -23,9 +23,10 @@ from jaxrobust.data.builders.glyphs import Glyphs
 from jaxrobust.data.builders.noise import Blobs, GaussianNoise, RademacherNoise, UniformNoise
 from jaxrobust.data.builders.photos import PhotoPatches
 from jaxrobust.data.builders.spurious import SpuriousGlyphs
+from jaxrobust.data.builders.waterbirds import Waterbirds
 
 BUILDERS = (Digits, Glyphs, GaussianNoise, RademacherNoise, Blobs, UniformNoise, PhotoPatches,
             SpuriousGlyphs)
 NAMES = tuple(b.name for b in BUILDERS)
 # Builders composed from other tfds datasets the user has prepared in data_dir.
-COMPOSED: tuple[str, ...] = ()
+COMPOSED: tuple[str, ...] = (Waterbirds.name,)
