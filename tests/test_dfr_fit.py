@@ -152,7 +152,7 @@ def test_dfr_tr_tr_matches_reference_port():
 
 
 def test_ties_pick_the_first_candidate():
-  assert dfr._choose(None, [0.5, 0.7, 0.7, 0.1]) == 1
+  assert dfr._choose([0.5, 0.7, 0.7, 0.1]) == 1
 
 
 def test_fold_into_head_equals_standardised_model():
@@ -192,3 +192,9 @@ def test_bad_inputs():
     dfr.dfr_tr_tr(x, y + 1, g, x, y, g)
   with pytest.raises(ValueError, match="c_grid"):
     dfr.dfr_tr_val(x, y, g, x_train=x, c_grid=(1.0, 0.0))
+
+
+def test_unconverged_fits_warn():
+  x, y, g = groups_data(120, seed=50, majority=0.5)
+  with pytest.warns(RuntimeWarning, match="max_iter=10"):
+    dfr.dfr_tr_val(x, y, g, x_train=x, max_iter=10, num_retrains=2)
