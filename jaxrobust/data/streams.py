@@ -212,6 +212,26 @@ def class_balanced(data: StreamData, population: np.ndarray, num_per_epoch: int 
   return _weighted(data, population, 1.0 / counts[labels], num_per_epoch)
 
 
+@SAMPLERS.register("group_balanced")
+def group_balanced(data: StreamData, population: np.ndarray, num_per_epoch: int = 0) -> EpochFn:
+  """Every group equally likely: each draw picks an example of the
+  population with probability ∝ 1 / (its group's count in the population),
+  with replacement -- the group-balanced ("upweighted" / "upsampled")
+  sampling of Sagawa et al. (2020) and Kirichenko et al. (2023). Needs a
+  dataset with group annotations (``DatasetSpec.num_groups``); an epoch has
+  ``num_per_epoch`` draws (default: the population size)."""
+  try:
+    groups = pipeline.all_groups(data.source, what=f"{data.where}: the stream's split")
+  except ValueError as e:
+    raise RegistryError(f"{data.where}.sampler: group_balanced: {e}") from None
+  groups = groups[population]
+  if groups.min() < 0:
+    raise RegistryError(f"{data.where}.sampler: group_balanced needs a group for every "
+                        "example; the stream's data has examples without one.")
+  counts = np.bincount(groups)
+  return _weighted(data, population, 1.0 / counts[groups], num_per_epoch)
+
+
 @SAMPLERS.register("weighted")
 def weighted(data: StreamData, population: np.ndarray, weights: Any,
              num_per_epoch: int = 0) -> EpochFn:

@@ -92,12 +92,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxrobust.registry import RegistryError
+from jaxrobust.tasks import TASKS
 
 Array = jax.Array
 
@@ -630,3 +634,138 @@ def fold_into_head(coef, intercept, mean, scale, num_classes: int = 2) -> tuple[
   w = coef / scale[None, :]
   b = intercept.reshape(num_classes) - (coef * mean[None, :] / scale[None, :]).sum(axis=1)
   return w.T.astype(np.float32), b.astype(np.float32)
+
+
+# --- stage task -------------------------------------------------------------------
+
+VARIANTS = ("tr_val", "tr_tr")
+
+
+def _features(ctx, ref: str, split: str, checkpoint: str, module: str, key: str):
+  """``(features, label, group)`` of ``split``: the artifact ``ref`` (a
+  ``predict`` stage's output) or, when empty, extracted here with the
+  ``predict`` machinery (eval mode, no augmentation)."""
+  from jaxrobust import tasks
+  if ref:
+    out = ctx.artifacts.load(ref, f"{ctx.where}.{key}")
+    missing = [f for f in ("features", "label", "group") if f not in out]
+    if missing:
+      raise RegistryError(
+          f"{ctx.where}.{key}={ref!r} lacks the field(s) {missing}: predict it with "
+          "fields=('features', 'label', 'group').")
+  else:
+    out = tasks.predict_outputs(ctx, checkpoint=checkpoint, split=split, module=module,
+                                fields=("features", "label", "group"))
+  x = np.asarray(out["features"], np.float32)
+  y, g = np.asarray(out["label"], np.int64), np.asarray(out["group"], np.int64)
+  if g.size and g.min() < 0:
+    raise RegistryError(f"{ctx.where}.{key}: the {split} split has examples without a group "
+                        f"({ctx.config.data.name!r}); DFR needs group annotations.")
+  return x, y, g
+
+
+@TASKS.register("dfr")
+def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
+             validation: str = "", c_grid: Sequence[float] = C_GRID, num_retrains: int = 0,
+             tune_class_weights: bool = True, module: str = "classifier",
+             seed: int = -1) -> dict[str, float]:
+  """DFR as a stage: the features of ``checkpoint``'s ``module`` on the
+  training and validation splits (the ``predict`` artifacts ``train`` /
+  ``validation``, or extracted here), DFR^Tr_Val (``variant='tr_val'``) or
+  DFR^Tr_Tr (``'tr_tr'``), the averaged head folded into the model's
+  ``head`` and written as this stage's checkpoint (:meth:`save_model`:
+  ``artifact:<stage>/checkpoint``, read by ``init_from``, ``predict`` and
+  ``evaluate`` like a trained one), then the stage config's evaluators on it.
+
+  Args:
+    checkpoint: the base (ERM) model, a path or ``artifact:<stage>/checkpoint``.
+    variant: ``tr_val`` or ``tr_tr``.
+    train, validation: ``artifact:<stage>/<name>`` of ``predict`` outputs with
+      ``features``, ``label``, ``group`` (else extracted from the checkpoint).
+    c_grid: the values of C tried (the reference's :data:`C_GRID`).
+    num_retrains: fits averaged (0: the reference's 20 for tr_val, 10 for tr_tr).
+    tune_class_weights: tr_tr's class-weight grid (the reference's flag).
+    module: which module of the checkpoint.
+    seed: the subsampling seed (-1: ``config.seed``).
+
+  Results: ``dfr/c``, ``dfr/class_weight_0``/``_1``, ``dfr/tuning/<C>/...``
+  (worst-group accuracy of each candidate on the tuning set) and the
+  evaluators' results (``test/worst_group_accuracy``, ...). Artifact ``dfr``:
+  the averaged coefficients, intercept and scaler.
+  """
+  from jaxrobust import evaluators as evaluators_lib
+  from jaxrobust import files
+  from jaxrobust import tasks
+  from jaxrobust import checkpoint as ckpt_lib
+  where = ctx.where
+  if variant not in VARIANTS:
+    raise RegistryError(f"{where}.variant must be one of {VARIANTS}, got {variant!r}.")
+  grid = np.asarray(c_grid, np.float64).reshape(-1)
+  if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+    raise RegistryError(f"{where}.c_grid: C must be > 0 (the inverse L1 strength); got "
+                        f"{grid.tolist()}.")
+  if isinstance(num_retrains, bool) or int(num_retrains) != num_retrains or num_retrains < 0:
+    raise RegistryError(f"{where}.num_retrains must be an integer >= 0 (0: the reference's "
+                        f"default), got {num_retrains!r}.")
+  name = ctx.config.data.name
+  spec = ctx.data.spec()
+  if not spec.num_groups:
+    raise RegistryError(f"{where}: DFR needs a dataset with group annotations; "
+                        f"config.data.name={name!r} has none.")
+  if module not in ctx.modules:
+    raise RegistryError(f"{where}.module={module!r}: no such module ({sorted(ctx.modules)}).")
+  num_classes = ctx.modules[module].num_classes
+  if num_classes != 2:
+    raise RegistryError(f"{where}: DFR's logistic regression is binary; the module "
+                        f"{module!r} has {num_classes} classes ({name!r}).")
+  params, stats = ckpt_lib.load_pretrained(ctx.checkpoint_path(checkpoint), module=module,
+                                           where=f"{where}.checkpoint")
+  head = params.get("head") if hasattr(params, "get") else None
+  if head is None or "kernel" not in head or "bias" not in head:
+    raise RegistryError(f"{where}.checkpoint: the module {module!r} has no linear `head` "
+                        "(kernel, bias) on its penultimate features; DFR replaces that head.")
+  seed = int(ctx.config.seed if seed == -1 else seed)
+  x_tr, y_tr, g_tr = _features(ctx, train, "train", checkpoint, module, "train")
+  x_va, y_va, g_va = _features(ctx, validation, "validation", checkpoint, module, "validation")
+  if x_tr.shape[1] != head["kernel"].shape[0]:
+    raise RegistryError(f"{where}: the features have {x_tr.shape[1]} dimensions but the head "
+                        f"takes {head['kernel'].shape[0]}: the artifacts are not this "
+                        "checkpoint's features.")
+  try:
+    if variant == "tr_val":
+      result = dfr_tr_val(x_va, y_va, g_va, x_train=x_tr, num_groups=spec.num_groups,
+                          c_grid=grid, num_retrains=int(num_retrains) or TR_VAL_RETRAINS,
+                          seed=seed)
+    else:
+      result = dfr_tr_tr(x_tr, y_tr, g_tr, x_va, y_va, g_va, num_groups=spec.num_groups,
+                         c_grid=grid, tune_class_weights=bool(tune_class_weights),
+                         num_retrains=int(num_retrains) or TR_TR_RETRAINS, seed=seed)
+  except ValueError as e:
+    raise RegistryError(f"{where}: {e}") from None
+  kernel, bias = fold_into_head(result.coef, result.intercept, result.mean, result.scale)
+  params = jax.tree.map(np.asarray, dict(params))
+  params["head"] = {"kernel": kernel.astype(head["kernel"].dtype),
+                    "bias": bias.astype(head["bias"].dtype)}
+  ctx.save_model({module: {"params": params, "batch_stats": stats}})
+  written = os.path.join(ctx.workdir, "checkpoints")
+  ctx.artifacts.save("dfr", {"coef": np.asarray(result.coef, np.float32),
+                             "intercept": np.asarray([result.intercept], np.float32),
+                             "mean": np.asarray(result.mean, np.float32),
+                             "scale": np.asarray(result.scale, np.float32),
+                             "tuning_worst_group_accuracy": np.asarray(
+                                 result.tuning_worst_group_accuracy, np.float32)})
+  results = {"dfr/c": float(result.c), "dfr/class_weight_0": float(result.class_weight[0]),
+             "dfr/class_weight_1": float(result.class_weight[1]),
+             "dfr/nonzero_coefficients": float(np.count_nonzero(result.coef))}
+  for (c, w0, w1), acc in zip(result.candidates, result.tuning_worst_group_accuracy):
+    tag = f"C={c:g}" if variant == "tr_val" else f"C={c:g},w={w0:g}:{w1:g}"
+    results[f"dfr/tuning/{tag}/worst_group_accuracy"] = float(acc)
+  evaluators, state = tasks.evaluation_setup(
+      ctx, ctx.config, written, modules=(module,),
+      save_dir=os.path.join(ctx.workdir, "artifacts"))
+  results.update(evaluators_lib.run(
+      evaluators, state, final=True,
+      plots_dir=os.path.join(ctx.workdir, "plots") if ctx.config.plots else None))
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(ctx.workdir, "results.json"), results, what="results")
+  return results
