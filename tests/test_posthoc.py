@@ -101,8 +101,7 @@ def test_ash_ties_keep_the_lower_index_and_round_half_to_even():
 def test_knn_search_is_chunked_and_exact():
   state = posthoc_distance.to_bank(np.asarray(posthoc_distance.normalize(TRAIN)), chunk=64)
   assert state["bank"].shape == (5, 64, D) and state["valid"].sum() == len(TRAIN)
-  got = -jnp.sqrt(jnp.maximum(-posthoc_distance.top_k_similarity(
-      posthoc_distance.normalize(TEST), state, 50, squared_distance=True)[:, -1], 0))
+  got = -posthoc_distance.kth_distance(posthoc_distance.normalize(TEST), state, 50)
   np.testing.assert_allclose(got, ref.knn(F64, T64, 50), rtol=1e-4, atol=1e-5)
   # Query chunks in the public score (lax.map over padded chunks) change nothing.
   full = posthoc.fit("knn", TRAIN, kernel=KERNEL, bias=BIAS)
@@ -198,3 +197,33 @@ def test_registered_scores_share_fits_and_are_tunable():
   from jaxrobust.methods import tuning
   assert tuning.GRIDS["react"] == {"percentile": (85, 90, 95, 99)}
   assert set(posthoc.GRIDS) <= set(tuning.GRIDS)
+
+
+def test_ood_evaluator_runs_detectors_by_name(data_dir):
+  """The OOD evaluator fits KNN and ViM on the training split (the head from
+  the module's params) and scores with them; the result equals the public
+  fit/score on the same features."""
+  import test_evaluators as te
+  from jaxrobust import evaluators as ev
+  evs, state = te._build(data_dir, ood={
+      "type": "ood", "sets": {"blobs": "blobs/gray:validation"}, "fraction": 0.2, "draws": 1,
+      "scores": ("knn(k=5)", "vim", "msp")})
+  results = ev.run(evs, state)
+  for name in ("knn", "vim", "msp"):
+    assert 0.0 <= results[f"ood/{name}/blobs/auroc"] <= 1.0
+  e = evs["ood"]
+  got = e._scores(state, e.in_source)
+  variables = state.classifier.variables
+  head = posthoc_base.head_params(variables, "test")
+  train = e.ctx.load(e.ctx.data.name, e.ctx.data.train_split, key="fit")
+  predictor = e.ctx.predictor
+  tr = predictor(variables, train, fields=("features", "label"))
+  ins = predictor(variables, e.in_source, fields=("features",))["features"]
+  # ViM's subspace of an untrained model's features has small eigen-gaps: the
+  # evaluator's float32 sums per batch of 64 and the one-shot fit's per 8192
+  # rows move it slightly (KNN's bank is the same rows, exactly).
+  for name, opts, rtol in (("knn", {"k": 5}, 1e-5), ("vim", {}, 3e-3)):
+    st = posthoc.fit(name, tr["features"], tr["label"], **head, **opts)
+    want = posthoc.score(name, ins, st, **head, **opts)
+    np.testing.assert_allclose(got[name], want, rtol=rtol, atol=1e-5, err_msg=name)
+  assert np.corrcoef(got["vim"], want)[0, 1] > 0.999

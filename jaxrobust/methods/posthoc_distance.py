@@ -24,8 +24,9 @@ negated here):
   nearest normalised training feature), ``k`` = 50. (OpenOOD's
   ``knn_postprocessor.py`` returns the *squared* distance, same ranking.) The
   bank is searched in chunks with ``lax.top_k``, a running top-k merged chunk
-  by chunk, so no [queries × bank] matrix is materialised; ``d² = ‖q‖² + ‖b‖²
-  − 2 q·b``, clipped at 0.
+  by chunk, so no [queries × bank] matrix is materialised; candidates are
+  ranked by ``‖q‖² + ‖b‖² − 2 q·b`` and the k found re-measured as ``‖q − b‖``
+  (the expansion cancels for near neighbours).
 * Relative Mahalanobis (Ren et al. 2021) -- OpenOOD ``rmds_postprocessor.py``:
   class means and a tied covariance (as :mod:`~jaxrobust.methods.mahalanobis`)
   plus one Gaussian of all training features (mean and covariance,
@@ -162,23 +163,40 @@ def bank_size(state: Mapping[str, Any]) -> int:
 
 
 def top_k_similarity(queries: Array, state: Mapping[str, Array], k: int, *,
-                     squared_distance: bool = False) -> Array:
-  """The ``k`` largest ``⟨q, b⟩`` (or ``−‖q − b‖²``) over the bank's rows,
-  ``[B, k]`` in decreasing order, merged chunk by chunk."""
+                     squared_distance: bool = False) -> tuple[Array, Array]:
+  """The ``k`` largest ``⟨q, b⟩`` (or ``−‖q − b‖²``) over the bank's rows and
+  their flat row indices, ``[B, k]`` each in decreasing order, merged chunk by
+  chunk."""
   q = as_float(queries)
   q_norm = jnp.sum(q * q, -1, keepdims=True)
+  rows_per_chunk = state["bank"].shape[1]
 
-  def step(top, chunk):
-    rows, valid = chunk
+  def step(carry, chunk):
+    top, index = carry
+    i, rows, valid = chunk
     s = q @ rows.T
     if squared_distance:
       s = 2 * s - q_norm - jnp.sum(rows * rows, -1)[None, :]
     s = jnp.where(valid[None, :], s, -jnp.inf)
-    return jax.lax.top_k(jnp.concatenate([top, s], -1), k)[0], None
+    ids = jnp.broadcast_to(i * rows_per_chunk + jnp.arange(rows_per_chunk), s.shape)
+    values, pos = jax.lax.top_k(jnp.concatenate([top, s], -1), k)
+    return (values, jnp.take_along_axis(jnp.concatenate([index, ids], -1), pos, -1)), None
 
-  init = jnp.full((q.shape[0], k), -jnp.inf, q.dtype)
-  top, _ = jax.lax.scan(step, init, (as_float(state["bank"]), state["valid"]))
-  return top
+  init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype), jnp.zeros((q.shape[0], k), jnp.int32))
+  chunks = jnp.arange(state["bank"].shape[0])
+  (top, index), _ = jax.lax.scan(step, init, (chunks, as_float(state["bank"]), state["valid"]))
+  return top, index
+
+
+def kth_distance(queries: Array, state: Mapping[str, Array], k: int) -> Array:
+  """Euclidean distance to the ``k``-th nearest bank row: found with the
+  expanded ``‖q‖² + ‖b‖² − 2 q·b``, then recomputed as ``‖q − b‖`` for the k
+  candidates (the expansion cancels for near neighbours)."""
+  q = as_float(queries)
+  _, index = top_k_similarity(q, state, k, squared_distance=True)
+  bank = as_float(state["bank"]).reshape(-1, state["bank"].shape[-1])
+  d = jnp.linalg.norm(q[:, None, :] - bank[index], axis=-1)
+  return jnp.max(d, -1)
 
 
 def in_query_chunks(fn, queries: Array, chunk: int = QUERY_CHUNK) -> Array:
@@ -206,8 +224,7 @@ def knn_fit(source: FitSource, kernel: Array, bias: Array, *, k: int = 50
 def knn_score(features: Array, state: Mapping[str, Array], kernel: Array, bias: Array, *,
               k: int = 50) -> Array:
   del kernel, bias
-  top = top_k_similarity(normalize(features), state, k, squared_distance=True)
-  return -jnp.sqrt(jnp.maximum(-top[:, -1], 0.0))
+  return -kth_distance(normalize(features), state, k)
 
 
 # --- NNGuide -------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def nnguide_fit(source: FitSource, kernel: Array, bias: Array, *, k: int = 10
 
 def nnguide_score(features: Array, state: Mapping[str, Array], kernel: Array, bias: Array, *,
                   k: int = 10) -> Array:
-  top = top_k_similarity(normalize(features), state, k)
+  top, _ = top_k_similarity(normalize(features), state, k)
   return jnp.mean(top, -1) * energy(logits_of(features, kernel, bias))
 
 
