@@ -141,6 +141,16 @@ class FitSource:
                           "and label >= 0).")
 
 
+_REDUCE_CACHE: dict[Any, Callable] = {}
+
+
+def _compiled_reduce(fn: ReduceFn) -> Callable:
+  """One jitted ``(features, labels, mask, args)`` wrapper per reduce function."""
+  if fn not in _REDUCE_CACHE:
+    _REDUCE_CACHE[fn] = jax.jit(lambda f, y, m, a: fn({"features": f}, y, m, a))
+  return _REDUCE_CACHE[fn]
+
+
 class ArraySource(FitSource):
   """Features ``[N, D]``, labels ``[N]`` (None: all 0) and ``mask`` ``[N]`` in
   memory, reduced in padded chunks of ``chunk`` rows (one compilation)."""
@@ -160,7 +170,7 @@ class ArraySource(FitSource):
 
   def reduce(self, fn: ReduceFn, key: str, args: Any = None) -> dict[str, np.ndarray]:
     del key
-    compiled = jax.jit(lambda f, y, m, a: fn({"features": f}, y, m, a))
+    compiled = _compiled_reduce(fn)
     total: dict[str, np.ndarray] = {}
     n, c = len(self.x), self.chunk
     for start in range(0, max(n, 1), c):
