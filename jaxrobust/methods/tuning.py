@@ -14,7 +14,10 @@ chosen ``spec`` -- which the OOD evaluator reads directly:
 
 Default grids: ODIN, the energy code's ``run.sh`` (T ∈ {1, 10, 100, 1000} ×
 ε ∈ {0, 0.0004, …, 0.0048}); Mahalanobis, its ``--noise`` sweep (ε ∈ {0,
-0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01}).
+0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01}); the post-hoc detectors,
+:data:`jaxrobust.methods.posthoc.GRIDS` (OpenOOD's sweeps: ReAct's, ASH's and
+SCALE's ``percentile``, KNN's ``k``, GEN's ``gamma`` × ``top_m``, DICE's
+``sparsity``); any option of a registered score with ``grid=``.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from jaxrobust.methods import mahalanobis, odin
+from jaxrobust.methods import mahalanobis, odin, posthoc
 from jaxrobust.registry import RegistryError
 from jaxrobust.tasks import TASKS, StageContext, evaluation_setup
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
     "odin": {"temperature": odin.TEMPERATURES, "epsilon": odin.EPSILONS},
     "mahalanobis": {"epsilon": mahalanobis.EPSILONS},
+    **posthoc.GRIDS,  # the post-hoc detectors' sweeps (OpenOOD's)
 }
 LOWER_IS_BETTER = ("fpr95",)
 
