@@ -48,15 +48,22 @@ class _BalancedSource:
     import tensorflow_datasets as tfds
     self.n = num_examples
     rng = np.random.default_rng(0)
-    self.fixed, self.images, self.labels = {}, {}, {}
+    self.fixed, self.images, self.labels, self.nested = {}, {}, {}, {}
     for key, f in features.items():
-      if isinstance(f, tfds.features.Image):
+      if isinstance(f, tfds.features.FeaturesDict):  # e.g. celeb_a's attributes
+        self.nested[key] = _BalancedSource(f, num_examples)
+      elif isinstance(f, tfds.features.Image) or (
+          isinstance(f, tfds.features.Tensor) and f.np_dtype == np.uint8 and len(f.shape) == 3):
         shape = tuple(d or s for d, s in zip(f.shape, VARIABLE_SIZE + (3,)))
         self.images[key] = rng.integers(0, 256, (64,) + shape, dtype=np.uint8)
       elif isinstance(f, tfds.features.ClassLabel):
         self.labels[key] = f.num_classes
       elif isinstance(f, tfds.features.Tensor):
-        self.fixed[key] = np.zeros(f.shape, f.np_dtype)
+        # Booleans (celeb_a's attributes): seeded random bits, so every group occurs.
+        if f.np_dtype == np.bool_ and not f.shape:
+          self.images[key] = rng.integers(0, 2, 64).astype(bool)
+        else:
+          self.fixed[key] = np.zeros(f.shape, f.np_dtype)
 
   def __len__(self) -> int:
     return self.n
@@ -64,7 +71,8 @@ class _BalancedSource:
   def __getitem__(self, i: int) -> dict:
     i = int(i)
     return {**self.fixed, **{k: v[i % 64] for k, v in self.images.items()},
-            **{k: i % n for k, n in self.labels.items()}}
+            **{k: i % n for k, n in self.labels.items()},
+            **{k: v[i] for k, v in self.nested.items()}}
 
   def __getitems__(self, indices) -> list:
     return [self[i] for i in indices]
