@@ -233,7 +233,7 @@ def _solve(x, ys, c, max_iter, tol):
 
   def body(carry):
     k, st, best_dual, _ = carry
-    st = jax.lax.fori_loop(0, GAP_EVERY, one_step, st)
+    st = jax.lax.fori_loop(0, GAP_EVERY, one_step, st, unroll=2)
     gap, primal = _gap(x, ys, c, st[0], st[1], st[2])
     # the best dual value seen so far certifies the current primal point
     best_dual = jnp.maximum(best_dual, primal - gap)
