@@ -182,6 +182,8 @@ def test_bad_inputs():
     dfr.fit_many(x, y, C=[1.0, -0.1])
   with pytest.raises(ValueError, match="y must be binary"):
     dfr.logistic_regression_l1(x, np.arange(20) % 3, C=1.0)
+  with pytest.raises(ValueError, match="mask keeps no example"):
+    dfr.fit_many(x, y, C=[1.0, 1.0], masks=np.stack([np.ones(20, bool), np.zeros(20, bool)]))
   g = np.zeros(20, int)
   g[:10] = 1
   with pytest.raises(ValueError, match=r"groups \[2\] have no examples"):

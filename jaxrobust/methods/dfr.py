@@ -138,6 +138,10 @@ def _check_fit_inputs(x, y, C, mask, sample_weight) -> None:
     sw = np.asarray(sample_weight)
     if not np.all(np.isfinite(sw)) or np.any(sw < 0):
       raise ValueError("sample_weight must be finite and >= 0.")
+  if mask is not None and _is_concrete(mask):
+    kept = np.asarray(mask, bool).reshape(-1, np.shape(mask)[-1]).sum(axis=-1)
+    if np.any(kept == 0):
+      raise ValueError("mask keeps no example for some fit; every fit needs examples.")
   for name, v in (("mask", mask), ("sample_weight", sample_weight)):
     if v is not None and np.shape(v)[-1] != np.shape(y)[-1]:
       raise ValueError(f"{name} must have one entry per example ({np.shape(y)[-1]}); got shape "
