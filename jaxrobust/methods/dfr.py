@@ -148,6 +148,13 @@ def _check_fit_inputs(x, y, C, mask, sample_weight) -> None:
                        f"{np.shape(v)}.")
 
 
+def _check_solver_options(max_iter, tol) -> None:
+  if int(max_iter) != max_iter or max_iter < 1:
+    raise ValueError(f"max_iter must be a positive integer; got {max_iter}.")
+  if not 0 < tol < 1:
+    raise ValueError(f"tol (relative duality gap) must be in (0, 1); got {tol}.")
+
+
 def _row_weights(y, C, mask, sample_weight, dtype) -> Array:
   """liblinear's per-instance ``C_i = C · sample_weight_i`` (0 for masked rows)."""
   c = jnp.full(jnp.shape(y), C, dtype)
@@ -251,7 +258,7 @@ def _solve(x, ys, c, max_iter, tol):
   return st[0], st[1], k, rel_gap
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "return_info"))
+@functools.partial(jax.jit, static_argnames=("return_info",))
 def _fit_one(x, y, c, tol, max_iter, return_info):
   ys = 2 * y.astype(x.dtype) - 1
   w, b, k, rel_gap = _solve(x, ys, c, max_iter, tol)
@@ -273,17 +280,18 @@ def logistic_regression_l1(x, y, *, C, mask=None, sample_weight=None, max_iter: 
   for concrete inputs).
   """
   _check_fit_inputs(x, y, C, mask, sample_weight)
+  _check_solver_options(max_iter, tol)
   x = _as_float(x)
   y = jnp.asarray(y)
   c = _row_weights(y, C, mask, sample_weight, x.dtype)
-  return _fit_one(x, y, c, jnp.asarray(tol, x.dtype), max_iter=int(max_iter),
+  return _fit_one(x, y, c, jnp.asarray(tol, x.dtype), jnp.asarray(max_iter, jnp.int32),
                   return_info=return_info)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "x_axis", "y_axis", "return_info"))
+@functools.partial(jax.jit, static_argnames=("x_axis", "y_axis", "return_info"))
 def _fit_batch(x, y, c, tol, max_iter, x_axis, y_axis, return_info):
-  fn = functools.partial(_fit_one, max_iter=max_iter, return_info=return_info)
-  return jax.vmap(fn, in_axes=(x_axis, y_axis, 0, None))(x, y, c, tol)
+  fn = functools.partial(_fit_one, return_info=return_info)
+  return jax.vmap(fn, in_axes=(x_axis, y_axis, 0, None, None))(x, y, c, tol, max_iter)
 
 
 def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITER,
@@ -300,6 +308,7 @@ def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITE
   if C.ndim != 1 or C.size == 0:
     raise ValueError(f"C must be a non-empty 1-d array of regularisation values; got shape {C.shape}.")
   _check_fit_inputs(x, y, C, masks, sample_weight)
+  _check_solver_options(max_iter, tol)
   m = C.shape[0]
   x = _as_float(x)
   y = jnp.asarray(y)
@@ -316,8 +325,8 @@ def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITE
     c = c * jnp.asarray(sample_weight, x.dtype)
   if masks is not None:
     c = jnp.where(jnp.asarray(masks, bool), c, 0)
-  return _fit_batch(x, y, c, jnp.asarray(tol, x.dtype), max_iter=int(max_iter), x_axis=x_axis,
-                    y_axis=y_axis, return_info=return_info)
+  return _fit_batch(x, y, c, jnp.asarray(tol, x.dtype), jnp.asarray(max_iter, jnp.int32),
+                    x_axis=x_axis, y_axis=y_axis, return_info=return_info)
 
 
 def _fit_checked(x, y, *, C, sample_weight=None, max_iter, tol, where: str):
