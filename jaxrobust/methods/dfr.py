@@ -28,20 +28,21 @@ Departure: liblinear minimises F by newGLMNET (coordinate descent on a
 quadratic model, outer Newton iterations); here it is FISTA (accelerated
 proximal gradient) in the diagonal metric of the columns' weighted second
 moments (per-feature steps; the soft threshold stays separable), with a
-backtracking step (it also grows 10% after each
-accepted step, so the local rather than the global curvature sets it;
-Scheinberg, Goldfarb & Bai's momentum for varying steps) and gradient-based
-adaptive restart (O'Donoghue & Candès), in a ``lax.while_loop``. It stops on a
-certified duality gap: every ``GAP_EVERY`` iterations the dual point
-``u_i = C s_i σ(−m_i)`` (``m_i = ỹ_i z_i``) is scaled into the feasible set
-``||Σ_i u_i ỹ_i x̃_i||_∞ ≤ 1`` and the fit stops when
-``F(w, b) − max D(u) ≤ tol · F(w, b)`` (the best dual value seen so far), which bounds the objective's relative
-excess over the optimum by ``tol``. The minimiser is the same; the iterates
-are not, so ``max_iter`` does not mean what liblinear's does (its outer Newton
-iterations): the DFR fits here always run to ``tol``, including the tuning
-fits of DFR^Tr_Tr, where the reference caps liblinear at ``max_iter=20``.
-Arithmetic is in the features' dtype (float32 unless jax x64 is enabled and
-float64 features are passed); the gap is evaluated in a cancellation-free form.
+backtracking step that also grows 10% after each accepted step (so the local
+rather than the global curvature sets it; Scheinberg, Goldfarb & Bai's
+momentum for varying steps) and gradient-based adaptive restart (O'Donoghue &
+Candès), in a ``lax.while_loop``. It stops on a certified duality gap: every
+``GAP_EVERY`` steps the dual point ``u_i = C s_i σ(−m_i)`` (``m_i = ỹ_i z_i``)
+is scaled into the feasible set ``||Σ_i u_i ỹ_i x̃_i||_∞ ≤ 1`` and the fit
+stops when ``F(w, b) − max D(u) ≤ tol · F(w, b)`` (the best dual value seen so
+far), which bounds the objective's relative excess over the optimum by
+``tol``. The minimiser is the same; the iterates are not, so ``max_iter``
+(proximal steps) does not mean what liblinear's does (outer Newton
+iterations): the DFR fits here run to ``tol``, including the tuning fits of
+DFR^Tr_Tr, where the reference caps liblinear at ``max_iter=20``; a DFR fit
+that stops at ``max_iter`` first warns (``RuntimeWarning``). Arithmetic is in
+the features' dtype (float32 unless jax x64 is enabled and float64 features
+are passed); the gap is evaluated in a cancellation-free form.
 
 Standardisation (:func:`standardize_fit`) is scikit-learn's
 ``StandardScaler``: mean and population standard deviation, a (near-)constant
