@@ -208,7 +208,7 @@ def _solve(x, ys, c, max_iter, tol):
   tiny = jnp.finfo(dtype).tiny
   h = (c @ (x * x)) / jnp.maximum(jnp.sum(c), tiny)
   h = jnp.maximum(h, 1e-6 * jnp.max(h) + tiny)
-  # sum_i c_i ||x̃_i||²_{h⁻¹} / 4 bounds the curvature; the backtracking grows the step from 1 / that.
+  # sum_i c_i ||x̃_i||²_{h⁻¹} / 4 bounds the curvature; backtracking grows the step from 1 / that.
   lipschitz = 0.25 * jnp.sum(c * (jnp.sum(x * x / h, axis=1) + 1.0))
   step0 = 1.0 / jnp.maximum(lipschitz, tiny)
 
@@ -223,7 +223,7 @@ def _solve(x, ys, c, max_iter, tol):
     bn = _soft(by - step * gb, step)
     zn = x @ wn + bn
     dw, db = wn - wy, bn - by
-    # f(x⁺) − f(y) − ∇f(y)·(x⁺ − y) − |x⁺ − y|² / 2t <= slack, summed term by term.
+    # f(x⁺) − f(y) − ∇f(y)·(x⁺ − y) − |x⁺ − y|²_h / 2t <= slack, summed term by term.
     excess = (jnp.sum(smooth(zn) - smooth(zy)) - (gw @ dw + gb * db)
               - (dw @ (h * dw) + db * db) / (2 * step))
     slack = 10 * jnp.finfo(dtype).eps * jnp.sum(smooth(zy))
@@ -307,7 +307,8 @@ def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITE
   """
   C = np.asarray(C, dtype=np.float64)
   if C.ndim != 1 or C.size == 0:
-    raise ValueError(f"C must be a non-empty 1-d array of regularisation values; got shape {C.shape}.")
+    raise ValueError(f"C must be a non-empty 1-d array of regularisation values; got shape "
+                     f"{C.shape}.")
   _check_fit_inputs(x, y, C, masks, sample_weight)
   _check_solver_options(max_iter, tol)
   m = C.shape[0]
@@ -437,8 +438,8 @@ def tr_val_plan(g_val, *, num_groups: int | None = None, num_retrains: int = TR_
   perm = rng.permutation(g_val.size)
   half = g_val.size // 2
   fit_half, score_half = perm[half:], perm[:half]
-  tune_fit = fit_half[balanced_subsample(g_val[fit_half], rng, num_groups=num_groups,
-                                         where="DFR^Tr_Val tuning fitting half of the validation set")]
+  where = "DFR^Tr_Val tuning fitting half of the validation set"
+  tune_fit = fit_half[balanced_subsample(g_val[fit_half], rng, num_groups=num_groups, where=where)]
   final = np.stack([balanced_subsample(g_val, rng, num_groups=num_groups,
                                        where="DFR^Tr_Val validation set")
                     for _ in range(num_retrains)])
@@ -620,7 +621,8 @@ def dfr_tr_tr(x_train, y_train, g_train, x_val, y_val, g_val, *, num_groups: int
                    mean=np.asarray(mean), scale=np.asarray(scale))
 
 
-def fold_into_head(coef, intercept, mean, scale, num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def fold_into_head(coef, intercept, mean, scale,
+                   num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
   """A Dense head on *raw* features equal to the standardised linear model:
   ``W' = coef / σ``, ``b' = b − Σ_j coef_j μ_j / σ_j``. Binary (``coef`` [D]):
   kernel [D, 2] and bias [2] with logits ``[0, z]``, so softmax gives the
