@@ -182,6 +182,10 @@ def test_bad_inputs():
     dfr.fit_many(x, y, C=[1.0, -0.1])
   with pytest.raises(ValueError, match="y must be binary"):
     dfr.logistic_regression_l1(x, np.arange(20) % 3, C=1.0)
+  with pytest.raises(ValueError, match="max_iter"):
+    dfr.logistic_regression_l1(x, y, C=1.0, max_iter=0)
+  with pytest.raises(ValueError, match="mask keeps no example"):
+    dfr.fit_many(x, y, C=[1.0, 1.0], masks=np.stack([np.ones(20, bool), np.zeros(20, bool)]))
   g = np.zeros(20, int)
   g[:10] = 1
   with pytest.raises(ValueError, match=r"groups \[2\] have no examples"):
@@ -195,6 +199,7 @@ def test_bad_inputs():
 
 
 def test_unconverged_fits_warn():
-  x, y, g = groups_data(120, seed=50, majority=0.5)
+  x_tr, _, _ = groups_data(600, seed=10)  # the shapes of the DFR^Tr_Val test: no new compilation
+  x_val, y_val, g_val = groups_data(400, seed=11, majority=0.5)
   with pytest.warns(RuntimeWarning, match="max_iter=10"):
-    dfr.dfr_tr_val(x, y, g, x_train=x, max_iter=10, num_retrains=2)
+    dfr.dfr_tr_val(x_val, y_val, g_val, x_train=x_tr, max_iter=10)

@@ -28,20 +28,21 @@ Departure: liblinear minimises F by newGLMNET (coordinate descent on a
 quadratic model, outer Newton iterations); here it is FISTA (accelerated
 proximal gradient) in the diagonal metric of the columns' weighted second
 moments (per-feature steps; the soft threshold stays separable), with a
-backtracking step (it also grows 10% after each
-accepted step, so the local rather than the global curvature sets it;
-Scheinberg, Goldfarb & Bai's momentum for varying steps) and gradient-based
-adaptive restart (O'Donoghue & Candès), in a ``lax.while_loop``. It stops on a
-certified duality gap: every ``GAP_EVERY`` iterations the dual point
-``u_i = C s_i σ(−m_i)`` (``m_i = ỹ_i z_i``) is scaled into the feasible set
-``||Σ_i u_i ỹ_i x̃_i||_∞ ≤ 1`` and the fit stops when
-``F(w, b) − max D(u) ≤ tol · F(w, b)`` (the best dual value seen so far), which bounds the objective's relative
-excess over the optimum by ``tol``. The minimiser is the same; the iterates
-are not, so ``max_iter`` does not mean what liblinear's does (its outer Newton
-iterations): the DFR fits here always run to ``tol``, including the tuning
-fits of DFR^Tr_Tr, where the reference caps liblinear at ``max_iter=20``.
-Arithmetic is in the features' dtype (float32 unless jax x64 is enabled and
-float64 features are passed); the gap is evaluated in a cancellation-free form.
+backtracking step that also grows 10% after each accepted step (so the local
+rather than the global curvature sets it; Scheinberg, Goldfarb & Bai's
+momentum for varying steps) and gradient-based adaptive restart (O'Donoghue &
+Candès), in a ``lax.while_loop``. It stops on a certified duality gap: every
+``GAP_EVERY`` steps the dual point ``u_i = C s_i σ(−m_i)`` (``m_i = ỹ_i z_i``)
+is scaled into the feasible set ``||Σ_i u_i ỹ_i x̃_i||_∞ ≤ 1`` and the fit
+stops when ``F(w, b) − max D(u) ≤ tol · F(w, b)`` (the best dual value seen so
+far), which bounds the objective's relative excess over the optimum by
+``tol``. The minimiser is the same; the iterates are not, so ``max_iter``
+(proximal steps) does not mean what liblinear's does (outer Newton
+iterations): the DFR fits here run to ``tol``, including the tuning fits of
+DFR^Tr_Tr, where the reference caps liblinear at ``max_iter=20``; a DFR fit
+that stops at ``max_iter`` first warns (``RuntimeWarning``). Arithmetic is in
+the features' dtype (float32 unless jax x64 is enabled and float64 features
+are passed); the gap is evaluated in a cancellation-free form.
 
 Standardisation (:func:`standardize_fit`) is scikit-learn's
 ``StandardScaler``: mean and population standard deviation, a (near-)constant
@@ -142,10 +143,21 @@ def _check_fit_inputs(x, y, C, mask, sample_weight) -> None:
     sw = np.asarray(sample_weight)
     if not np.all(np.isfinite(sw)) or np.any(sw < 0):
       raise ValueError("sample_weight must be finite and >= 0.")
+  if mask is not None and _is_concrete(mask):
+    kept = np.asarray(mask, bool).reshape(-1, np.shape(mask)[-1]).sum(axis=-1)
+    if np.any(kept == 0):
+      raise ValueError("mask keeps no example for some fit; every fit needs examples.")
   for name, v in (("mask", mask), ("sample_weight", sample_weight)):
     if v is not None and np.shape(v)[-1] != np.shape(y)[-1]:
       raise ValueError(f"{name} must have one entry per example ({np.shape(y)[-1]}); got shape "
                        f"{np.shape(v)}.")
+
+
+def _check_solver_options(max_iter, tol) -> None:
+  if int(max_iter) != max_iter or max_iter < 1:
+    raise ValueError(f"max_iter must be a positive integer; got {max_iter}.")
+  if not 0 < tol < 1:
+    raise ValueError(f"tol (relative duality gap) must be in (0, 1); got {tol}.")
 
 
 def _row_weights(y, C, mask, sample_weight, dtype) -> Array:
@@ -200,7 +212,7 @@ def _solve(x, ys, c, max_iter, tol):
   tiny = jnp.finfo(dtype).tiny
   h = (c @ (x * x)) / jnp.maximum(jnp.sum(c), tiny)
   h = jnp.maximum(h, 1e-6 * jnp.max(h) + tiny)
-  # sum_i c_i ||x̃_i||²_{h⁻¹} / 4 bounds the curvature; the backtracking grows the step from 1 / that.
+  # sum_i c_i ||x̃_i||²_{h⁻¹} / 4 bounds the curvature; backtracking grows the step from 1 / that.
   lipschitz = 0.25 * jnp.sum(c * (jnp.sum(x * x / h, axis=1) + 1.0))
   step0 = 1.0 / jnp.maximum(lipschitz, tiny)
 
@@ -215,7 +227,7 @@ def _solve(x, ys, c, max_iter, tol):
     bn = _soft(by - step * gb, step)
     zn = x @ wn + bn
     dw, db = wn - wy, bn - by
-    # f(x⁺) − f(y) − ∇f(y)·(x⁺ − y) − |x⁺ − y|² / 2t <= slack, summed term by term.
+    # f(x⁺) − f(y) − ∇f(y)·(x⁺ − y) − |x⁺ − y|²_h / 2t <= slack, summed term by term.
     excess = (jnp.sum(smooth(zn) - smooth(zy)) - (gw @ dw + gb * db)
               - (dw @ (h * dw) + db * db) / (2 * step))
     slack = 10 * jnp.finfo(dtype).eps * jnp.sum(smooth(zy))
@@ -237,7 +249,7 @@ def _solve(x, ys, c, max_iter, tol):
 
   def body(carry):
     k, st, best_dual, _ = carry
-    st = jax.lax.fori_loop(0, GAP_EVERY, one_step, st)
+    st = jax.lax.fori_loop(0, GAP_EVERY, one_step, st, unroll=2)
     gap, primal = _gap(x, ys, c, st[0], st[1], st[2])
     # the best dual value seen so far certifies the current primal point
     best_dual = jnp.maximum(best_dual, primal - gap)
@@ -251,7 +263,7 @@ def _solve(x, ys, c, max_iter, tol):
   return st[0], st[1], k, rel_gap
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "return_info"))
+@functools.partial(jax.jit, static_argnames=("return_info",))
 def _fit_one(x, y, c, tol, max_iter, return_info):
   ys = 2 * y.astype(x.dtype) - 1
   w, b, k, rel_gap = _solve(x, ys, c, max_iter, tol)
@@ -273,17 +285,18 @@ def logistic_regression_l1(x, y, *, C, mask=None, sample_weight=None, max_iter: 
   for concrete inputs).
   """
   _check_fit_inputs(x, y, C, mask, sample_weight)
+  _check_solver_options(max_iter, tol)
   x = _as_float(x)
   y = jnp.asarray(y)
   c = _row_weights(y, C, mask, sample_weight, x.dtype)
-  return _fit_one(x, y, c, jnp.asarray(tol, x.dtype), max_iter=int(max_iter),
+  return _fit_one(x, y, c, jnp.asarray(tol, x.dtype), jnp.asarray(max_iter, jnp.int32),
                   return_info=return_info)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "x_axis", "y_axis", "return_info"))
+@functools.partial(jax.jit, static_argnames=("x_axis", "y_axis", "return_info"))
 def _fit_batch(x, y, c, tol, max_iter, x_axis, y_axis, return_info):
-  fn = functools.partial(_fit_one, max_iter=max_iter, return_info=return_info)
-  return jax.vmap(fn, in_axes=(x_axis, y_axis, 0, None))(x, y, c, tol)
+  fn = functools.partial(_fit_one, return_info=return_info)
+  return jax.vmap(fn, in_axes=(x_axis, y_axis, 0, None, None))(x, y, c, tol, max_iter)
 
 
 def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITER,
@@ -298,8 +311,10 @@ def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITE
   """
   C = np.asarray(C, dtype=np.float64)
   if C.ndim != 1 or C.size == 0:
-    raise ValueError(f"C must be a non-empty 1-d array of regularisation values; got shape {C.shape}.")
+    raise ValueError(f"C must be a non-empty 1-d array of regularisation values; got shape "
+                     f"{C.shape}.")
   _check_fit_inputs(x, y, C, masks, sample_weight)
+  _check_solver_options(max_iter, tol)
   m = C.shape[0]
   x = _as_float(x)
   y = jnp.asarray(y)
@@ -316,8 +331,8 @@ def fit_many(x, y, *, C, masks=None, sample_weight=None, max_iter: int = MAX_ITE
     c = c * jnp.asarray(sample_weight, x.dtype)
   if masks is not None:
     c = jnp.where(jnp.asarray(masks, bool), c, 0)
-  return _fit_batch(x, y, c, jnp.asarray(tol, x.dtype), max_iter=int(max_iter), x_axis=x_axis,
-                    y_axis=y_axis, return_info=return_info)
+  return _fit_batch(x, y, c, jnp.asarray(tol, x.dtype), jnp.asarray(max_iter, jnp.int32),
+                    x_axis=x_axis, y_axis=y_axis, return_info=return_info)
 
 
 def _fit_checked(x, y, *, C, sample_weight=None, max_iter, tol, where: str):
@@ -427,8 +442,8 @@ def tr_val_plan(g_val, *, num_groups: int | None = None, num_retrains: int = TR_
   perm = rng.permutation(g_val.size)
   half = g_val.size // 2
   fit_half, score_half = perm[half:], perm[:half]
-  tune_fit = fit_half[balanced_subsample(g_val[fit_half], rng, num_groups=num_groups,
-                                         where="DFR^Tr_Val tuning fitting half of the validation set")]
+  where = "DFR^Tr_Val tuning fitting half of the validation set"
+  tune_fit = fit_half[balanced_subsample(g_val[fit_half], rng, num_groups=num_groups, where=where)]
   final = np.stack([balanced_subsample(g_val, rng, num_groups=num_groups,
                                        where="DFR^Tr_Val validation set")
                     for _ in range(num_retrains)])
@@ -610,7 +625,8 @@ def dfr_tr_tr(x_train, y_train, g_train, x_val, y_val, g_val, *, num_groups: int
                    mean=np.asarray(mean), scale=np.asarray(scale))
 
 
-def fold_into_head(coef, intercept, mean, scale, num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def fold_into_head(coef, intercept, mean, scale,
+                   num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
   """A Dense head on *raw* features equal to the standardised linear model:
   ``W' = coef / σ``, ``b' = b − Σ_j coef_j μ_j / σ_j``. Binary (``coef`` [D]):
   kernel [D, 2] and bias [2] with logits ``[0, z]``, so softmax gives the
