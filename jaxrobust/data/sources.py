@@ -8,7 +8,9 @@ when the dataset has no class label (the out-of-distribution sets).
 
 Names are tfds names with optional config and version: ``'digits'``,
 ``'glyphs/small'``, ``'gaussian_noise/gray'``, ``'cifar10'``,
-``'cifar10:3.0.2'``. Two kinds:
+``'cifar10:3.0.2'``, and ``'validation_ood/<kind>/<dataset>'``: a validation
+OOD set made from ``<dataset>``'s images (:mod:`jaxrobust.data.validation_ood`).
+Two kinds:
 
 * **Embedded** (`EMBEDDED`): generated offline from files that scikit-learn and
   matplotlib ship (`jaxrobust.data.builders`). They are prepared automatically
@@ -37,7 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxrobust.data import builders
+from jaxrobust.data import builders, validation_ood
 from jaxrobust.registry import suggest
 
 try:
@@ -301,6 +303,8 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
   be prepared as array_record in ``data_dir``; otherwise a ValueError says how.
   Unknown names or splits raise a ValueError listing the alternatives.
   """
+  if validation_ood.is_validation_ood(name):  # 'validation_ood/<kind>/<dataset>'
+    return validation_ood.get_source(name, split, data_dir=data_dir)
   base = base_name(name)
   builder = _builder(name, data_dir)
   _check_split(name, split, _known_splits(builder))
@@ -315,6 +319,8 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
 
 def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
   """Classes, image shape and split sizes of a dataset; prepares nothing."""
+  if validation_ood.is_validation_ood(name):
+    return validation_ood.get_spec(name, data_dir=data_dir)
   builder = _builder(name, data_dir)
   image_key, label_key = _feature_keys(builder)
   features = builder.info.features
@@ -330,6 +336,8 @@ def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
 def class_names(name: str, *, data_dir: str | None = None) -> list[str]:
   """The dataset's class names (tfds ``ClassLabel`` names; ids as strings
   when it has none, ``[]`` for unlabelled data)."""
+  if validation_ood.is_validation_ood(name):
+    return []
   builder = _builder(name, data_dir)
   _, label_key = _feature_keys(builder)
   if label_key is None:
@@ -348,6 +356,8 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
   access (and, for some datasets, TensorFlow or manual downloads); failures
   are re-raised as a RuntimeError that says so.
   """
+  if validation_ood.is_validation_ood(name):  # made on read from its source dataset
+    return prepare(validation_ood.parse_name(name)[1], data_dir=data_dir)
   if base_name(name) in EMBEDDED:
     builder, _ = _prepare_embedded(name, data_dir)
     return str(builder.data_dir)
