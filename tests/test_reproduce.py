@@ -19,6 +19,10 @@ def test_bootstrap_metrics_match_the_library():
   correct = (rng.uniform(size=360) < conf).astype(np.float64)
   np.testing.assert_allclose(h2019._rms(conf, correct),
                              float(calibration.rms_calibration_error(conf, correct)), rtol=1e-5)
+  hpt = h2019._rms(conf, correct, drop_last_bin=True)
+  np.testing.assert_allclose(hpt, float(calibration.rms_calibration_error(
+      conf, correct, drop_last_bin=True)), rtol=1e-5)
+  assert abs(hpt - h2019._rms(conf, correct)) > 1e-4  # 360 examples: the last bin holds 160
   s_in = np.round(rng.normal(1, 1, 300), 1)  # ties
   s_out = np.round(rng.normal(0, 1, 700), 1)
   np.testing.assert_allclose(h2019._auroc(s_in, s_out), float(ood.auroc(s_in, s_out)),
