@@ -123,3 +123,21 @@ def test_source_over_digits_validation(tmp_path):
     assert len(other) == 180 and other[0]["image"].shape == (32, 32, 1), kind
   with pytest.raises(ValueError, match="Unknown split"):
     sources.get_source(name, "nope")
+
+
+def test_tuning_sets_default_to_the_validation_ood_sets_and_bad_ones_are_named():
+  from configs.recipes import ood as ood_recipe
+  from jaxrobust.methods import tuning
+  from jaxrobust.registry import RegistryError
+  sets = tuning.validation_sets("digits")
+  assert sets["jigsaw"] == "validation_ood/jigsaw/digits:validation" and len(sets) == 7
+  assert tuning._ood_sets("uniform_noise/gray:validation", "w") == {
+      "validation_ood": "uniform_noise/gray:validation"}
+  with pytest.raises(RegistryError, match=r"config.stages.tune_odin.ood: give one set"):
+    tuning._ood_sets(["blobs/gray:test"], "config.stages.tune_odin")
+  c = ood_recipe.get_config("mode=compare")
+  tuned = [k for k, v in c.stages.items() if v.get("task") == "tune_score"]
+  assert sorted(tuned) == [f"tune_{s}" for s in sorted(ood_recipe.TUNED_SCORES)]
+  for k in tuned:
+    assert dict(c.stages[k].ood) == sets, k
+    assert c.stages[k].score in tuning.GRIDS
