@@ -421,3 +421,19 @@ def test_fit_temperature_mask_jit_and_bracket_ends():
     fit_temperature(np.where(np.arange(90)[:, None] == 2, np.nan, z), labels)
   with pytest.raises(ValueError):
     fit_temperature(z, labels, min_temperature=2.0, max_temperature=1.0)
+
+
+@pytest.mark.parametrize("n", [360, 1037])
+def test_classification_summary_reports_both_rms_conventions(n):
+  """``rms_calibration_error`` counts every bin; ``rms_calibration_error_hpt``
+  is HPT's calib_err (last bin never counted)."""
+  from jaxrobust.evaluators.classification import summarize
+  logits, probs, labels = _model(n, seed=n)
+  out = summarize(logits, labels, bin_size=100)
+  conf = probs.astype(np.float64).max(1)
+  correct = (probs.argmax(1) == labels).astype(np.float64)
+  np.testing.assert_allclose(out["rms_calibration_error"],
+                             ref.hendrycks_calib_err(conf, correct, count_last_bin=True), **TOL)
+  np.testing.assert_allclose(out["rms_calibration_error_hpt"],
+                             ref.hendrycks_calib_err(conf, correct, count_last_bin=False), **TOL)
+  assert out["rms_calibration_error"] != out["rms_calibration_error_hpt"]

@@ -40,13 +40,20 @@ TUNED_FPR95 = {"odin/blobs/fpr95": 1.0, "odin/letters/fpr95": 0.777777761,
 def test_ood_recipe_compare_runs_every_arm(tmp_path, data_dir):
   c = _tiny(data_dir)
   assert list(stages.stage_configs(c)) == [
-      "baseline", "confidence", "margins", "energy_ft", "oe_ft", "tune_mahalanobis",
-      "tune_odin", "scores"]
+      "baseline", "confidence", "margins", "energy_ft", "oe_ft", "tune_energy",
+      "tune_mahalanobis", "tune_msp", "tune_odin", "scores"]
   results = stages.run(c, str(tmp_path))
   # The tuned specs are the ones the scores stage evaluated.
   best = json.load(open(tmp_path / "tune_odin" / "artifacts" / "best.json"))
   assert best["spec"].startswith("odin(") and len(best["table"]) == 4
   assert best["fpr95"] == min(row["fpr95"] for row in best["table"])
+  # Tuned on the validation OOD sets made from digits:validation, not on noise.
+  assert best["ood"] == ood_recipe.validation_sets("digits", "validation")
+  assert len(best["ood"]) == 7 and not any("noise" in v for v in best["ood"].values())
+  for score in ("msp", "energy"):
+    tuned = json.load(open(tmp_path / f"tune_{score}" / "artifacts" / "best.json"))
+    assert tuned["spec"].startswith(f"{score}(temperature=") and len(tuned["table"]) == 2
+    assert f"scores/ood/{score}_tuned/mean/fpr95" in results
   # The scores stage evaluated the baseline's checkpoint: its MSP and energy
   # numbers are the baseline's own.
   for score in ("msp", "energy"):

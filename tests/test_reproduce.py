@@ -19,6 +19,10 @@ def test_bootstrap_metrics_match_the_library():
   correct = (rng.uniform(size=360) < conf).astype(np.float64)
   np.testing.assert_allclose(h2019._rms(conf, correct),
                              float(calibration.rms_calibration_error(conf, correct)), rtol=1e-5)
+  hpt = h2019._rms(conf, correct, drop_last_bin=True)
+  np.testing.assert_allclose(hpt, float(calibration.rms_calibration_error(
+      conf, correct, drop_last_bin=True)), rtol=1e-5)
+  assert abs(hpt - h2019._rms(conf, correct)) > 1e-4  # 360 examples: the last bin holds 160
   s_in = np.round(rng.normal(1, 1, 300), 1)  # ties
   s_out = np.round(rng.normal(0, 1, 700), 1)
   np.testing.assert_allclose(h2019._auroc(s_in, s_out), float(ood.auroc(s_in, s_out)),
@@ -191,3 +195,65 @@ def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
   # Every arm but the uncertainty ones skips the OOD sets.
   assert not recipe["imb_cost_scratch"][2].evaluators.ood.sets
   assert recipe["imb_cost_scratch"][2].streams.train.labels == "class_weighted"
+
+
+def test_claims_and_tables_per_kind_of_ood_set_and_ceilings(tmp_path):
+  """A mean over OOD sets is also judged per group of launch.papers.OOD_GROUPS
+  (here: better on noise and photos, worse on near-OOD letters), and values
+  past the ceilings are named."""
+  fpr = {"good": {"gaussian": 0.10, "blobs": 0.20, "photo": 0.30, "letters": 0.80},
+         "bad": {"gaussian": 0.50, "blobs": 0.60, "photo": 0.50, "letters": 0.60}}
+  for s in range(3):
+    for arm, sets in fpr.items():
+      d = tmp_path / f"seed{s}" / arm
+      os.makedirs(d)
+      res = {f"ood/msp/{k}/fpr95": v + 0.01 * s for k, v in sets.items()}
+      res["ood/msp/mean/fpr95"] = float(np.mean(list(res.values())))
+      res["test/accuracy"] = 0.985 if arm == "good" else 0.9
+      json.dump(res, open(d / "results.json", "w"))
+  assert reproduce.OOD_GROUP_OF["letters"] == "near" and reproduce.OOD_GROUP_OF["photo"] == (
+      "natural") and reproduce.OOD_GROUP_OF["blobs"] == "noise"
+  mean = reproduce.Metric("ood/msp/mean/fpr95", "MSP FPR95", False)
+  paper = reproduce.Paper(
+      name="toy", title="toy", recipe=lambda seed, quick: None,
+      arms={"good": "g", "bad": "b"},
+      metrics=(reproduce.Metric("test/accuracy", "acc", True), mean),
+      claims=(reproduce.Claim("good detects better", "ood/msp/mean/fpr95", "good", "bad"),
+              reproduce.Claim("good is more accurate", "test/accuracy", "good", "bad")),
+      protocol="synthetic")
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  row = summary["table"]["good"]
+  np.testing.assert_allclose(row["ood/msp/mean_noise/fpr95"]["mean"], 0.16, atol=1e-9)
+  np.testing.assert_allclose(row["ood/msp/mean_near/fpr95"]["mean"], 0.81, atol=1e-9)
+  claim = summary["claims"][0]
+  assert claim["verdict"] == "holds"
+  assert {g: v["verdict"] for g, v in claim["groups"].items()} == {
+      "near": "does not hold", "natural": "holds", "noise": "holds"}
+  np.testing.assert_allclose(claim["groups"]["near"]["difference"], -0.2, atol=1e-9)
+  assert "groups" not in summary["claims"][1]
+  assert len(summary["ceilings"]) == 1 and "good 0.9850" in summary["ceilings"][0]
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
+  assert "By kind of OOD set: MSP FPR95" in text and "## Ceiling effects" in text
+  assert "  - near OOD: glyph letters: **does not hold**, improvement -0.2000" in text
+  assert "## Kinds of OOD set" in text
+
+
+def test_hendrycks2019_group_bootstrap_averages_the_group_sets_only():
+  rng = np.random.default_rng(0)
+  arts = {"predictions_test": {"logits": rng.normal(size=(50, 10)),
+                               "label": rng.integers(0, 10, 50)},
+          "ood_all_scores_test": {"msp": rng.uniform(size=50), "energy": rng.normal(size=50)}}
+  for s, shift in (("gaussian", 0.0), ("photo", 0.4)):
+    arts[f"ood_all_scores_{s}"] = {"msp": rng.uniform(size=30) - shift,
+                                   "energy": rng.normal(size=30)}
+  idx = {"test": np.arange(50), "gaussian": np.arange(30), "photo": np.arange(30)}
+  d = h2019._derived(arts)
+  photo = h2019._auroc(d["in_msp"], d["photo_msp"])
+  gauss = h2019._auroc(d["in_msp"], d["gaussian_msp"])
+  np.testing.assert_allclose(h2019._mean_auroc("msp", "natural")(arts, idx), photo)
+  np.testing.assert_allclose(h2019._mean_auroc("msp", "noise")(arts, idx), gauss)
+  np.testing.assert_allclose(h2019._mean_auroc("msp")(arts, idx), (photo + gauss) / 2)
+  assert photo != gauss
+  summary = {"table": {"scratch": {"test/accuracy": {"mean": 0.9},
+                                   "robust/pgd20/accuracy": {"mean": 0.6}}}}
+  assert "almost robust" in h2019._ceilings(summary)[0]

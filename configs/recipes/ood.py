@@ -12,9 +12,14 @@ Stages (``mode=compare``; each other mode is the part of it it names):
 
 * ``baseline`` -- the in-distribution model trained from scratch
   (``configs/default.py``; the energy code's "pretrained" CIFAR WRN).
-* ``scores`` -- that model scored by MSP, energy, and ODIN and Mahalanobis
-  with T / ε tuned by ``tune_odin`` and ``tune_mahalanobis`` (``tune_score``
-  on the validation split against ``uniform_noise``, which no test set uses).
+* ``scores`` -- that model scored by MSP and energy at T = 1 (the papers'
+  settings), by MSP and energy with T tuned (``msp_tuned``, ``energy_tuned``)
+  and by ODIN and Mahalanobis with T / ε tuned: ``tune_msp``,
+  ``tune_energy``, ``tune_odin`` and ``tune_mahalanobis`` (``tune_score`` on
+  the validation split against the OE code's ``--validate`` sets made from
+  it, :data:`VALIDATION_OOD`: jigsaw, speckle, pixelate, RGB shift, invert,
+  arithmetic and geometric means of image pairs -- none of which resembles a
+  test set; FPR95 averaged over them).
 * ``margins`` -- ``energy_margins``: m_in / m_out from the baseline's median
   energies on the training set and on the training outliers (the energy
   maintainers' advice); for CIFAR the paper's values are used instead
@@ -30,8 +35,9 @@ Stages (``mode=compare``; each other mode is the part of it it names):
 Embedded variant: in-distribution ``digits``; training outliers the upper-case
 letters ``glyphs/upper:train``; test OOD sets: the Gaussian, Rademacher, blobs
 and photo-patch sets and the lower-case letters ``glyphs/lower:test`` (near
-OOD); validation OOD set for tuning: ``uniform_noise/gray:validation``. None of
-the test sets overlaps the training outliers or the tuning set. Fine-tuning:
+OOD); validation OOD sets for tuning: ``validation_ood/<kind>/digits:validation``
+(:mod:`jaxrobust.data.validation_ood`). None of the test sets overlaps the
+training outliers or the tuning sets. Fine-tuning:
 10 epochs (as the paper) at the lr chosen on validation (docs/methods/ood.md). CIFAR
 variants: the energy code's recipe (10 epochs, lr 0.001 cosine, wd 5e-4,
 batches 128 + 256) from a baseline WRN-40-2; the outliers must be given
@@ -45,6 +51,7 @@ Arguments after ``:``: ``variant`` (embedded, cifar10, cifar100), ``mode``,
 
 from configs import default
 from jaxrobust.config import parse_arg
+from jaxrobust.methods.tuning import VALIDATION_KINDS, validation_sets
 
 VARIANTS = ("embedded", "cifar10", "cifar100")
 MODES = ("compare", "msp", "energy_ft", "oe_ft", "confidence")
@@ -53,6 +60,11 @@ REQUIRED_ARGS = {v: "outliers=imagenet_resized/32x32:train" for v in ("cifar10",
 EMBEDDED_FINETUNE_LR = 0.1  # picked on validation (docs/methods/ood.md)
 # wetliu/energy_ood run.sh energy_ft margins.
 PAPER_MARGINS = {"cifar10": (-23.0, -5.0), "cifar100": (-27.0, -5.0)}
+# The scores tuned on the validation OOD sets (every registered score of the
+# comparison that has options), each by a ``tune_<score>`` stage.
+TUNED_SCORES = ("msp", "energy", "odin", "mahalanobis")
+# The kinds of validation OOD set the scores are tuned on (jaxrobust.data.validation_ood).
+VALIDATION_OOD = VALIDATION_KINDS
 
 
 def _finetune(c, *, lr: float, epochs: float, loss: dict, outliers: str, batch: int) -> dict:
@@ -79,7 +91,6 @@ def get_config(arg=None):
     raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}.")
   c = default.get_config(args.variant)
   embedded = args.variant == "embedded"
-  colour = "gray" if embedded else "rgb"
   if embedded:
     c.evaluators.ood.sets["letters"] = "glyphs/lower:test"
     outliers = args.outliers or "glyphs/upper:train"
@@ -95,18 +106,20 @@ def get_config(arg=None):
   baseline_epochs = c.num_epochs
   batch = c.streams.train.batch_size
   c.evaluators.ood.preset = "energy"  # FPR95 with ID positive, 10 draws (the energy code)
-  tuned = {"msp": "msp", "energy": "energy", "odin": "artifact:tune_odin/best:spec",
+  tuned = {"msp": "msp", "energy": "energy", "msp_tuned": "artifact:tune_msp/best:spec",
+           "energy_tuned": "artifact:tune_energy/best:spec",
+           "odin": "artifact:tune_odin/best:spec",
            "mahalanobis": "artifact:tune_mahalanobis/best:spec"}
-  validation_ood = f"uniform_noise/{colour}:validation"
+  validation_ood = validation_sets(c.data.name, "validation", VALIDATION_OOD)
   stages = {}
   if args.mode != "confidence":
     stages["baseline"] = {"task": "train", "config": {"num_epochs": baseline_epochs}}
   if args.mode in ("compare",):
     stages.update({
-        "tune_odin": {"task": "tune_score", "checkpoint": "artifact:baseline/checkpoint",
-                      "score": "odin", "ood": validation_ood},
-        "tune_mahalanobis": {"task": "tune_score", "checkpoint": "artifact:baseline/checkpoint",
-                             "score": "mahalanobis", "ood": validation_ood},
+        f"tune_{score}": {"task": "tune_score", "checkpoint": "artifact:baseline/checkpoint",
+                          "score": score, "ood": dict(validation_ood)}
+        for score in TUNED_SCORES})
+    stages.update({
         "scores": {"task": "evaluate", "checkpoint": "artifact:baseline/checkpoint",
                    "config": {"evaluators": {"ood": {"scores": tuned}}}},
     })

@@ -13,7 +13,9 @@ Sagawa et al./DFR convention ``group = label * n_spurious + spurious``
 
 Names are tfds names with optional config and version: ``'digits'``,
 ``'glyphs/small'``, ``'gaussian_noise/gray'``, ``'cifar10'``,
-``'cifar10:3.0.2'``. Two kinds:
+``'cifar10:3.0.2'``, and ``'validation_ood/<kind>/<dataset>'``: a validation
+OOD set made from ``<dataset>``'s images (:mod:`jaxrobust.data.validation_ood`).
+Two kinds:
 
 * **Embedded** (`EMBEDDED`): generated offline from files that scikit-learn and
   matplotlib ship (`jaxrobust.data.builders`). They are prepared automatically
@@ -42,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxrobust.data import builders
+from jaxrobust.data import builders, validation_ood
 from jaxrobust.registry import suggest
 
 try:
@@ -392,6 +394,8 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
   be prepared as array_record in ``data_dir``; otherwise a ValueError says how.
   Unknown names or splits raise a ValueError listing the alternatives.
   """
+  if validation_ood.is_validation_ood(name):  # 'validation_ood/<kind>/<dataset>'
+    return validation_ood.get_source(name, split, data_dir=data_dir)
   base = base_name(name)
   builder = _builder(name, data_dir)
   _check_split(name, split, _known_splits(builder))
@@ -408,6 +412,8 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
 
 def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
   """Classes, image shape and split sizes of a dataset; prepares nothing."""
+  if validation_ood.is_validation_ood(name):
+    return validation_ood.get_spec(name, data_dir=data_dir)
   builder = _builder(name, data_dir)
   image_key, label_key = _feature_keys(builder)
   _, derived, num_groups = _group_labels(builder)
@@ -429,6 +435,8 @@ def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
 def class_names(name: str, *, data_dir: str | None = None) -> list[str]:
   """The dataset's class names (tfds ``ClassLabel`` names; ids as strings
   when it has none, ``[]`` for unlabelled data)."""
+  if validation_ood.is_validation_ood(name):
+    return []
   builder = _builder(name, data_dir)
   if builder.name in DERIVED_LABELS:
     return list(DERIVED_LABELS[builder.name].class_names)
@@ -449,6 +457,8 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
   access (and, for some datasets, TensorFlow or manual downloads); failures
   are re-raised as a RuntimeError that says so.
   """
+  if validation_ood.is_validation_ood(name):  # made on read from its source dataset
+    return prepare(validation_ood.parse_name(name)[1], data_dir=data_dir)
   if base_name(name) in EMBEDDED or base_name(name) in COMPOSED:
     builder, _ = _prepare_embedded(name, data_dir)
     return str(builder.data_dir)

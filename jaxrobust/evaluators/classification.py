@@ -3,7 +3,10 @@
 Result keys per split: ``<split>/accuracy``, ``<split>/nll``, ``<split>/brier``
 (sum over classes), ``<split>/rms_calibration_error`` (Hendrycks et al.'s
 adaptive bins of ``calibration_bin_size`` examples, every bin counted; see
-:func:`jaxrobust.metrics.calibration.rms_calibration_error`), ``<split>/ece``
+:func:`jaxrobust.metrics.calibration.rms_calibration_error`),
+``<split>/rms_calibration_error_hpt`` (the same bins with the last,
+highest-confidence bin left out of the sum but not out of N: HPT/OE's
+``calib_err``, the convention of their published figures), ``<split>/ece``
 (``ece_bins`` equal-width bins, l1), ``<split>/balanced_accuracy`` (the mean
 of the per-class accuracies over the classes present: what class imbalance
 hurts), with ``per_class=True`` also ``<split>/class_accuracy/<c>``, and
@@ -44,6 +47,8 @@ def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
       "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
       "rms_calibration_error": float(calibration.rms_calibration_error(
           conf, correct, bin_size=bin_size)),
+      "rms_calibration_error_hpt": float(calibration.rms_calibration_error(
+          conf, correct, bin_size=bin_size, drop_last_bin=True)),
       "ece": float(calibration.expected_calibration_error(conf, correct, num_bins=ece_bins)),
       "num_examples": float(len(labels)),
   }

@@ -37,6 +37,50 @@ from scipy.stats import t as t_dist
 BOOTSTRAP = 1000
 QUICK_BOOTSTRAP = 200  # --quick: a smoke test, with wider Monte-Carlo error on the intervals
 
+#: The kinds of OOD set, shared by every report: group -> (title, the OOD
+#: evaluators' set names in it). Each report gives every ``<prefix>/<score>/
+#: mean/<metric>`` also per group, as ``<prefix>/<score>/mean_<group>/<metric>``
+#: (the mean over the group's sets that the arm scored), and judges every claim
+#: on such a metric per group as well as over all sets.
+OOD_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "near": ("near OOD: glyph letters", ("letters",)),
+    "natural": ("natural images: photo patches", ("photo",)),
+    "noise": ("synthetic noise", ("gaussian", "rademacher", "blobs", "uniform")),
+}
+OOD_GROUP_OF = {s: g for g, (_, sets) in OOD_GROUPS.items() for s in sets}
+_SET_KEY = re.compile(r"^(?P<head>[^/]+/[^/]+)/(?P<set>[^/]+)/(?P<metric>[^/]+)$")
+
+# Ceiling effects: a value past one of these leaves little room for any arm to
+# improve, so a claim on it says little. metric-key suffix -> (higher is the
+# ceiling, threshold). Papers add their own with ``Paper.ceilings``.
+CEILINGS: dict[str, tuple[bool, float]] = {
+    "accuracy": (True, 0.97), "auroc": (True, 0.99), "aupr_in": (True, 0.99),
+    "aupr_out": (True, 0.99), "tnr95": (True, 0.98), "fpr95": (False, 0.02),
+}
+
+
+def ood_group_means(results: Mapping[str, float]) -> dict[str, float]:
+  """``<prefix>/<score>/mean_<group>/<metric>`` for every group of
+  :data:`OOD_GROUPS` with a set in ``results`` (``<prefix>/<score>/<set>/<metric>``)."""
+  per: dict[str, list[float]] = {}
+  for key, value in results.items():
+    m = _SET_KEY.match(key)
+    if m and m["set"] in OOD_GROUP_OF and isinstance(value, (int, float)):
+      per.setdefault(f"{m['head']}/mean_{OOD_GROUP_OF[m['set']]}/{m['metric']}", []).append(
+          float(value))
+  return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def group_key(key: str, group: str) -> str:
+  """``'ood/msp/mean/fpr95'`` -> ``'ood/msp/mean_near/fpr95'`` (others unchanged)."""
+  return key.replace("/mean/", f"/mean_{group}/")
+
+
+def group_metric(m: Metric, group: str) -> Metric:
+  return Metric(group_key(m.key, group), f"{m.label} — {OOD_GROUPS[group][0]}",
+                m.higher_is_better,
+                m.group_bootstrap(group) if m.group_bootstrap is not None else None)
+
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
@@ -49,11 +93,15 @@ class Metric:
     bootstrap: ``fn(artifacts, idx) -> value`` recomputing the metric on
       resampled test examples (``idx`` maps each artifact name to index
       arrays), or None (seed spread only).
+    group_bootstrap: for a metric averaged over OOD sets (``.../mean/...``),
+      ``fn(group) -> bootstrap`` of its mean over that group's sets (see
+      :data:`OOD_GROUPS`), or None (the group figures get seed spread only).
   """
   key: str
   label: str
   higher_is_better: bool
   bootstrap: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], float] | None = None
+  group_bootstrap: Callable[[str], Callable[..., float]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +148,8 @@ class Paper:
   # More tables: (title, metrics) or (title, metrics, arms) -- only those arms.
   tables: Sequence[tuple] = ()
   main_arms: Sequence[str] = ()  # the arms of the first table (default: every arm)
+  # (summary) -> notes on the paper's own ceiling effects, added to the generic ones.
+  ceilings: Callable[[Mapping[str, Any]], list[str]] | None = None
 
 
 # --- metrics recomputed from a classification evaluator's saved predictions ------
@@ -177,6 +227,7 @@ def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict
     results = json.load(f)
   if path.endswith("DONE.json"):
     results = results["results"]
+  results = {**results, **ood_group_means(results)}
   arts = {}
   adir = os.path.join(stage, "artifacts")
   for fname in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
@@ -186,9 +237,66 @@ def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict
   return results, arts
 
 
+def _grouped(metrics: Sequence[Metric]) -> list[Metric]:
+  """The per-group variants of the metrics averaged over OOD sets."""
+  return [group_metric(m, g) for m in metrics if "/mean/" in m.key for g in OOD_GROUPS]
+
+
+def _judge(c: Claim, sign: float, table: Mapping[str, Any],
+           boot: Mapping[tuple[str, str], np.ndarray], group: str = "") -> dict[str, Any] | None:
+  """A claim's difference, intervals and verdict (on ``group``'s sets only
+  when given: every ``/mean/`` key of the claim becomes ``/mean_<group>/``);
+  None when an arm did not report a metric of it."""
+  parts = [(s_, a, k) for s_, a, k in c.side("better")] + [
+      (-s_, a, k) for s_, a, k in c.side("worse")]
+  if group:
+    parts = [(s_, a, group_key(k, group)) for s_, a, k in parts]
+  if any(k not in table.get(a, {}) for _, a, k in parts):
+    return None
+  # In the claimed direction, shifted by the margin: > 0 means the claim holds.
+  per_seed = sign * sum(s_ * np.array(table[a][k]["seeds"]) for s_, a, k in parts) + c.margin
+  diff = float(per_seed.mean())
+  entry = {"difference": float(diff - c.margin), "per_seed": (per_seed - c.margin).tolist(),
+           "seeds_in_direction": int((per_seed > 0).sum())}
+  lows = []
+  if len(per_seed) > 1:
+    half = float(t_dist.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1)
+                 / np.sqrt(len(per_seed)))
+    entry["seed_ci95"] = [float(diff - half - c.margin), float(diff + half - c.margin)]
+    lows.append(diff - half)
+  if all((a, k) in boot for _, a, k in parts):
+    d = sign * sum(s_ * boot[(a, k)] for s_, a, k in parts)
+    entry["test_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+    lows.append(entry["test_ci95"][0] + c.margin)
+  entry["verdict"] = ("does not hold" if diff <= 0 else
+                      "holds" if lows and min(lows) > 0 else "inconclusive")
+  return entry
+
+
+def ceiling_notes(paper: Paper, summary: Mapping[str, Any]) -> list[str]:
+  """The ceiling effects a summary meets: every tabulated mean past
+  :data:`CEILINGS` (one note per metric, naming the arms), then the paper's own."""
+  hits: dict[str, list[str]] = {}
+  for arm, row in summary["table"].items():
+    for key, cell in row.items():
+      rule = CEILINGS.get(key.rsplit("/", 1)[-1])
+      single = _SET_KEY.match(key)
+      if rule is None or (single and single["set"] in OOD_GROUP_OF):
+        continue  # single OOD sets: their groups speak for them
+      high, limit = rule
+      if (cell["mean"] >= limit) if high else (cell["mean"] <= limit):
+        hits.setdefault(key, []).append(f"{arm} {cell['mean']:.4f}")
+  notes = [f"`{key}` at the ceiling ({'≥' if CEILINGS[key.rsplit('/', 1)[-1]][0] else '≤'} "
+           f"{CEILINGS[key.rsplit('/', 1)[-1]][1]:g}): {', '.join(arms)} -- little room to "
+           "improve, so claims on it say little." for key, arms in sorted(hits.items())]
+  return notes + (list(paper.ceilings(summary)) if paper.ceilings else [])
+
+
 def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
               bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
-  """Mean, std and bootstrap intervals per arm and metric; claim verdicts."""
+  """Mean, std and bootstrap intervals per arm and metric (and per kind of
+  OOD set, :data:`OOD_GROUPS`); claim verdicts, over all sets and per group;
+  ceiling effects."""
   ran = [arm for arm in paper.arms if all(_results_path(workdir, s, arm) for s in seeds)]
   data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in ran}
   rng = np.random.default_rng(12345)
@@ -199,9 +307,11 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
   table: dict[str, dict[str, Any]] = {}
   boot: dict[tuple[str, str], np.ndarray] = {}
   every = list(paper.metrics) + [m for t in paper.tables for m in t[1]]
+  metrics = {m.key: m for m in every}
+  metrics.update({m.key: m for m in _grouped(list(metrics.values())) if m.key not in metrics})
   for arm, runs in data.items():
     table[arm] = {}
-    for m in every:
+    for m in metrics.values():
       if any(m.key not in r for r, _ in runs):
         continue  # this arm does not report the metric (e.g. a score only one arm uses)
       values = np.array([r[m.key] for r, _ in runs], np.float64)
@@ -213,37 +323,29 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
         row["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
       table[arm][m.key] = row
   claims = []
-  metrics = {m.key: m for m in every}
   for c in paper.claims:
     sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
-    parts = [(s_, a, k) for s_, a, k in c.side("better")] + [
-        (-s_, a, k) for s_, a, k in c.side("worse")]
-    if any(a not in table for _, a, _ in parts):  # an arm this mode does not run (quick)
-      claims.append({"claim": c.text, "source": c.source, "metric": c.metric,
-                     "better": c.better, "worse": c.worse, "verdict": "not run"})
+    head = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
+            "worse": c.worse}
+    arms = {a for _, a, _ in c.side("better") + c.side("worse")}
+    if any(a not in table for a in arms):  # an arm this mode does not run (quick)
+      claims.append({**head, "verdict": "not run"})
       continue
-    # In the claimed direction, shifted by the margin: > 0 means the claim holds.
-    per_seed = sign * sum(s_ * np.array(table[a][k]["seeds"]) for s_, a, k in parts) + c.margin
-    diff = float(per_seed.mean())
-    entry = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
-             "worse": c.worse, "margin": c.margin, "difference": float(diff - c.margin),
-             "per_seed": (per_seed - c.margin).tolist(),
-             "seeds_in_direction": int((per_seed > 0).sum())}
-    lows = []
-    if len(per_seed) > 1:
-      half = float(t_dist.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1)
-                   / np.sqrt(len(per_seed)))
-      entry["seed_ci95"] = [float(diff - half - c.margin), float(diff + half - c.margin)]
-      lows.append(diff - half)
-    if all((a, k) in boot for _, a, k in parts):
-      d = sign * sum(s_ * boot[(a, k)] for s_, a, k in parts)
-      entry["test_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
-      lows.append(entry["test_ci95"][0] + c.margin)
-    entry["verdict"] = ("does not hold" if diff <= 0 else
-                        "holds" if lows and min(lows) > 0 else "inconclusive")
+    judged = _judge(c, sign, table, boot)
+    if judged is None:  # an arm ran but did not report the metric
+      claims.append({**head, "verdict": "not run"})
+      continue
+    entry = {**head, "margin": c.margin, **judged}
+    groups = {g: _judge(c, sign, table, boot, g) for g in OOD_GROUPS
+              if "/mean/" in c.metric + c.better + c.worse}
+    if any(groups.values()):
+      entry["groups"] = {g: v for g, v in groups.items() if v is not None}
     claims.append(entry)
-  return {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
-          "claims": claims, "bootstrap_rounds": bootstrap if rounds else 0}
+  summary = {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
+             "claims": claims, "bootstrap_rounds": bootstrap if rounds else 0,
+             "ood_groups": {g: list(sets) for g, (_, sets) in OOD_GROUPS.items()}}
+  summary["ceilings"] = ceiling_notes(paper, summary)
+  return summary
 
 
 def _fmt(row: Mapping[str, Any] | None) -> str:
@@ -269,7 +371,11 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
                f"({summary['bootstrap_rounds']} bootstrap rounds, seeds fixed) where the metric "
                "can be recomputed from saved per-example outputs." if summary["bootstrap_rounds"]
                else "."), ""]
-  for title, metrics, *arms in [("", paper.metrics, paper.main_arms)] + list(paper.tables):
+  grouped = [(f"By kind of OOD set: {m.label} (all sets, then per group)",
+              [m] + [group_metric(m, g) for g in OOD_GROUPS], paper.main_arms)
+             for m in paper.metrics if "/mean/" in m.key]
+  for title, metrics, *arms in ([("", paper.metrics, paper.main_arms)] + list(paper.tables)
+                                + grouped):
     if title:
       lines += ["", f"**{title}**", ""]
     lines += ["| arm | " + " | ".join(m.label for m in metrics) + " |",
@@ -302,6 +408,22 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
         f"{c['worse']}{margin}, improvement {c['difference']:+.4f}{ci}; in the claimed "
         f"direction for {c['seeds_in_direction']} of {len(c['per_seed'])} seeds "
         f"({', '.join(f'{d:+.4f}' for d in c['per_seed'])}).")
+    for g, v in c.get("groups", {}).items():
+      ci = "".join(f", {what} [{v[key][0]:+.4f}, {v[key][1]:+.4f}]" for key, what in (
+          ("seed_ci95", "over seeds"), ("test_ci95", "over test examples")) if key in v)
+      lines.append(f"  - {OOD_GROUPS[g][0]}: **{v['verdict']}**, improvement "
+                   f"{v['difference']:+.4f}{ci}; {v['seeds_in_direction']} of "
+                   f"{len(v['per_seed'])} seeds in the claimed direction.")
+  if any("/mean/" in m.key for m in paper.metrics) or any("groups" in c for c in
+                                                          summary["claims"]):
+    groups = "; ".join(f"**{g}** ({title}): {', '.join(sets)}"
+                       for g, (title, sets) in OOD_GROUPS.items())
+    lines += ["", "## Kinds of OOD set", "",
+              "Claims and tables on a mean over OOD sets are also given per kind of set "
+              "(`launch/papers.OOD_GROUPS`; a group's figure averages the sets of it that the "
+              f"arm scored): {groups}."]
+  if summary.get("ceilings"):
+    lines += ["", "## Ceiling effects", ""] + [f"- {n}" for n in summary["ceilings"]]
   if paper.not_covered:
     lines += ["", "## Not covered here", "", paper.not_covered]
   plots = [p for p in paper.plots

@@ -16,8 +16,9 @@ def get_config(arg=None):
   for name in list(c.stages.keys()):
     stage = c.stages[name]
     if stage.task == "tune_score":
-      stage.grid = ({"temperature": (1.0, 100.0), "epsilon": (0.0, 0.002)}
-                    if stage.score == "odin" else {"epsilon": (0.0, 0.002)})
+      stage.grid = {"odin": {"temperature": (1.0, 100.0), "epsilon": (0.0, 0.002)},
+                    "mahalanobis": {"epsilon": (0.0, 0.002)}}.get(
+                        stage.score, {"temperature": (1.0, 100.0)})
     if stage.task == "train":
       stage.config.num_steps = 3
   return c
