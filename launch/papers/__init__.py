@@ -114,7 +114,9 @@ class Claim:
   compare gains, seed by seed and bootstrap round by round); ``metric`` gives
   the direction and the default metric of every term. With ``margin > 0`` the
   claim is one of non-inferiority: ``better`` is at most ``margin`` worse
-  (e.g. "accuracy drops by at most about a point": margin 0.01).
+  (e.g. "accuracy drops by at most about a point": margin 0.01); with
+  ``margin < 0`` one of superiority by ``-margin`` ("at least 10 points
+  below": margin -0.1).
   """
   text: str
   metric: str
@@ -400,7 +402,9 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
       if key in c:
         ci += f", 95% interval {what} [{c[key][0]:+.4f}, {c[key][1]:+.4f}]"
     margin = (f" (non-inferiority: holds unless worse by more than {c['margin']:g})"
-              if c.get("margin") else "")
+              if c.get("margin", 0) > 0 else
+              f" (superiority by a margin: holds when better by more than {-c['margin']:g})"
+              if c.get("margin", 0) < 0 else "")
     what = (f"`{c['metric']}`" if ":" not in c["better"] + c["worse"] else
             f"Each side's metric (direction of `{c['metric']}`)")
     lines.append(
