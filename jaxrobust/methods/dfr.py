@@ -704,10 +704,13 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
     module: which module of the checkpoint.
     seed: the subsampling seed (-1: ``config.seed``).
 
-  Results: ``dfr/c``, ``dfr/class_weight_0``/``_1``, ``dfr/tuning/<C>/...``
-  (worst-group accuracy of each candidate on the tuning set) and the
-  evaluators' results (``test/worst_group_accuracy``, ...). Artifact ``dfr``:
-  the averaged coefficients, intercept and scaler.
+  Results: ``dfr/c``, ``dfr/class_weight_0``/``_1``, ``dfr/nonzero_coefficients``,
+  ``dfr/tuning/worst_group_accuracy`` (the chosen candidate's on the tuning
+  set; for tr_val also ``dfr/tuning/C=<C>/worst_group_accuracy`` of each C)
+  and the evaluators' results (``test/worst_group_accuracy``, ...). Artifact
+  ``dfr``: the averaged ``coef``, ``intercept``, the scaler's ``mean`` and
+  ``scale``, the ``candidates`` ``(C, w0, w1)`` and their
+  ``tuning_worst_group_accuracy``.
   """
   from jaxrobust import evaluators as evaluators_lib
   from jaxrobust import files
@@ -768,14 +771,16 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
                              "intercept": np.asarray([result.intercept], np.float32),
                              "mean": np.asarray(result.mean, np.float32),
                              "scale": np.asarray(result.scale, np.float32),
+                             "candidates": np.asarray(result.candidates, np.float32),
                              "tuning_worst_group_accuracy": np.asarray(
                                  result.tuning_worst_group_accuracy, np.float32)})
   results = {"dfr/c": float(result.c), "dfr/class_weight_0": float(result.class_weight[0]),
              "dfr/class_weight_1": float(result.class_weight[1]),
              "dfr/nonzero_coefficients": float(np.count_nonzero(result.coef))}
-  for (c, w0, w1), acc in zip(result.candidates, result.tuning_worst_group_accuracy):
-    tag = f"C={c:g}" if variant == "tr_val" else f"C={c:g},w={w0:g}:{w1:g}"
-    results[f"dfr/tuning/{tag}/worst_group_accuracy"] = float(acc)
+  results["dfr/tuning/worst_group_accuracy"] = float(np.max(result.tuning_worst_group_accuracy))
+  if variant == "tr_val":  # DFR^Tr_Tr's 91 candidates stay in the artifact
+    for (c, _, _), acc in zip(result.candidates, result.tuning_worst_group_accuracy):
+      results[f"dfr/tuning/C={c:g}/worst_group_accuracy"] = float(acc)
   evaluators, state = tasks.evaluation_setup(
       ctx, ctx.config, written, modules=(module,),
       save_dir=os.path.join(ctx.workdir, "artifacts"))
