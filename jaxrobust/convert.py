@@ -573,7 +573,7 @@ def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, Any]) ->
   codes = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
   header, chunks, offset = {}, [], 0
   for key in sorted(state_dict):
-    x = np.ascontiguousarray(_to_numpy(state_dict[key]))
+    x = _to_numpy(state_dict[key])  # (not ascontiguousarray: it makes scalars 1-d)
     dtype = x.dtype.newbyteorder("<") if x.dtype.byteorder not in ("|",) else x.dtype
     if np.dtype(dtype) not in codes:
       raise ValueError(f"write_safetensors: {key!r} has dtype {x.dtype}, not written.")

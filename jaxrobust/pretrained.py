@@ -144,6 +144,14 @@ def from_torch(state_dict: Mapping[str, Any] | str | os.PathLike, *, model: Any,
   if isinstance(state_dict, (str, os.PathLike)):
     state_dict = convert.read_state_dict(state_dict, where=where)
   arch = torch_arch(model)
+  try:
+    found = convert.detect_arch(state_dict)
+  except ValueError:
+    found = arch  # unknown keys: the comparison below names them
+  if found != arch:
+    raise ValueError(f"{where}: the state_dict is a {found!r} model (its first key "
+                     f"{next(iter(state_dict))!r}), the model a {arch!r} "
+                     f"({type(getattr(model, 'model', model)).__name__}).")
   params_t, stats_t = _abstract_variables(model, input_shape)
   try:
     params, stats = convert.from_torch(state_dict, arch=arch, params_template=params_t)
