@@ -232,3 +232,43 @@ def test_resnet50_matches_pytorch(tmp_path):
   assert features.shape == (2, 2048)
   _close(features, want_features)
   _close(logits, want_logits)
+
+
+@pytest.mark.slow
+def test_import_torch_then_evaluate_as_stages(tmp_path, data_dir):
+  """import_torch writes a checkpoint the evaluate stage scores; a state_dict
+  of another width fails at the import stage, naming the stage's key."""
+  from configs import default
+  from jaxrobust import stages
+  c = default.get_config("embedded")
+  c.data.data_dir = str(data_dir)
+  c.model.name, c.model.kwargs = "wrn", {"depth": 10, "width": 1}
+  c.plots, c.progress_bar = False, False
+  c.evaluators.classification.splits = ("test",)
+  c.evaluators.ood.sets = {"blobs": "blobs/gray:validation"}
+  c.evaluators.ood.scores = ("msp", "knn(k=5)", "vim")
+  model = get_model("wrn", num_classes=10, depth=10, width=1)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 1)), train=False))
+  rng = np.random.default_rng(0)
+  fill = lambda a: rng.normal(size=a.shape).astype(np.float32)
+  params, stats = jax.tree.map(fill, v["params"]), jax.tree.map(lambda a: 1 + fill(a) ** 2,
+                                                                   v["batch_stats"])
+  torch.save({k: torch.from_numpy(np.array(a)) for k, a in
+              convert.to_torch(params, stats, arch="wrn").items()}, tmp_path / "m.pt")
+  c.stages = {"import": {"task": "import_torch", "path": str(tmp_path / "m.pt")},
+              "scores": {"task": "evaluate", "checkpoint": "artifact:import/checkpoint"}}
+  results = stages.run(c, str(tmp_path / "run"))
+  assert results["import/classifier/num_arrays"] == 46 - 7  # 7 BatchNorms: no num_batches_tracked
+  assert 0.0 <= results["scores/ood/knn/blobs/fpr95"] <= 1.0
+  back = ckpt_lib.load_pretrained(str(tmp_path / "run" / "import"))
+  np.testing.assert_array_equal(back[0]["head"]["kernel"], params["head"]["kernel"])
+  np.testing.assert_array_equal(back[1]["bn"]["var"], stats["bn"]["var"])
+  wide = get_model("wrn", num_classes=10, depth=10, width=2)
+  w = jax.eval_shape(lambda: wide.init(jax.random.key(0), np.zeros((1, 32, 32, 1)), train=False))
+  convert.write_state_dict(tmp_path / "wide.npz", convert.to_torch(
+      jax.tree.map(fill, w["params"]), jax.tree.map(fill, w["batch_stats"]), arch="wrn"))
+  c.stages = {"import": {"task": "import_torch", "path": str(tmp_path / "wide.npz")}}
+  with pytest.raises(ValueError, match=r"config.stages.import.path: .*unexpected key\(s\) "
+                     r"\['block1.layer.0.convShortcut.weight'\], shape mismatch: "
+                     r"block1.layer.0.conv1.weight: got \(32, 16, 3, 3\), expected \(16, 16, 3, 3\)"):
+    stages.run(c, str(tmp_path / "run2"))
