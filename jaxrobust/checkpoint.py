@@ -333,7 +333,22 @@ def load_pretrained(path: str, step: int = -1, *, module: str = "classifier",
   run's checkpoint (``step=-1``: the newest that reads back whole; damaged
   ones are skipped with a log line), for fine-tuning. ``path``: a run's
   workdir, its ``checkpoints/`` directory or one step's directory, relative
-  or absolute."""
+  or absolute -- or a PyTorch ``state_dict`` file (``.pt``/``.pth``, read with
+  ``torch.load(weights_only=True)``, ``.npz`` or ``.safetensors``) of an
+  architecture :mod:`jaxrobust.convert` knows, named by its keys (a released
+  WRN-40-2 or torchvision ResNet-50 checkpoint; the caller checks it against
+  its model)."""
+  from jaxrobust import convert
+  if convert.is_state_dict_file(path):
+    if step >= 0:
+      raise ValueError(f"{where}.step={step}: {path!r} is a state_dict file, which has no "
+                       "steps; leave the step at -1.")
+    sd = convert.read_state_dict(os.path.abspath(os.path.expanduser(path)), where=f"{where}.path")
+    arch = convert.detect_arch(sd, where=f"{where}.path {path!r}")
+    try:
+      return convert.from_torch(sd, arch=arch)
+    except ValueError as e:
+      raise CheckpointMismatchError(f"{where}.path {path!r}: {e}") from None
   directory, step = resolve_checkpoint(path, step)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{where}.path: no checkpoint directory at {path!r}.")

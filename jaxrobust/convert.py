@@ -70,6 +70,18 @@ Conventions:
   as the ``hendrycks/pre-training`` snapshots, do not have it);
 * a ``module.`` prefix on every key (``nn.DataParallel``) is dropped on import.
 
+Files (:func:`read_state_dict`): a ``state_dict`` saved by ``torch.save``
+(``.pt``, ``.pth``, ``.pth.tar``, ``.bin``; the PyTorch >= 1.6 zip format and
+the legacy format of PyTorch 0.4, which the ``hendrycks`` / ``energy_ood``
+snapshots use) is read with ``torch.load(weights_only=True)``, which unpickles
+no code, only tensors and plain containers; ``.npz`` (``np.load`` with
+``allow_pickle=False``) and ``.safetensors`` (an 8-byte little-endian header
+length, a JSON header ``{name: {dtype, shape, data_offsets}}`` and the raw
+little-endian buffer, read here with numpy: the ``safetensors`` package is not
+needed) are read without torch. A checkpoint that wraps its state_dict in a
+dict (``{'state_dict': ..., 'epoch': ...}``) is unwrapped;
+:func:`detect_arch` names the architecture of a state_dict from its keys.
+
 The layout (every name and its shape) is derived from the architecture's
 hyper-parameters (WRN: depth, width, classes, input channels; ResNet-50:
 classes, input channels; VGG-13: classes, input channels, BatchNorm or not;
@@ -81,6 +93,8 @@ ever partially loaded.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any, Mapping
 
@@ -318,7 +332,10 @@ def _layout_of_torch(sd: Mapping[str, Any], arch: str) -> Layout:
 
 def _to_numpy(x: Any) -> np.ndarray:
   if hasattr(x, "detach"):  # a torch tensor (read without importing torch), copied: its
-    x = np.array(x.detach().cpu().numpy())  # .numpy() shares the tensor's memory
+    x = x.detach().cpu()  # .numpy() shares the tensor's memory
+    if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+      x = x.float()
+    x = np.array(x.numpy())
   return np.asarray(x)
 
 
@@ -446,3 +463,156 @@ def _flax_shape(entry: tuple[tuple[int, ...], str, str, str]) -> tuple[int, ...]
   if kind == "dense":
     return shape[::-1]
   return shape
+
+
+# --- files ----------------------------------------------------------------------------
+
+TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
+FILE_SUFFIXES = TORCH_SUFFIXES + (".npz", ".safetensors")
+# Keys under which training scripts commonly nest the state_dict in a checkpoint dict.
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2",
+                       "U32": "<u4", "U64": "<u8"}
+
+
+def is_state_dict_file(path: Any) -> bool:
+  """Whether ``path`` names a state_dict file (by its suffix) rather than a
+  jaxrobust checkpoint directory."""
+  return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(FILE_SUFFIXES)
+
+
+def read_state_dict(path: str | os.PathLike, *, where: str = "state_dict file"
+                    ) -> dict[str, np.ndarray]:
+  """``{name: np.ndarray}`` from a ``.pt``/``.pth`` (``torch.load(weights_only=True)``;
+  torch is imported only for these), ``.npz`` or ``.safetensors`` file.
+  Raises ``FileNotFoundError`` or ``ValueError`` naming ``where`` and the file."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{where}: no file {path!r}.")
+  name = path.lower()
+  if name.endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        return {k: np.asarray(z[k]) for k in z.files}
+    except ValueError as e:  # object arrays need pickle: refused
+      raise ValueError(f"{where}: {path!r} is not a plain npz of arrays ({e}).") from None
+  if name.endswith(".safetensors"):
+    return read_safetensors(path, where=where)
+  if not name.endswith(TORCH_SUFFIXES):
+    raise ValueError(f"{where}: {path!r} is not a state_dict file (suffixes: "
+                     f"{', '.join(FILE_SUFFIXES)}).")
+  import torch  # only here: reading the other formats needs no torch
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, ...
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    raise ValueError(f"{where}: torch.load({path!r}, weights_only=True) failed: {first[:300]}. "
+                     "Only state_dicts (tensors in plain containers) are read; a pickled "
+                     "module or other code is refused.") from None
+  return _unwrap(obj, f"{where}: {path!r}")
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, np.ndarray) or (hasattr(x, "detach") and hasattr(x, "shape"))
+
+
+def _unwrap(obj: Any, what: str) -> dict[str, np.ndarray]:
+  if isinstance(obj, Mapping) and obj and not all(_is_array(v) for v in obj.values()):
+    nested = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
+    if nested:
+      obj = obj[nested[0]]
+  if not isinstance(obj, Mapping) or not obj:
+    raise ValueError(f"{what} holds a {type(obj).__name__}, not a state_dict (a mapping of "
+                     "names to tensors).")
+  bad = [k for k, v in obj.items() if not _is_array(v)]
+  if bad:
+    raise ValueError(f"{what}: entries that are not tensors: {bad[:8]}; not a state_dict.")
+  return {str(k): _to_numpy(v) for k, v in obj.items()}
+
+
+def read_safetensors(path: str | os.PathLike, *, where: str = "state_dict file"
+                     ) -> dict[str, np.ndarray]:
+  """The tensors of a ``.safetensors`` file, with numpy (BF16 widened to
+  float32)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  what = f"{where}: {os.fspath(path)!r}"
+  if len(data) < 8:
+    raise ValueError(f"{what}: too short for a safetensors file.")
+  n = int.from_bytes(data[:8], "little")
+  try:
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{what}: not a safetensors file (header: {e}).") from None
+  buffer = memoryview(data)[8 + n:]
+  out = {}
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if end > len(buffer) or begin > end:
+      raise ValueError(f"{what}: {key!r} lies outside the file (offsets {begin}..{end}).")
+    raw = buffer[begin:end]
+    if dtype == "BF16":  # the upper half of a float32
+      x = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    elif dtype in _SAFETENSORS_DTYPES:
+      x = np.frombuffer(raw, _SAFETENSORS_DTYPES[dtype])
+    else:
+      raise ValueError(f"{what}: {key!r} has dtype {dtype}, which is not read here.")
+    if x.size != int(np.prod(shape)):
+      raise ValueError(f"{what}: {key!r} has {x.size} values for shape {shape}.")
+    out[key] = x.reshape(shape).astype(x.dtype.newbyteorder("="))
+  return out
+
+
+def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
+  """Writes ``{name: array}`` as a ``.safetensors`` file (keys sorted, as the
+  ``safetensors`` package writes them; the header padded with spaces to a
+  multiple of 8 bytes)."""
+  codes = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+  header, chunks, offset = {}, [], 0
+  for key in sorted(state_dict):
+    x = _to_numpy(state_dict[key])  # (not ascontiguousarray: it makes scalars 1-d)
+    dtype = x.dtype.newbyteorder("<") if x.dtype.byteorder not in ("|",) else x.dtype
+    if np.dtype(dtype) not in codes:
+      raise ValueError(f"write_safetensors: {key!r} has dtype {x.dtype}, not written.")
+    raw = x.astype(dtype).tobytes()
+    header[key] = {"dtype": codes[np.dtype(dtype)], "shape": list(x.shape),
+                   "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
+  """Writes ``{name: array}`` as ``.npz`` or ``.safetensors`` (by suffix),
+  without torch."""
+  name = os.fspath(path).lower()
+  if name.endswith(".npz"):
+    np.savez(path, **{k: _to_numpy(v) for k, v in state_dict.items()})
+  elif name.endswith(".safetensors"):
+    write_safetensors(path, state_dict)
+  else:
+    raise ValueError(f"write_state_dict: {os.fspath(path)!r}: use .npz or .safetensors (or "
+                     "torch.save for .pt).")
+
+
+def detect_arch(state_dict: Mapping[str, Any], *, where: str = "state_dict") -> str:
+  """``'wrn'``, ``'resnet50'``, ``'vgg13'``, ``'dcgan_generator'`` or
+  ``'dcgan_discriminator'`` from a state_dict's keys (a ``module.`` prefix
+  allowed); ``ValueError`` naming its first keys otherwise."""
+  keys = {k[len("module."):] if k.startswith("module.") else k for k in state_dict}
+  if "block1.layer.0.conv1.weight" in keys:
+    return "wrn"
+  if "layer1.0.conv1.weight" in keys and "layer4.0.conv3.weight" in keys:
+    return "resnet50"
+  if "features.0.weight" in keys and "classifier.6.weight" in keys:
+    return "vgg13"
+  if "main.0.weight" in keys:  # Confident_classifier's _netG has main.9, _netD ends at main.8
+    return "dcgan_generator" if "main.9.weight" in keys else "dcgan_discriminator"
+  raise ValueError(f"{where}: not a state_dict of a known architecture ({', '.join(ARCHS)}): "
+                   f"its keys are {_sample(dict.fromkeys(keys))}.")

@@ -15,7 +15,7 @@ re-fitted head, a converted or averaged checkpoint), a checkpoint that
 ``init_from``, ``predict`` and evaluation read like a trained one
 (:meth:`StageContext.save_model`).
 
-Built in: ``predict`` and ``evaluate`` (here) and ``train``
+Built in: ``predict``, ``evaluate`` and ``import_torch`` (here) and ``train``
 (:mod:`jaxrobust.trainer`). This module builds on :mod:`jaxrobust.build` and
 never imports the trainer or any method; the stage runner is
 :mod:`jaxrobust.stages`.
@@ -242,3 +242,34 @@ def predict_task(ctx: StageContext, *, checkpoint: str, data: str = "", split: s
   out["index"] = np.arange(n, dtype=np.int64)
   ctx.artifacts.save(name, out)
   return {f"{name}/num_examples": float(n)}
+
+
+@TASKS.register("import_torch")
+def import_torch_task(ctx: StageContext, *, path: str, module: str = CLASSIFIER
+                      ) -> dict[str, float]:
+  """Converts a PyTorch ``state_dict`` file of the stage's model -- a released
+  checkpoint of ``hendrycks/pre-training``, ``hendrycks/outlier-exposure``,
+  ``wetliu/energy_ood`` (WRN-40-2) or torchvision (ResNet-50) -- into this
+  stage's checkpoint (:meth:`StageContext.save_model`), which ``evaluate``,
+  ``predict`` and ``init_from`` then read as ``'artifact:<stage>/checkpoint'``.
+
+  Args:
+    path: a ``.pt``/``.pth`` (read with ``torch.load(weights_only=True)``),
+      ``.npz`` or ``.safetensors`` file.
+    module: the config's module it is loaded into.
+
+  Raises (naming ``config.stages.<stage>.path``) when the file is missing or
+  not a state_dict, or when it does not fit the module's model (another
+  architecture, another number of classes), before anything is compiled.
+  Results: ``<module>/num_arrays`` and ``<module>/num_params``.
+  """
+  from jaxrobust import pretrained
+  modules = ctx.modules
+  if module not in modules:
+    raise RegistryError(f"{ctx.where}.module={module!r}: no such module ({sorted(modules)}).")
+  params, stats = pretrained.from_torch(os.path.abspath(os.path.expanduser(path)),
+                                        model=modules[module], where=f"{ctx.where}.path")
+  ctx.save_model({module: {"params": params, "batch_stats": stats}})
+  leaves = jax.tree.leaves(params)
+  return {f"{module}/num_arrays": float(len(leaves) + len(jax.tree.leaves(stats))),
+          f"{module}/num_params": float(sum(np.size(x) for x in leaves))}

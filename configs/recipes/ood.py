@@ -7,6 +7,7 @@ energy-bounded and Outlier Exposure fine-tuning, confidence-loss training.
   --config configs/recipes/ood.py:mode=oe_ft        # baseline -> Outlier Exposure fine-tuning
   --config configs/recipes/ood.py:mode=confidence   # training with Lee et al.'s confidence loss
   --config configs/recipes/ood.py:cifar10,outliers=DATASET:SPLIT   # WRN-40-2, the papers' settings
+  --config configs/recipes/ood.py:cifar10,checkpoint=PATH.pt        # a released checkpoint, every detector
 
 Stages (``mode=compare``; each other mode is the part of it it names):
 
@@ -44,9 +45,23 @@ batches 128 + 256) from a baseline WRN-40-2; the outliers must be given
 (``outliers=...``; 80 Million Tiny Images is withdrawn, e.g.
 ``imagenet_resized/32x32:train`` -- say which in any report).
 
+Released checkpoints (``checkpoint=PATH``, instead of a mode): the stages
+``import`` (``import_torch``: the PyTorch state_dict file -- ``.pt``/``.pth``
+read with ``torch.load(weights_only=True)``, ``.npz`` or ``.safetensors`` -- of
+the variant's WRN-40-2 written as a jaxrobust checkpoint) and ``scores``
+(``evaluate``: the OOD evaluator with :data:`CHECKPOINT_SCORES`, every
+registered score at its defaults -- MSP, max logit, entropy, energy, ODIN,
+Mahalanobis and the 16 post-hoc detectors). ``norm`` sets the input
+normalisation the checkpoint was trained with: ``cifar`` (default; the
+``outlier-exposure`` / ``energy_ood`` models: ``trn.Normalize`` with the
+CIFAR mean and std of :data:`CIFAR_MEAN` / :data:`CIFAR_STD`) or ``half``
+(``hendrycks/pre-training``: mean = std = 0.5). docs/pretrained-checkpoints.md
+lists the checkpoints and the papers' numbers.
+
 Arguments after ``:``: ``variant`` (embedded, cifar10, cifar100), ``mode``,
 ``outliers`` (``dataset:split`` of the training outliers), ``lr``
-(fine-tuning), ``epochs`` (fine-tuning), ``baseline_epochs``.
+(fine-tuning), ``epochs`` (fine-tuning), ``baseline_epochs``, ``checkpoint``
+(a released checkpoint to evaluate), ``norm`` (cifar, half).
 """
 
 from configs import default
@@ -65,6 +80,18 @@ PAPER_MARGINS = {"cifar10": (-23.0, -5.0), "cifar100": (-27.0, -5.0)}
 TUNED_SCORES = ("msp", "energy", "odin", "mahalanobis")
 # The kinds of validation OOD set the scores are tuned on (jaxrobust.data.validation_ood).
 VALIDATION_OOD = VALIDATION_KINDS
+# outlier-exposure / energy_ood CIFAR/test.py: trn.Normalize(mean, std) of [0, 1] pixels.
+CIFAR_MEAN = tuple(x / 255 for x in (125.3, 123.0, 113.9))
+CIFAR_STD = tuple(x / 255 for x in (63.0, 62.1, 66.7))
+NORMS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
+# checkpoint=...: the tfds sets among the energy paper's six (Textures, SVHN; its
+# Places365, LSUN-C, LSUN-R and iSUN are added with --config.evaluators.ood.sets.<name>=...),
+# besides the variant's generated noise sets.
+CHECKPOINT_SETS = {"textures": "dtd:test", "svhn": "svhn_cropped:test"}
+# checkpoint=...: every registered score at its defaults (jaxrobust.scores.SCORES).
+CHECKPOINT_SCORES = ("msp", "max_logit", "entropy", "energy", "odin", "mahalanobis", "react",
+                     "ash_p", "ash_b", "ash_s", "scale", "dice", "gradnorm", "gen", "kl_matching",
+                     "vim", "residual", "knn", "relative_mahalanobis", "she", "nnguide", "fdbd")
 
 
 def _finetune(c, *, lr: float, epochs: float, loss: dict, outliers: str, batch: int) -> dict:
@@ -83,10 +110,15 @@ def _finetune(c, *, lr: float, epochs: float, loss: dict, outliers: str, batch: 
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, variant="embedded", mode="compare", outliers="", lr=-1.0, epochs=10.0,
-                   baseline_epochs=-1.0)
+  args = parse_arg(arg, variant="embedded", mode="", outliers="", lr=-1.0, epochs=10.0,
+                   baseline_epochs=-1.0, checkpoint="", norm="")
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
+  if args.checkpoint:
+    return _checkpoint_config(args)
+  if args.norm:
+    raise ValueError("norm= is the normalisation of a released checkpoint: give checkpoint= too.")
+  args.mode = args.mode or "compare"
   if args.mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}.")
   c = default.get_config(args.variant)
@@ -145,4 +177,27 @@ def get_config(arg=None):
                                  "pp": c.streams.train.pp}},
         "losses": {"confidence": {"weight": 1.0}}}}
   c.stages = stages
+  return c
+
+
+def _checkpoint_config(args) -> dict:
+  """``checkpoint=PATH``: import a released PyTorch checkpoint, then score it
+  with every detector."""
+  if args.mode:
+    raise ValueError(f"checkpoint={args.checkpoint!r} evaluates a released checkpoint; it takes "
+                     f"no mode (got mode={args.mode!r}).")
+  norm = args.norm or "cifar"
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {tuple(NORMS)}, got {args.norm!r}.")
+  if args.variant == "embedded":
+    raise ValueError("checkpoint=: the released checkpoints are CIFAR models; use "
+                     "variant=cifar10 or cifar100.")
+  c = default.get_config(args.variant)
+  c.data.mean, c.data.std = NORMS[norm]
+  c.evaluators.ood.preset = "energy"  # FPR95 with ID positive, 10 draws (the energy code)
+  c.evaluators.ood.scores = CHECKPOINT_SCORES
+  c.evaluators.ood.sets.update(CHECKPOINT_SETS)
+  c.data.image_size = 32  # OE/energy test.py: trn.Resize(32), trn.CenterCrop(32); CIFAR as it is
+  c.stages = {"import": {"task": "import_torch", "path": args.checkpoint},
+              "scores": {"task": "evaluate", "checkpoint": "artifact:import/checkpoint"}}
   return c
