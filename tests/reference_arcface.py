@@ -48,3 +48,38 @@ def arcface_loss_torch(features, weights, labels, *, s=64.0, m=0.5):
   loss = F.cross_entropy(logits, y)
   loss.backward()
   return loss.item(), f.grad.numpy(), w.grad.numpy()
+
+
+def cbam_torch(x_nhwc, p, *, train=False):
+  """Port of Jongchan/attention-module ``CBAM`` (ChannelGate avg+max, SpatialGate
+  ChannelPool(max, mean) -> conv7x7 -> BN -> sigmoid), weights from the flax
+  params ``p`` of :class:`jaxrobust.models.cbam.CBAM` and batch stats
+  ``p['stats']``. Returns ``(refined NHWC, channel logits, spatial logits NHWC)``."""
+  import torch
+  import torch.nn as nn
+  c = x_nhwc.shape[-1]
+  hidden = p["channel_fc1"]["kernel"].shape[1]
+  mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, c)).double()
+  conv = nn.Conv2d(2, 1, 7, padding=3, bias=False).double()
+  bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01).double()
+  t = lambda a: torch.tensor(np.asarray(a, np.float64))
+  with torch.no_grad():
+    mlp[0].weight.copy_(t(p["channel_fc1"]["kernel"]).T)
+    mlp[0].bias.copy_(t(p["channel_fc1"]["bias"]))
+    mlp[2].weight.copy_(t(p["channel_fc2"]["kernel"]).T)
+    mlp[2].bias.copy_(t(p["channel_fc2"]["bias"]))
+    conv.weight.copy_(t(p["spatial_conv"]["kernel"]).permute(3, 2, 0, 1))
+    bn.weight.copy_(t(p["spatial_bn"]["scale"]))
+    bn.bias.copy_(t(p["spatial_bn"]["bias"]))
+    bn.running_mean.copy_(t(p["stats"]["mean"]))
+    bn.running_var.copy_(t(p["stats"]["var"]))
+  bn.train(train)
+  with torch.no_grad():
+    x = t(x_nhwc).permute(0, 3, 1, 2)
+    att = mlp(x.mean((2, 3))) + mlp(x.amax((2, 3)))
+    x = x * torch.sigmoid(att)[:, :, None, None]
+    pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1)
+    s = bn(conv(pooled))
+    x = x * torch.sigmoid(s)
+  return (x.permute(0, 2, 3, 1).numpy(), att.numpy(), s.permute(0, 2, 3, 1).numpy(),
+          bn.running_mean.numpy(), bn.running_var.numpy())
