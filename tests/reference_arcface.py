@@ -83,3 +83,69 @@ def cbam_torch(x_nhwc, p, *, train=False):
     x = x * torch.sigmoid(s)
   return (x.permute(0, 2, 3, 1).numpy(), att.numpy(), s.permute(0, 2, 3, 1).numpy(),
           bn.running_mean.numpy(), bn.running_var.numpy())
+
+
+def gaussian_blur_torch(x_nhwc, kernel=5, sigma=(0.1, 2.0)):
+  """teaching-where-to-look ``utility/noise.py`` ``gaussian_blur`` (depthwise 2-D conv)."""
+  import torch
+  import torch.nn.functional as F
+
+  def k1(size, s):
+    t = torch.linspace(-(size - 1) * 0.5, (size - 1) * 0.5, steps=size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (t / s).pow(2))
+    return pdf / pdf.sum()
+
+  k2 = torch.mm(k1(kernel, sigma[1])[:, None], k1(kernel, sigma[0])[None, :])
+  x = torch.tensor(np.asarray(x_nhwc, np.float64)).permute(0, 3, 1, 2)
+  k2 = k2.expand(x.shape[1], 1, kernel, kernel)
+  r = kernel // 2
+  x = F.conv2d(F.pad(x, [r, r, r, r], mode="reflect"), k2, groups=x.shape[1])
+  return x.permute(0, 2, 3, 1).numpy()
+
+
+def nearest_down_up_torch(x_nhwc, factor):
+  import torch
+  import torch.nn.functional as F
+  x = torch.tensor(np.asarray(x_nhwc, np.float64)).permute(0, 3, 1, 2)
+  size = x.shape[-1]
+  x = F.interpolate(F.interpolate(x, size=size // factor), size=size)
+  return x.permute(0, 2, 3, 1).numpy()
+
+
+def askd_loss_torch(low, high, lam=5.0):
+  """``DistillLoss.forward``: Σ λ · mean(1 − cosine_similarity(flatten(l), flatten(h)))."""
+  import torch
+  import torch.nn.functional as F
+  total = 0.0
+  for l_, h_ in zip(low, high):
+    l_t = torch.tensor(np.asarray(l_, np.float64)).reshape(len(l_), -1)
+    h_t = torch.tensor(np.asarray(h_, np.float64)).reshape(len(h_), -1)
+    total += float(torch.mean(1.0 - F.cosine_similarity(l_t, h_t))) * lam
+  return total
+
+
+def at_loss_torch(xs, ys, beta=1000.0):
+  """szagoruyko/attention-transfer ``utils.at_loss`` summed, times β/2 (NCHW inputs)."""
+  import torch
+  import torch.nn.functional as F
+
+  def at(x):
+    return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+  total = 0.0
+  for x, y in zip(xs, ys):
+    x = torch.tensor(np.asarray(x, np.float64))
+    y = torch.tensor(np.asarray(y, np.float64))
+    total += float((at(x) - at(y)).pow(2).mean())
+  return beta / 2 * total
+
+
+def kd_torch(s, t, temperature):
+  """RepDistiller ``DistillKL``: KL(p_t ‖ p_s) summed, × T² / batch."""
+  import torch
+  import torch.nn.functional as F
+  s = torch.tensor(np.asarray(s, np.float64))
+  t = torch.tensor(np.asarray(t, np.float64))
+  p_s = F.log_softmax(s / temperature, dim=1)
+  p_t = F.softmax(t / temperature, dim=1)
+  return float(F.kl_div(p_s, p_t, reduction="sum") * temperature**2 / s.shape[0])

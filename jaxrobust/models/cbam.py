@@ -67,9 +67,12 @@ def output_key(block: str, kind: str) -> str:
 
 
 def collect_attention(out, block: str, maps: dict[str, jax.Array]) -> jax.Array:
-  """A block's output; its attention maps (when it returns them) go into ``maps``."""
+  """A block's output; when it returns attention maps (``cbam=True``) they go
+  into ``maps``, with the block's output as ``activation/<block>`` (for
+  attention transfer, Zagoruyko & Komodakis 2017)."""
   if isinstance(out, tuple):
     out, attention = out
     for kind, value in attention.items():
       maps[output_key(block, kind)] = value
+    maps[f"activation/{block}"] = out
   return out
