@@ -115,7 +115,10 @@ class Module:
               for k, v in out.items()}, new_stats
     logits, features, heads = out if len(out) == 3 else (*out, {})
     outputs = {"logits": logits.astype(jnp.float32), "features": features}
-    outputs.update({f"head:{n}": v.astype(jnp.float32) for n, v in heads.items()})
+    # extra heads are identifiers (head:<name>); names with a '/' are the
+    # model's own named outputs (CBAM's attention/<block>/<kind>), kept as is
+    outputs.update({n if "/" in n else f"head:{n}": v.astype(jnp.float32)
+                    for n, v in heads.items()})
     return outputs, new_stats
 
   def apply(self, variables: Mapping[str, Any], x: Array, *, train: bool,

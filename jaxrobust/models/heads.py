@@ -141,8 +141,9 @@ class WithHeads(nn.Module):
                         bn_axis_name=getattr(self.model, "bn_axis_name", None))
 
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
-    logits, features = self.model(x, train=train, return_features=True)
-    outputs = self.heads(features, train)
+    out = self.model(x, train=train, return_features=True)
+    logits, features = out[:2]
+    outputs = {**self.heads(features, train), **(out[2] if len(out) == 3 else {})}
     if not return_features:
       return logits
     return logits, features, outputs

@@ -26,6 +26,13 @@ stages; N = 8 and 16) drops its residual branch per example with probability
 (:func:`~jaxrobust.models.layers.stochastic_depth_rate`); projection shortcuts
 are kept. For the bottleneck the branch is dropped after its last BN, before
 the addition and the final ReLU, as timm's ResNet ``drop_path``.
+
+Both take ``cbam`` (default False: the parameter tree above, unchanged): CBAM
+(:mod:`jaxrobust.models.cbam`) on every block's residual branch before the
+addition (after the bottleneck's last BN, as Jongchan/attention-module's
+``ResNet``), and ``return_features=True`` returns ``(logits, features, maps)``
+with the pre-sigmoid maps ``attention/<block>/channel`` and
+``attention/<block>/spatial``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from jaxrobust.models.cbam import CBAM, collect_attention
 from jaxrobust.models.layers import (Dtype, ImageClassifier, PreActBasicBlock, StochasticDepth,
                                      check_images, check_rate, classify, conv_and_bn,
                                      stochastic_depth_rate, torch_linear_bias_init)
@@ -52,6 +60,7 @@ class PreActResNet18(ImageClassifier):
   """
   final_norm: bool = True
   stochastic_depth_rate: float = 0.0
+  cbam: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -59,18 +68,21 @@ class PreActResNet18(ImageClassifier):
     check_rate(self.stochastic_depth_rate, "stochastic_depth_rate", type(self).__name__)
     conv, bn = conv_and_bn(self, train)
     x = conv(64, 3, name="stem")(x)
+    maps = {}
     for s, (features, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
       for b in range(2):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, 2 * s + b, 8)
+        name = f"stage{s + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, 0.0, self.dtype,
-                             self.bn_axis_name, drop,
-                             name=f"stage{s + 1}_block{b + 1}")(x, train)
+                             self.bn_axis_name, drop, cbam=self.cbam, name=name)(x, train)
+        x = collect_attention(x, name, maps)
     if self.final_norm:
       x = nn.relu(bn(name="bn")(x))
     features = x.mean(axis=(1, 2))
-    return classify(features, self.num_classes, dtype=self.dtype,
-                    return_features=return_features,
-                    bias_init=torch_linear_bias_init(features.shape[-1]))
+    out = classify(features, self.num_classes, dtype=self.dtype,
+                   return_features=return_features,
+                   bias_init=torch_linear_bias_init(features.shape[-1]))
+    return (*out, maps) if (return_features and self.cbam) else out
 
 
 class Bottleneck(nn.Module):
@@ -82,20 +94,25 @@ class Bottleneck(nn.Module):
   dtype: Dtype
   bn_axis_name: str | None
   drop_rate: float = 0.0
+  cbam: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool):
     conv, bn = conv_and_bn(self, train)
     out_features = 4 * self.width
     y = nn.relu(bn(name="bn1")(conv(self.width, 1, name="conv1")(x)))
     y = nn.relu(bn(name="bn2")(conv(self.width, 3, self.stride, name="conv2")(y)))
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = bn(name="bn3", scale_init=last_scale)(conv(out_features, 1, name="conv3")(y))
+    maps = None
+    if self.cbam:
+      y, maps = CBAM(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="cbam")(y, train)
     if self.drop_rate > 0:
       y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] != out_features or self.stride != 1:
       x = bn(name="downsample_bn")(conv(out_features, 1, self.stride, name="downsample_conv")(x))
-    return nn.relu(x + y)
+    out = nn.relu(x + y)
+    return out if maps is None else (out, maps)
 
 
 @register_model("resnet50")
@@ -110,6 +127,7 @@ class ResNet50(ImageClassifier):
   """
   zero_init_residual: bool = False
   stochastic_depth_rate: float = 0.0
+  cbam: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -119,14 +137,17 @@ class ResNet50(ImageClassifier):
     x = nn.relu(bn(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]
-    num_blocks, index = sum(blocks for _, blocks, _ in stages), 0
+    num_blocks, index, maps = sum(blocks for _, blocks, _ in stages), 0, {}
     for s, (width, blocks, stride) in enumerate(stages):
       for b in range(blocks):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, index, num_blocks)
+        name = f"layer{s + 1}_block{b + 1}"
         x = Bottleneck(width, stride if b == 0 else 1, self.zero_init_residual, self.dtype,
-                       self.bn_axis_name, drop, name=f"layer{s + 1}_block{b + 1}")(x, train)
+                       self.bn_axis_name, drop, cbam=self.cbam, name=name)(x, train)
+        x = collect_attention(x, name, maps)
         index += 1
     features = x.mean(axis=(1, 2))
-    return classify(features, self.num_classes, dtype=self.dtype,
-                    return_features=return_features,
-                    bias_init=torch_linear_bias_init(features.shape[-1]))
+    out = classify(features, self.num_classes, dtype=self.dtype,
+                   return_features=return_features,
+                   bias_init=torch_linear_bias_init(features.shape[-1]))
+    return (*out, maps) if (return_features and self.cbam) else out

@@ -23,6 +23,13 @@ Difference from the reference: it pools with a fixed 8x8 window (32x32 inputs
 only); the global average pool here is the same on 32x32 inputs and also
 accepts other sizes.
 
+``cbam=True`` (not in the reference; default False leaves the parameter tree
+unchanged) adds CBAM (:mod:`jaxrobust.models.cbam`) to every block's residual
+branch; with ``return_features=True`` the model then returns ``(logits,
+features, maps)``, ``maps`` naming each block's pre-sigmoid attention maps
+``attention/<block>/channel`` ``[B, C]`` and ``attention/<block>/spatial``
+``[B, H, W, 1]`` (outputs of the module next to ``logits`` and ``features``).
+
 WRN-40-2 has 2,243,546 parameters for 10 classes.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from jaxrobust.models.cbam import collect_attention
 from jaxrobust.models.layers import (ImageClassifier, PreActBasicBlock, check_images, check_rate,
                                      classify, conv_and_bn, stochastic_depth_rate)
 from jaxrobust.models.registry import register_model
@@ -55,6 +63,7 @@ class WideResNet(ImageClassifier):
   width: int = 2
   dropout_rate: float = 0.0
   stochastic_depth_rate: float = 0.0
+  cbam: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -68,14 +77,18 @@ class WideResNet(ImageClassifier):
     conv, bn = conv_and_bn(self, train)
     x = conv(16, 3, name="stem")(x)
     n = (self.depth - 4) // 6
+    maps = {}
     for g, (features, stride) in enumerate(
         [(16 * self.width, 1), (32 * self.width, 2), (64 * self.width, 2)]):
       for b in range(n):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, g * n + b, 3 * n)
+        name = f"group{g + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, self.dropout_rate,
-                             self.dtype, self.bn_axis_name, drop,
-                             name=f"group{g + 1}_block{b + 1}")(x, train)
+                             self.dtype, self.bn_axis_name, drop, cbam=self.cbam,
+                             name=name)(x, train)
+        x = collect_attention(x, name, maps)
     x = nn.relu(bn(name="bn")(x))
     features = x.mean(axis=(1, 2))
-    return classify(features, self.num_classes, dtype=self.dtype,
-                    return_features=return_features)
+    out = classify(features, self.num_classes, dtype=self.dtype,
+                   return_features=return_features)
+    return (*out, maps) if (return_features and self.cbam) else out
