@@ -191,3 +191,31 @@ def with_pretrain_length(overrides, length, *, source: str,
     out["num_steps"] = max(1, round(length * spe))
     out["checkpoint_every_steps"] = max(out["num_steps"] // 2, 1)
   return out
+
+
+def _from_stage(config, patterns) -> str | None:
+  """The stage (one matching the fnmatch ``patterns``) whose checkpoint a stage
+  config initialises from, or None."""
+  import fnmatch
+  path = (config.get("init_from") or {}).get("path", "") if hasattr(config, "get") else ""
+  if not (isinstance(path, str) and path.startswith("artifact:") and path.endswith("/checkpoint")):
+    return None
+  stage = path[len("artifact:"):].split("/", 1)[0]
+  return stage if any(fnmatch.fnmatchcase(stage, p) for p in patterns) else None
+
+
+def with_finetune_lr(stages: dict, learning_rate: float, pretrain_stages) -> dict:
+  """A recipe's ``stages`` (a dict) with every stage that fine-tunes from one
+  of ``pretrain_stages`` (fnmatch patterns; its ``init_from.path`` is their
+  ``artifact:<stage>/checkpoint``) at ``learning_rate``; the rest unchanged.
+  The fine-tuning rate chosen on the target's validation split for a
+  pre-training length (``launch.pretrain_study``)."""
+  if not learning_rate > 0:
+    raise ValueError(f"finetune_lr must be positive, got {learning_rate!r}.")
+  out = {}
+  for name, stage in stages.items():
+    stage = merge(dict(stage), {})
+    if _from_stage(stage.get("config") or {}, pretrain_stages) is not None:
+      stage["config"] = merge(stage["config"], {"optimizer": {"learning_rate": float(learning_rate)}})
+    out[name] = stage
+  return out

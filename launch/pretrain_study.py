@@ -15,9 +15,17 @@ claim was looked at) -- in ``<workdir>/pretrain_<length>/`` (each with its own
 * ``<workdir>/pretrain_study.json`` -- the same, machine-readable.
 
 Only papers whose ``Paper.pretrain_stages`` is set take ``--pretrain``
-(hendrycks2019, zoph2020, ngiam2018). The fine-tuning learning rates stay the
-recipes' (chosen on digits:validation after the default pre-training); they
-are not re-selected per length here (docs/reproduce.md, "Pre-training length").
+(hendrycks2019, zoph2020, ngiam2018).
+
+**The fine-tuning rate per length** (``--select_lr``, the default): before a
+length's seeds run, :func:`lr_selection_recipe` -- seed 0, the length's
+pre-training, then the paper's ``tune_arm`` (a fine-tuning arm) once per rate
+of the grid, evaluated on the target's validation split only -- runs in
+``pretrain_<length>/select_lr/``; the rate with the lowest validation NLL
+(:func:`pick_lr`) is written to ``pretrain_<length>/finetune_lr.json`` and
+every stage that fine-tunes from a pre-training stage uses it
+(:func:`configs.default.with_finetune_lr`). ``--noselect_lr`` keeps the
+recipes' rates (chosen on digits:validation after the default pre-training).
 """
 
 from __future__ import annotations
@@ -30,8 +38,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from configs import default
+from jaxrobust import artifacts as artifacts_lib
+from jaxrobust import config as config_lib
 from jaxrobust import files
 from launch.papers import Paper
+
+LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+LR_METRIC = "validation/nll"  # lower is better; accuracy breaks ties
+LR_FILE = "finetune_lr.json"
 
 
 def parse_lengths(text: str) -> list[float | str]:
@@ -44,6 +58,104 @@ def parse_lengths(text: str) -> list[float | str]:
   if len(set(labels)) != len(labels):
     raise ValueError(f"--pretrain: a length is given twice in {text!r}.")
   return lengths
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+  try:
+    grid = tuple(float(t) for t in str(text).split(",") if t.strip())
+  except ValueError:
+    grid = ()
+  if not grid or min(grid) <= 0 or len(set(grid)) != len(grid):
+    raise ValueError(f"--lr_grid: distinct positive learning rates joined by ',', got {text!r}.")
+  return grid
+
+
+def _lr_stage(lr: float) -> str:
+  """``ft_lr0p03``: stage names take no dots."""
+  return "ft_lr" + f"{lr:g}".replace(".", "p")
+
+
+def lr_selection_recipe(paper: Paper, length: float | str, grid: Sequence[float],
+                        quick: bool = False) -> Any:
+  """Seed 0 of ``paper`` at pre-training ``length``, cut down to what its
+  ``tune_arm`` needs (the stages it takes artifacts from, transitively), and
+  that arm once per rate of ``grid`` (stages ``ft_lr<rate>``), each evaluated
+  on the target's validation split only (no OOD sets, no attacks)."""
+  if not paper.tune_arm:
+    raise ValueError(f"{paper.name} names no tune_arm: no fine-tuning rate to select.")
+  c = paper.recipe(0, quick, pretrain=length)
+  stages = c.stages.to_dict()
+  arm = stages[paper.tune_arm]
+  needed, todo = set(), [paper.tune_arm]
+  while todo:
+    name = todo.pop()
+    after = stages[name].get("after", ())
+    deps = [artifacts_lib.parse_ref(ref)[0] for _, ref in artifacts_lib.find_refs(stages[name])]
+    for dep in deps + ([after] if isinstance(after, str) else list(after or ())):
+      if dep not in needed:
+        needed.add(dep)
+        todo.append(dep)
+  out = {n: stages[n] for n in stages if n in needed}
+  evaluators = set(c.evaluators.keys()) | set((arm.get("config") or {}).get("evaluators", {}))
+  for lr in grid:
+    out[_lr_stage(lr)] = {**arm, "config": config_lib.merge(arm.get("config") or {}, {
+        "optimizer": {"learning_rate": float(lr)},
+        "evaluators": {**{k: None for k in evaluators if k != "classification"},
+                       "classification": {"splits": ("validation",)}}})}
+  c.stages = out
+  return c
+
+
+def pick_lr(results: Mapping[str, float], grid: Sequence[float]) -> dict[str, Any]:
+  """The rate of ``grid`` with the lowest ``ft_lr<rate>/validation/nll`` in a
+  selection recipe's ``results`` (higher validation accuracy, then the
+  smaller rate, break ties)."""
+  scores = {}
+  for lr in grid:
+    key = f"{_lr_stage(lr)}/{LR_METRIC}"
+    if key not in results:
+      raise ValueError(f"lr selection: no {key} in the selection runs' results.")
+    scores[lr] = (results[key], -results.get(f"{_lr_stage(lr)}/validation/accuracy", 0.0), lr)
+  best = min(scores, key=lambda lr: scores[lr])
+  return {"finetune_lr": best, "metric": LR_METRIC, "grid": list(grid),
+          "scores": {f"{lr:g}": scores[lr][0] for lr in grid}}
+
+
+def select_lr(paper: Paper, sub: str, length: float | str, grid: Sequence[float],
+              quick: bool = False, report_only: bool = False) -> dict[str, Any]:
+  """Runs (or, ``report_only``, reads) the selection of ``length`` in
+  ``<sub>/select_lr`` and records it in ``<sub>/finetune_lr.json``; a
+  recorded choice from another grid is an error (the seeds ran with it)."""
+  path = os.path.join(sub, LR_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      chosen = json.load(f)
+    if [float(x) for x in chosen["grid"]] != [float(x) for x in grid]:
+      raise ValueError(f"{path} chose the fine-tuning rate from the grid {chosen['grid']}, not "
+                       f"{list(grid)}; use that grid or a new --workdir.")
+    return chosen
+  if report_only:
+    raise ValueError(f"--report_only: no {path} (the selection has not run).")
+  from jaxrobust import stages
+  results = stages.run(lr_selection_recipe(paper, length, grid, quick),
+                       os.path.join(sub, "select_lr"))
+  chosen = pick_lr(results, grid)
+  files.write_json(path, chosen, what="fine-tuning rate")
+  return chosen
+
+
+def check_lr_choice(sub: str, select: bool) -> None:
+  """A length's seeds must all run with one fine-tuning rate: refuses to
+  select one for seeds that already ran without it, or to run without the
+  one already chosen."""
+  chosen = os.path.exists(os.path.join(sub, LR_FILE))
+  ran = os.path.isdir(sub) and any(n.startswith("seed") for n in os.listdir(sub))
+  if chosen and not select:
+    raise ValueError(f"{sub} ran with the fine-tuning rate chosen in {LR_FILE}; drop "
+                     "--noselect_lr or use a new --workdir.")
+  if select and not chosen and ran:
+    raise ValueError(f"{sub} has seeds that ran with the recipes' fine-tuning rates; pass "
+                     "--noselect_lr or use a new --workdir.")
 
 
 def length_dir(workdir: str, length: float | str) -> str:
@@ -92,7 +204,8 @@ def pretrain_stages(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[st
 
 
 def study(paper: Paper, summaries: Mapping[str, Mapping[str, Any]],
-          stages: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+          stages: Mapping[str, Mapping[str, Any]] | None = None,
+          lrs: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
   """Per claim, its entry at each length (``summaries``: length label -> a
   :func:`launch.papers.summarize` result, in the order given)."""
   labels = list(summaries)
@@ -108,8 +221,23 @@ def study(paper: Paper, summaries: Mapping[str, Mapping[str, Any]],
                    "lengths": per, "verdicts_agree": len(set(ran)) <= 1 if ran else None})
   return {"paper": paper.name, "title": paper.title, "lengths": labels, "claims": claims,
           "seeds": {label: summaries[label]["seeds"] for label in labels},
-          "pretrain_stages": dict(stages or {}), "stopping_rule": {
+          "pretrain_stages": dict(stages or {}), "finetune_lr": dict(lrs or {}),
+          "stopping_rule": {
               **default.PRETRAIN_STOPPING, "max_epochs": default.PRETRAIN_MAX_EPOCHS}}
+
+
+def _lr_line(paper: Paper, labels: Sequence[str], lrs: Mapping[str, Any]) -> str:
+  if not any(lrs.get(lab) for lab in labels):
+    return "Fine-tuning rates: the recipes' own (chosen on digits:validation after the default " \
+           "pre-training), not re-selected per length."
+  parts = []
+  for lab in labels:
+    sel = lrs.get(lab)
+    parts.append(f"{lab}: {sel['finetune_lr']:g}" if sel else f"{lab}: the recipe's")
+  grid = next(lrs[lab]["grid"] for lab in labels if lrs.get(lab))
+  return (f"Fine-tuning rate of every stage fine-tuning from a pre-training stage, chosen per "
+          f"length on the target's validation split (`{paper.tune_arm}`, seed 0, lowest "
+          f"{LR_METRIC} over {', '.join(f'{x:g}' for x in grid)}): " + "; ".join(parts) + ".")
 
 
 def _cell(entry: Mapping[str, Any]) -> str:
@@ -144,7 +272,7 @@ def write_study(paper: Paper, result: Mapping[str, Any], workdir: str) -> str:
            f"epoch; stop when it has not improved by more than {rule['min_delta']:g} for "
            f"{rule['patience']} epochs, at most {rule['max_epochs']} epochs, the best epoch's "
            "checkpoint handed on (configs/default.py PRETRAIN_STOPPING, fixed before any claim "
-           "was examined). Fine-tuning rates: the recipes' own, not re-selected per length.", "",
+           "was examined).", "", _lr_line(paper, labels, result.get("finetune_lr") or {}), "",
            "## Claims by pre-training length", "",
            "Each cell: verdict, mean difference in the claimed direction over seeds, and its "
            "95% interval over seeds (the per-length reports add the bootstrap over test "

@@ -37,6 +37,11 @@ _PRETRAIN = flags.DEFINE_string(
     "pretrain", None, "Pre-training lengths, comma-separated: source epochs or 'plateau' (the "
     "stopping rule of configs/default.py PRETRAIN_STOPPING), e.g. 2,8,16,plateau; each in "
     "<workdir>/pretrain_<length>/, then <workdir>/pretrain_study.md.")
+_SELECT_LR = flags.DEFINE_bool(
+    "select_lr", True, "With --pretrain: choose the fine-tuning rate per length on the target's "
+    "validation split (seed 0, --lr_grid) before the seeds run; --noselect_lr: the recipes' rates.")
+_LR_GRID = flags.DEFINE_string("lr_grid", "0.003,0.01,0.03,0.1,0.3",
+                               "With --pretrain --select_lr: the fine-tuning rates tried.")
 
 
 def main(argv):
@@ -63,6 +68,7 @@ def main(argv):
     from launch import pretrain_study
     try:
       lengths = pretrain_study.parse_lengths(_PRETRAIN.value)
+      grid = pretrain_study.parse_grid(_LR_GRID.value)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     if not paper.pretrain_stages:
@@ -81,18 +87,27 @@ def main(argv):
     print(papers.write_report(paper, summary, workdir, _QUICK.value))
     print(f"report: {os.path.join(workdir, 'report.md')}")
     return
-  summaries, stages = {}, {}
+  summaries, stages, lrs = {}, {}, {}
   for length in lengths:
     label = pretrain_study.default.pretrain_label(length)
     sub = pretrain_study.length_dir(workdir, length)
+    try:
+      pretrain_study.check_lr_choice(sub, _SELECT_LR.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     os.makedirs(sub, exist_ok=True)
+    lrs[label] = (pretrain_study.select_lr(paper, sub, length, grid, _QUICK.value,
+                                           report_only=_REPORT_ONLY.value)
+                  if _SELECT_LR.value else None)
     if not _REPORT_ONLY.value:
-      print(f"pre-training length {label}: {sub}", flush=True)
-      papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length)
+      print(f"pre-training length {label}: {sub}" + (
+          f", fine-tuning lr {lrs[label]['finetune_lr']:g}" if lrs[label] else ""), flush=True)
+      papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length,
+                       finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None)
     summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds)
     papers.write_report(paper, summaries[label], sub, _QUICK.value)
     stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)
-  print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages),
+  print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages, lrs),
                                    workdir))
   print(f"study: {os.path.join(workdir, 'pretrain_study.md')}")
 

@@ -285,7 +285,9 @@ def test_pretrain_study_table_per_length(tmp_path):
     stages[label] = pretrain_study.pretrain_stages(paper, str(sub), [0, 1, 2])
   assert stages["plateau"]["pretrain"]["epochs"] == [10, 11, 12]
   assert stages["plateau"]["pretrain"]["best_epoch"] == [7, 8, 9]
-  result = pretrain_study.study(paper, summaries, stages)
+  lrs = {"2": {"finetune_lr": 0.1, "grid": [0.03, 0.1]},
+         "plateau": {"finetune_lr": 0.03, "grid": [0.03, 0.1]}}
+  result = pretrain_study.study(paper, summaries, stages, lrs)
   claim = result["claims"][0]
   assert claim["lengths"]["2"]["verdict"] == "holds"
   assert claim["lengths"]["plateau"]["verdict"] == "does not hold"
@@ -293,6 +295,7 @@ def test_pretrain_study_table_per_length(tmp_path):
   text = pretrain_study.write_study(paper, result, str(tmp_path))
   assert "| good beats bad (`good` vs `bad`) | **holds** +" in text
   assert "**does not hold** -" in text and "| **no** |" in text
+  assert "over 0.03, 0.1): 2: 0.1; plateau: 0.03." in text
   assert "| plateau | pretrain | 11.0 (10.0–12.0) | 8.0 (7.0–9.0) | 0.8100 (0.8000–0.8200) |" in text
   on_disk = json.load(open(tmp_path / "pretrain_study.json"))
   assert on_disk["lengths"] == ["2", "plateau"] and on_disk["stopping_rule"]["patience"] == 3
@@ -336,3 +339,43 @@ def test_pretrain_is_refused_for_a_paper_without_pretraining_stages(tmp_path):
   paper = _paper(())
   with pytest.raises(ValueError, match="no pre-training stages"):
     reproduce.run_seeds(paper, str(tmp_path), [0], quick=True, pretrain=2.0)
+
+
+def test_finetune_lr_reaches_only_stages_fine_tuning_from_pretraining():
+  from configs import default
+  paper = reproduce.load_paper("hendrycks2019")
+  stages = paper.recipe(0, True).stages.to_dict()
+  tuned = default.with_finetune_lr(stages, 0.03, paper.pretrain_stages)
+  changed = {n for n in stages if tuned[n] != stages[n]}
+  assert {"finetune", "adv_finetune", "imb_ce_pre"} <= changed
+  assert not changed & {"pretrain", "adv_pretrain", "scratch", "imb_ce_scratch"}
+  for n in changed:
+    assert tuned[n]["config"]["optimizer"]["learning_rate"] == 0.03
+    assert tuned[n]["config"]["init_from"]["path"] in ("artifact:pretrain/checkpoint",
+                                                       "artifact:adv_pretrain/checkpoint")
+
+
+def test_lr_selection_recipe_and_pick(tmp_path):
+  from jaxrobust import stages as stages_lib
+  from launch import pretrain_study
+  paper = reproduce.load_paper("hendrycks2019")
+  c = pretrain_study.lr_selection_recipe(paper, "plateau", (0.01, 0.1), quick=True)
+  plan = stages_lib.stage_configs(c)  # every stage's merged config validates
+  assert set(plan) == {"pretrain", "ft_lr0p01", "ft_lr0p1"}
+  assert list(plan)[0] == "pretrain" and plan["pretrain"][2].early_stopping.metric
+  for lr in (0.01, 0.1):
+    cfg = plan["ft_lr" + f"{lr:g}".replace(".", "p")][2]
+    assert cfg.optimizer.learning_rate == lr
+    assert list(cfg.evaluators.keys()) == ["classification"]
+    assert tuple(cfg.evaluators.classification.splits) == ("validation",)
+  results = {"ft_lr0p01/validation/nll": 0.30, "ft_lr0p1/validation/nll": 0.25,
+             "ft_lr0p01/validation/accuracy": 0.9, "ft_lr0p1/validation/accuracy": 0.91}
+  chosen = pretrain_study.pick_lr(results, (0.01, 0.1))
+  assert chosen["finetune_lr"] == 0.1 and chosen["scores"] == {"0.01": 0.30, "0.1": 0.25}
+  # A recorded choice is reused; one from another grid is refused.
+  json.dump(chosen, open(tmp_path / pretrain_study.LR_FILE, "w"))
+  assert pretrain_study.select_lr(paper, str(tmp_path), 2, (0.01, 0.1))["finetune_lr"] == 0.1
+  with pytest.raises(ValueError, match="another|grid"):
+    pretrain_study.select_lr(paper, str(tmp_path), 2, (0.01, 0.3))
+  with pytest.raises(ValueError, match="noselect_lr"):
+    pretrain_study.check_lr_choice(str(tmp_path), select=False)

@@ -292,6 +292,7 @@ PAPER = Paper(
     title="Hendrycks, Lee, Mazeika (ICML 2019): pre-training improves robustness and uncertainty",
     recipe=recipe,
     pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="finetune",
     arms={**UNCERTAINTY_ARMS, **ADVERSARIAL_ARMS, **IMBALANCE_ARMS, **LABEL_NOISE_ARMS},
     metrics=METRICS,
     main_arms=tuple(UNCERTAINTY_ARMS),

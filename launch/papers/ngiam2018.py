@@ -94,6 +94,7 @@ PAPER = Paper(
     title="Ngiam et al. (2018): domain adaptive transfer learning with importance weights",
     recipe=recipe,
     pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="ft_digits_all",
     arms={**DIGITS, **LETTERS,
           **{f"sample_digits_{s}_{n}": f"digits pre-training set, {s}, {n:,}"
              for n in FULL["sizes"] for s in SAMPLERS},

@@ -79,6 +79,7 @@ PAPER = Paper(
     title="Zoph et al. (NeurIPS 2020): rethinking pre-training and self-training",
     recipe=recipe,
     pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="sup_s1",
     arms=ARMS,
     main_arms=tuple(a for a in ARMS if not a.startswith("labels")),
     metrics=(ACCURACY, NLL),
