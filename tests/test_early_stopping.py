@@ -136,3 +136,25 @@ def test_no_evaluation_rounds_is_an_error(data_dir):
   c.eval_every_steps = -1
   with pytest.raises(ValueError, match=r"early_stopping.metric.*eval_every_steps"):
     config_lib.validate(c)
+
+
+def test_pmap_path_restores_the_best_step(tmp_path, data_dir, monkeypatch):
+  seen = _fake_rounds(monkeypatch)
+  c = _config(data_dir)
+  c.parallelism = "pmap"
+  results = trainer.train_and_evaluate(c, str(tmp_path))
+  assert results["train/best_step"] == 4 and _steps(tmp_path) == [4]
+  best_params, _ = ckpt_lib.load_pretrained(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, seen["final_params"], best_params)
+
+
+def test_pretrain_finetune_recipe_takes_pretrain_plateau():
+  from configs import default
+  from configs.recipes import pretrain_finetune
+  pre = pretrain_finetune.get_config("mode=compare,pretrain=plateau").stages.pretrain.config
+  assert pre.early_stopping.metric == default.PRETRAIN_STOPPING["metric"]
+  assert pre.num_steps == default.PRETRAIN_MAX_EPOCHS * default.source_steps_per_epoch("glyphs")
+  with pytest.raises(ValueError, match="pretrain='plateau'.*embedded"):
+    pretrain_finetune.get_config("cifar10,pretrain=plateau")
+  with pytest.raises(ValueError, match="pre-training length"):
+    pretrain_finetune.get_config("pretrain=long")
