@@ -34,6 +34,8 @@ import math
 import os
 from typing import Any, Mapping
 
+import jax
+
 from jaxrobust import files
 
 STATE_FILE = "early_stopping.json"
@@ -140,7 +142,8 @@ class EarlyStopping:
         (s, v) for s, v in rounds if s <= resumed_step]
 
   def save(self) -> None:
-    if self.path is None:
+    """Writes the state (process 0; every process keeps the same rounds)."""
+    if self.path is None or jax.process_index() != 0:
       return
     best_step, best, since = self._scan()
     files.write_json(self.path, {
