@@ -14,7 +14,9 @@ Pre-train -> fine-tune on the embedded data (Hendrycks et al. 2019 in small):
       --workdir runs/digits_ft
 """
 
-from jaxrobust.config import base_config, parse_arg
+import math
+
+from jaxrobust.config import base_config, merge, parse_arg
 
 VARIANTS = ("embedded", "glyphs", "smoke", "cifar10", "cifar100")
 # Picked on glyphs:validation (accuracy after 2 epochs, batch 128) from {0.05, 0.1, 0.2, 0.4}.
@@ -113,3 +115,107 @@ def pretrain_overrides(source: str, steps: int, **train_stream) -> dict:
 def embedded_source(smoke: bool = False) -> str:
   """The pre-training source of the embedded recipes: ``glyphs`` (``glyphs/small`` for tests)."""
   return "glyphs/small" if smoke else "glyphs"
+
+
+# --- pre-training length ------------------------------------------------------------
+
+# The stopping rule of pre-training "until plateau" on the embedded source
+# (docs/reproduce.md, "Pre-training length"). FIXED BEFORE ANY CLAIM WAS
+# EXAMINED at any pre-training length, and not to be tuned on the claims: the
+# source's own validation split decides, as when the papers pre-train to
+# convergence. Evaluated every source epoch on <source>:validation; training
+# stops once validation accuracy has not improved by more than 0.1 point for 3
+# epochs in a row, at most PRETRAIN_MAX_EPOCHS epochs (the cosine schedule
+# spans that maximum); the best epoch's checkpoint is what the stage hands on.
+PRETRAIN_STOPPING = {"metric": "validation/accuracy", "mode": "max", "patience": 3,
+                     "min_delta": 0.001, "restore_best": True}
+PRETRAIN_MAX_EPOCHS = 32
+PLATEAU = "plateau"
+PRETRAIN_BATCH = 128
+# Training-split sizes of the embedded sources (jaxrobust/data/builders/glyphs.py):
+# one source epoch in steps, whatever subset of it a stage reads.
+SOURCE_TRAIN_SIZES = {"glyphs": 24_800, "glyphs/full": 24_800, "glyphs/small": 1_860}
+
+
+def parse_pretrain(value) -> float | str:
+  """A pre-training length: a positive number of source epochs (``2``,
+  ``'8'``, ``'0.5'``) or ``'plateau'`` (:data:`PRETRAIN_STOPPING`)."""
+  if isinstance(value, str) and value.strip().lower() == PLATEAU:
+    return PLATEAU
+  try:
+    epochs = float(value)
+  except (TypeError, ValueError):
+    epochs = -1.0
+  if not epochs > 0 or not math.isfinite(epochs):
+    raise ValueError(f"pretrain: a pre-training length is a positive number of source epochs "
+                     f"or {PLATEAU!r}, got {value!r}.")
+  return epochs
+
+
+def pretrain_label(value) -> str:
+  """``'2'``, ``'0.5'``, ``'plateau'``: how a length names its directory (``pretrain_<label>``)."""
+  length = parse_pretrain(value)
+  return length if isinstance(length, str) else f"{length:g}"
+
+
+def source_steps_per_epoch(source: str, batch_size: int = PRETRAIN_BATCH) -> int:
+  if source not in SOURCE_TRAIN_SIZES:
+    raise ValueError(f"pretrain: no training-split size known for the source {source!r} "
+                     f"(configs/default.py SOURCE_TRAIN_SIZES: {sorted(SOURCE_TRAIN_SIZES)}).")
+  return math.ceil(SOURCE_TRAIN_SIZES[source] / batch_size)
+
+
+def with_pretrain_length(overrides, length, *, source: str,
+                         batch_size: int = PRETRAIN_BATCH) -> dict:
+  """A pre-training stage's ``overrides`` (a dict) with its length set -- the
+  one place every paper recipe sets it:
+
+  * ``N`` epochs: ``N`` epochs of the source in steps (``N * ceil(size /
+    batch)``, also for a stage that reads a subset of it, so arms that
+    pre-train on subsets keep equal steps);
+  * ``'plateau'``: :data:`PRETRAIN_STOPPING` on ``<source>:validation``,
+    evaluated every source epoch, at most :data:`PRETRAIN_MAX_EPOCHS`
+    epochs, the best epoch's checkpoint handed on.
+  """
+  length = parse_pretrain(length)
+  spe = source_steps_per_epoch(source, batch_size)
+  out = merge(dict(overrides), {})
+  out.pop("num_epochs", None)
+  if length == PLATEAU:
+    out["num_steps"] = PRETRAIN_MAX_EPOCHS * spe
+    out["early_stopping"] = dict(PRETRAIN_STOPPING)
+    out["checkpoint_every_steps"] = spe
+    out = merge(out, {"evaluators": {"classification": {
+        "splits": ("validation",), "every_steps": spe}}})
+  else:
+    out["num_steps"] = max(1, round(length * spe))
+    out["checkpoint_every_steps"] = max(out["num_steps"] // 2, 1)
+  return out
+
+
+def _from_stage(config, patterns) -> str | None:
+  """The stage (one matching the fnmatch ``patterns``) whose checkpoint a stage
+  config initialises from, or None."""
+  import fnmatch
+  path = (config.get("init_from") or {}).get("path", "") if hasattr(config, "get") else ""
+  if not (isinstance(path, str) and path.startswith("artifact:") and path.endswith("/checkpoint")):
+    return None
+  stage = path[len("artifact:"):].split("/", 1)[0]
+  return stage if any(fnmatch.fnmatchcase(stage, p) for p in patterns) else None
+
+
+def with_finetune_lr(stages: dict, learning_rate: float, pretrain_stages) -> dict:
+  """A recipe's ``stages`` (a dict) with every stage that fine-tunes from one
+  of ``pretrain_stages`` (fnmatch patterns; its ``init_from.path`` is their
+  ``artifact:<stage>/checkpoint``) at ``learning_rate``; the rest unchanged.
+  The fine-tuning rate chosen on the target's validation split for a
+  pre-training length (``launch.pretrain_study``)."""
+  if not learning_rate > 0:
+    raise ValueError(f"finetune_lr must be positive, got {learning_rate!r}.")
+  out = {}
+  for name, stage in stages.items():
+    stage = merge(dict(stage), {})
+    if _from_stage(stage.get("config") or {}, pretrain_stages) is not None:
+      stage["config"] = merge(stage["config"], {"optimizer": {"learning_rate": float(learning_rate)}})
+    out[name] = stage
+  return out

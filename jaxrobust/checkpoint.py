@@ -151,10 +151,16 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
-               asynchronous: bool = True, read_only: bool = False):
+               asynchronous: bool = True, read_only: bool = False, keep_protected: bool = False):
     self.directory = os.path.abspath(directory)
+    # keep_protected: the steps in `protected` (early stopping's best step) are
+    # never pruned; the newest `max_to_keep` others are kept (pruned here, not by orbax).
+    self.max_to_keep = max_to_keep
+    self.protected: set[int] = set()
+    self._prune_here = keep_protected
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if keep_protected else max_to_keep, create=not read_only,
+        read_only=read_only,
         enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of a save that may still be in flight
@@ -205,10 +211,34 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(meta), **dict(data))
     with self._writing(None):
       self.manager.wait_until_finished()  # the previous save's failure is reported as its own
+    if self._prune_here and self.max_to_keep:
+      self._prune(self.max_to_keep - 1)  # room for this one
     self._check_room(int(step), state)
     self._saving = int(step)
     with self._writing(int(step)):
       self.manager.save(int(step), args=args, force=True)
+
+  def _prune(self, keep: int) -> None:
+    """Deletes all but the newest ``keep`` unprotected steps (and the protected ones)."""
+    steps = sorted(self.all_steps())
+    free = [s for s in steps if s not in self.protected]
+    for s in free[:max(len(free) - max(keep, 0), 0)]:
+      self.manager.delete(s)
+
+  def wait(self) -> None:
+    """Finishes the save in flight (raising :class:`~jaxrobust.files.WriteError` if it failed)."""
+    with self._writing(None):
+      self.manager.wait_until_finished()
+    self._saving = None
+
+  def delete_after(self, step: int) -> None:
+    """Deletes every checkpoint newer than ``step``, so ``step`` is the newest
+    (early stopping hands on its best step this way)."""
+    with self._writing(None):
+      self.manager.wait_until_finished()
+    for s in sorted(self.all_steps()):
+      if s > step:
+        self.manager.delete(s)
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -320,6 +350,8 @@ class Checkpointer:
       with self._writing(None):
         self.manager.wait_until_finished()
       self._saving = None
+      if self._prune_here and self.max_to_keep:
+        self._prune(self.max_to_keep)
     finally:
       self.manager.close()
       if self._hook is not None and threading.excepthook is self._hook:

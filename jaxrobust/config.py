@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrobust import early_stopping
 from jaxrobust import generated
 from jaxrobust.data import streams
 from jaxrobust.registry import suggest
@@ -146,6 +147,17 @@ def base_config() -> ml_collections.ConfigDict:
        # None: the preset's protocol (hendrycks: 1 OOD per 5 test images, 5 draws).
        "fraction": config_dict.placeholder(float), "draws": config_dict.placeholder(int)})
   c.plots = True
+
+  # Early stopping (jaxrobust.early_stopping): disabled while `metric` is empty.
+  # At every evaluation round, training stops once `metric` has not improved by
+  # more than `min_delta` for `patience` rounds; restore_best: the run ends on
+  # (and its newest checkpoint is) the best round's step.
+  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping.metric = ""  # an evaluator's result key, e.g. 'validation/accuracy'
+  c.early_stopping.mode = "max"  # 'max' | 'min'
+  c.early_stopping.patience = 3  # evaluation rounds without improvement
+  c.early_stopping.min_delta = 0.0
+  c.early_stopping.restore_best = True
 
   # A recipe: stage name -> {task, config (overrides of this config), after,
   # options}, run in <workdir>/<stage> after the stages it takes artifacts from
@@ -376,6 +388,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.cache not in ("auto", "memory", "none"):
     raise ValueError(f"config.data.cache must be 'auto', 'memory' or 'none', got {config.data.cache!r}.")
   _check_optimizer(config.optimizer, "config.optimizer")
+  early_stopping.check_config(config)
   _check_streams(config)
   _check_modules_and_updates(config)
   for key, value in config.constants.items():

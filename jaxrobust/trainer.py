@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import checkpoint as ckpt_lib
 from jaxrobust import config as config_lib
+from jaxrobust import early_stopping as es_lib
 from jaxrobust import evaluators as evaluators_lib
 from jaxrobust import files
 from jaxrobust import metric_writers
@@ -123,13 +124,17 @@ def _init_from(run: Run, name: str, state: state_lib.TrainState) -> state_lib.Tr
   return state.replace(modules=modules)
 
 
+def _abstract_state(run: Run) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      run.abstract, run.state_shardings)
+
+
 def initial_state(run: Run, checkpointer: ckpt_lib.Checkpointer
                   ) -> tuple[state_lib.TrainState, int]:
   """Resume from the workdir's latest checkpoint (state and input positions),
   else initialise (pre-trained parameters where ``init_from`` says); returns
   the state, sharded as the run's state shardings, and its step."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        run.abstract, run.state_shardings)
+  target = _abstract_state(run)
   state, step = checkpointer.restore_latest(target, data=run.train_input.restore_args(),
                                             expected_meta=run.meta, seek=run.train_input.seek)
   if state is not None:
@@ -209,9 +214,19 @@ def train(run: Run) -> dict[str, float]:
                      json.loads(config.to_json_best_effort()), what="config")
   evaluators = run.evaluators
   ckpt_dir = run.checkpoint_dir
+  stopper = es_lib.EarlyStopping.from_config(config, workdir)
+  keep_best = stopper is not None and stopper.restore_best
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
-                                       asynchronous=config.async_checkpointing)
+                                       asynchronous=config.async_checkpointing,
+                                       keep_protected=keep_best)
   state, start_step = initial_state(run, checkpointer)
+  if stopper is not None:
+    stopper.load(start_step)
+    if keep_best and stopper.best_step is not None:
+      checkpointer.protected = {stopper.best_step}
+    if stopper.stopped_at is not None:
+      log.warning("early stopping: training had ended at step %d; finishing the run",
+                  stopper.stopped_at)
   total_steps = run.total_steps
   step_fn = step_lib.make_train_step(
       run.step_spec, axis_name="batch" if config.parallelism == "pmap" else None)
@@ -222,12 +237,14 @@ def train(run: Run) -> dict[str, float]:
     state = step_lib.replicate_for_pmap(state, devices)
     put_batch = lambda b: pipeline.to_pmap(b, len(devices))
     host_state = step_lib.unreplicate
+    to_devices = lambda s: step_lib.replicate_for_pmap(s, devices)
   else:
     compiled_step = step_lib.jit_train_step(step_fn, run.state_shardings, run.batch_sharding,
                                             run.replicated)
     const = jax.device_put(const, run.replicated)
     put_batch = lambda b: pipeline.to_global(b, run.batch_sharding)
     host_state = lambda s: s
+    to_devices = lambda s: s
 
   writer = metric_writers.create_writer(workdir, resume_step=start_step or None)
   if start_step == 0 and is_main:
@@ -246,8 +263,10 @@ def train(run: Run) -> dict[str, float]:
              disable=not (config.progress_bar and is_main), desc="train")
   t_train = time.time()
   preemption = _Preemption()
+  at_step = start_step  # the step of `state`
+  end = start_step if stopper is not None and stopper.stopped_at is not None else total_steps
   try:
-    for step in range(start_step, total_steps):
+    for step in range(start_step, end):
       host_batch = next(train_input)
       if step == 0 and config.plots and is_main:
         _plot_stream_samples(config, run.stream_steps, host_batch, root_rng,
@@ -282,9 +301,29 @@ def train(run: Run) -> dict[str, float]:
       if done % config.checkpoint_every_steps == 0 and done != total_steps:
         save(done)
         last_saved = done
+      at_step = done
       if eval_due and done != total_steps:
-        writer.write_scalars(done, evaluators_lib.run(evaluators, host_state(state), step=done))
+        round_results = evaluators_lib.run(evaluators, host_state(state), step=done)
+        writer.write_scalars(done, round_results)
         _write_images(writer, evaluators, done, workdir if config.plots else None, is_main)
+        if stopper is not None:
+          if stopper.update(done, round_results) and keep_best:
+            checkpointer.protected = {done}
+            if last_saved != done:
+              save(done)
+              last_saved = done
+          if stopper.should_stop:
+            if last_saved != done and not keep_best:
+              save(done)  # without restore_best the run ends on (and hands on) this step
+              last_saved = done
+            checkpointer.wait()
+            stopper.stop(done)
+            log.warning("early stopping at step %d: %s has not improved by more than %g for "
+                        "%d rounds (best %.6g at step %d)", done, stopper.metric,
+                        stopper.min_delta, stopper.patience, stopper.best_value,
+                        stopper.best_step)
+            bar.update(1)
+            break
       bar.update(1)
       if done != total_steps and preemption.due(done):
         if pending is not None:
@@ -296,11 +335,34 @@ def train(run: Run) -> dict[str, float]:
         raise PreemptedError(done, ckpt_dir)
     bar.close()
     train_seconds = time.time() - t_train
-    if start_step < total_steps:
+    stopped = stopper is not None and stopper.stopped_at is not None
+    if not stopped and start_step < total_steps:
       save(total_steps)
-    results = evaluators_lib.run(evaluators, host_state(state), final=True,
-                                 plots_dir=os.path.join(workdir, "plots") if config.plots
-                                 else None)
+
+    def final_results(s: Any) -> dict[str, float]:
+      return evaluators_lib.run(evaluators, host_state(s), final=True,
+                                plots_dir=os.path.join(workdir, "plots") if config.plots
+                                else None)
+
+    results = None
+    if stopper is not None and not stopped:  # trained to the end: its evaluation is a round too
+      results = final_results(state)
+      if stopper.update(total_steps, results) and keep_best:
+        checkpointer.protected = {total_steps}
+      checkpointer.wait()
+      stopper.stop(total_steps)
+    if keep_best:
+      best = stopper.best_step
+      checkpointer.delete_after(best)  # the newest checkpoint, the one handed on, is the best
+      if best != at_step:
+        log.warning("early stopping: restoring the best step %d (%s %.6g)", best, stopper.metric,
+                    stopper.best_value)
+        state = to_devices(checkpointer.restore(best, _abstract_state(run),
+                                                data=train_input.restore_args(),
+                                                seek=train_input.seek))
+        at_step, results = best, None
+    if results is None:
+      results = final_results(state)
   except BaseException:
     try:
       checkpointer.close()  # finish the asynchronous saves already started (the last good one)
@@ -311,11 +373,14 @@ def train(run: Run) -> dict[str, float]:
     preemption.close()
     bar.close()
   checkpointer.close()
-  results.update({"train/steps": float(total_steps), "train/seconds": train_seconds,
+  trained = stopper.stopped_at if stopper is not None else total_steps
+  results.update({"train/steps": float(trained), "train/seconds": train_seconds,
                   "train/examples_per_second":
-                      (total_steps - start_step) * run.global_batch_size
+                      max(trained - start_step, 0) * run.global_batch_size
                       / max(train_seconds, 1e-9),
                   "wall_seconds": time.time() - t_start})
+  if stopper is not None:
+    results.update(stopper.results())
   writer.write_scalars(total_steps, results)
   _write_images(writer, evaluators, total_steps, workdir if config.plots else None, is_main)
   writer.flush()

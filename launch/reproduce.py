@@ -13,6 +13,12 @@ stages are skipped, an interrupted one resumes from its checkpoint); then
   numbers;
 * ``<workdir>/report.json`` -- the same, machine-readable.
 
+With ``--pretrain 2,8,16,plateau`` (papers with pre-training stages:
+hendrycks2019, zoph2020, ngiam2018) the whole reproduction runs once per
+pre-training length in ``<workdir>/pretrain_<length>/`` and
+``<workdir>/pretrain_study.md`` tabulates each claim's verdict per length
+(:mod:`launch.pretrain_study`).
+
 How claims are judged: :mod:`launch.papers`. Nothing is tuned here:
 hyperparameters come from the recipes, chosen on validation splits.
 """
@@ -27,6 +33,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and the report go.",
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced version (shorter training), for a smoke test.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from finished runs.")
+_PRETRAIN = flags.DEFINE_string(
+    "pretrain", None, "Pre-training lengths, comma-separated: source epochs or 'plateau' (the "
+    "stopping rule of configs/default.py PRETRAIN_STOPPING), e.g. 2,8,16,plateau; each in "
+    "<workdir>/pretrain_<length>/, then <workdir>/pretrain_study.md.")
+_SELECT_LR = flags.DEFINE_bool(
+    "select_lr", True, "With --pretrain: choose the fine-tuning rate per length on the target's "
+    "validation split (seed 0, --lr_grid) before the seeds run; --noselect_lr: the recipes' rates.")
+_LR_GRID = flags.DEFINE_string("lr_grid", "0.003,0.01,0.03,0.1,0.3",
+                               "With --pretrain --select_lr: the fine-tuning rates tried.")
 
 
 def main(argv):
@@ -48,16 +63,53 @@ def main(argv):
     paper = papers.load_paper(argv[1])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  lengths = None
+  if _PRETRAIN.value is not None:
+    from launch import pretrain_study
+    try:
+      lengths = pretrain_study.parse_lengths(_PRETRAIN.value)
+      grid = pretrain_study.parse_grid(_LR_GRID.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    if not paper.pretrain_stages:
+      raise app.UsageError(f"--pretrain: {paper.name} has no pre-training stages; papers with "
+                           "them: " + ", ".join(n for n in papers.papers()
+                                               if papers.load_paper(n).pretrain_stages))
   os.makedirs(workdir, exist_ok=True)
   seeds = list(range(_SEEDS.value))
   if len(seeds) < 3:
     print(f"warning: {len(seeds)} seed(s); one seed proves nothing on this benchmark.")
-  if not _REPORT_ONLY.value:
-    papers.run_seeds(paper, workdir, seeds, _QUICK.value)
   rounds = papers.QUICK_BOOTSTRAP if _QUICK.value else papers.BOOTSTRAP
-  summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds)
-  print(papers.write_report(paper, summary, workdir, _QUICK.value))
-  print(f"report: {os.path.join(workdir, 'report.md')}")
+  if lengths is None:
+    if not _REPORT_ONLY.value:
+      papers.run_seeds(paper, workdir, seeds, _QUICK.value)
+    summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds)
+    print(papers.write_report(paper, summary, workdir, _QUICK.value))
+    print(f"report: {os.path.join(workdir, 'report.md')}")
+    return
+  summaries, stages, lrs = {}, {}, {}
+  for length in lengths:
+    label = pretrain_study.default.pretrain_label(length)
+    sub = pretrain_study.length_dir(workdir, length)
+    try:
+      pretrain_study.check_lr_choice(sub, _SELECT_LR.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    os.makedirs(sub, exist_ok=True)
+    lrs[label] = (pretrain_study.select_lr(paper, sub, length, grid, _QUICK.value,
+                                           report_only=_REPORT_ONLY.value)
+                  if _SELECT_LR.value else None)
+    if not _REPORT_ONLY.value:
+      print(f"pre-training length {label}: {sub}" + (
+          f", fine-tuning lr {lrs[label]['finetune_lr']:g}" if lrs[label] else ""), flush=True)
+      papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length,
+                       finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None)
+    summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds)
+    papers.write_report(paper, summaries[label], sub, _QUICK.value)
+    stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)
+  print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages, lrs),
+                                   workdir))
+  print(f"study: {os.path.join(workdir, 'pretrain_study.md')}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 verdicts and the report, on synthetic runs; the hendrycks2019 bootstrap metrics
 agree with jaxrobust.metrics."""
 
+import dataclasses
 import json
 import os
 
@@ -257,3 +258,124 @@ def test_hendrycks2019_group_bootstrap_averages_the_group_sets_only():
   summary = {"table": {"scratch": {"test/accuracy": {"mean": 0.9},
                                    "robust/pgd20/accuracy": {"mean": 0.6}}}}
   assert "almost robust" in h2019._ceilings(summary)[0]
+
+
+def test_pretrain_study_table_per_length(tmp_path):
+  """Two pre-training lengths on synthetic runs: the claim holds at one and
+  not at the other; the table gives both verdicts, marks the disagreement,
+  and reports how long the (fake) pre-training stage trained."""
+  from launch import pretrain_study
+  paper = dataclasses.replace(_paper((reproduce.Claim("good beats bad", "test/accuracy", "good",
+                                                      "bad", "toy §1"),)),
+                              pretrain_stages=("pre*",))
+  summaries, stages = {}, {}
+  for label, (p_good, p_bad) in (("2", (0.95, 0.6)), ("plateau", (0.6, 0.95))):
+    sub = tmp_path / f"pretrain_{label}"
+    _write_runs(sub, p_good, p_bad)
+    for s in range(3):  # the pre-training stage: glyphs, batch 128 (194 steps an epoch)
+      d = sub / f"seed{s}" / "pretrain"
+      os.makedirs(d)
+      json.dump({"data": {"name": "glyphs"}, "streams": {"train": {"batch_size": 128}}},
+                open(d / "config.json", "w"))
+      json.dump({"train/steps": 194.0 * (2 if label == "2" else 10 + s),
+                 **({"train/best_step": 194.0 * (7 + s), "train/stopped_at_step": 194.0 *
+                     (10 + s)} if label == "plateau" else {}),
+                 "validation/accuracy": 0.8 + 0.01 * s}, open(d / "results.json", "w"))
+    summaries[label] = reproduce.summarize(paper, str(sub), [0, 1, 2], bootstrap=50)
+    stages[label] = pretrain_study.pretrain_stages(paper, str(sub), [0, 1, 2])
+  assert stages["plateau"]["pretrain"]["epochs"] == [10, 11, 12]
+  assert stages["plateau"]["pretrain"]["best_epoch"] == [7, 8, 9]
+  lrs = {"2": {"finetune_lr": 0.1, "grid": [0.03, 0.1]},
+         "plateau": {"finetune_lr": 0.03, "grid": [0.03, 0.1]}}
+  result = pretrain_study.study(paper, summaries, stages, lrs)
+  claim = result["claims"][0]
+  assert claim["lengths"]["2"]["verdict"] == "holds"
+  assert claim["lengths"]["plateau"]["verdict"] == "does not hold"
+  assert claim["verdicts_agree"] is False
+  text = pretrain_study.write_study(paper, result, str(tmp_path))
+  assert "| good beats bad (`good` vs `bad`) | **holds** +" in text
+  assert "**does not hold** -" in text and "| **no** |" in text
+  assert "over 0.03, 0.1): 2: 0.1; plateau: 0.03." in text
+  assert "| plateau | pretrain | 11.0 (10.0–12.0) | 8.0 (7.0–9.0) | 0.8100 (0.8000–0.8200) |" in text
+  on_disk = json.load(open(tmp_path / "pretrain_study.json"))
+  assert on_disk["lengths"] == ["2", "plateau"] and on_disk["stopping_rule"]["patience"] == 3
+
+
+def test_pretrain_lengths_are_checked():
+  from launch import pretrain_study
+  assert pretrain_study.parse_lengths("2, 8,plateau") == [2.0, 8.0, "plateau"]
+  for bad, match in (("2,two", "pre-training length.*'two'"), ("2,2.0", "given twice"),
+                     ("", "one or more")):
+    with pytest.raises(ValueError, match=match):
+      pretrain_study.parse_lengths(bad)
+
+
+@pytest.mark.parametrize("name", ["hendrycks2019", "zoph2020", "ngiam2018"])
+def test_paper_recipes_take_a_pretraining_length(name):
+  """--pretrain reaches every pre-training stage the paper names: N source
+  epochs in steps, or the stopping rule evaluated every epoch."""
+  import fnmatch
+  from configs import default
+  paper = reproduce.load_paper(name)
+  spe = default.source_steps_per_epoch("glyphs")
+  for length in (8, "plateau"):
+    stages = paper.recipe(0, True, pretrain=length).stages.to_dict()
+    pre = [n for n in stages if any(fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)]
+    assert pre
+    for n in pre:
+      cfg = stages[n]["config"]
+      if length == 8:
+        assert cfg["num_steps"] == 8 * spe and "early_stopping" not in cfg
+      else:
+        assert cfg["num_steps"] == default.PRETRAIN_MAX_EPOCHS * spe
+        assert cfg["early_stopping"] == default.PRETRAIN_STOPPING
+        assert cfg["evaluators"]["classification"]["every_steps"] == spe
+        assert "validation" in cfg["evaluators"]["classification"]["splits"]
+  others = {n: s for n, s in paper.recipe(0, True).stages.to_dict().items() if n not in pre}
+  assert others == {n: s for n, s in stages.items() if n not in pre}  # nothing else changes
+
+
+def test_pretrain_is_refused_for_a_paper_without_pretraining_stages(tmp_path):
+  paper = _paper(())
+  with pytest.raises(ValueError, match="no pre-training stages"):
+    reproduce.run_seeds(paper, str(tmp_path), [0], quick=True, pretrain=2.0)
+
+
+def test_finetune_lr_reaches_only_stages_fine_tuning_from_pretraining():
+  from configs import default
+  paper = reproduce.load_paper("hendrycks2019")
+  stages = paper.recipe(0, True).stages.to_dict()
+  tuned = default.with_finetune_lr(stages, 0.03, paper.pretrain_stages)
+  changed = {n for n in stages if tuned[n] != stages[n]}
+  assert {"finetune", "adv_finetune", "imb_ce_pre"} <= changed
+  assert not changed & {"pretrain", "adv_pretrain", "scratch", "imb_ce_scratch"}
+  for n in changed:
+    assert tuned[n]["config"]["optimizer"]["learning_rate"] == 0.03
+    assert tuned[n]["config"]["init_from"]["path"] in ("artifact:pretrain/checkpoint",
+                                                       "artifact:adv_pretrain/checkpoint")
+
+
+def test_lr_selection_recipe_and_pick(tmp_path):
+  from jaxrobust import stages as stages_lib
+  from launch import pretrain_study
+  paper = reproduce.load_paper("hendrycks2019")
+  c = pretrain_study.lr_selection_recipe(paper, "plateau", (0.01, 0.1), quick=True)
+  plan = stages_lib.stage_configs(c)  # every stage's merged config validates
+  assert set(plan) == {"pretrain", "ft_lr0p01", "ft_lr0p1"}
+  assert list(plan)[0] == "pretrain" and plan["pretrain"][2].early_stopping.metric
+  for lr in (0.01, 0.1):
+    cfg = plan["ft_lr" + f"{lr:g}".replace(".", "p")][2]
+    assert cfg.optimizer.learning_rate == lr
+    assert list(cfg.evaluators.keys()) == ["classification"]
+    assert tuple(cfg.evaluators.classification.splits) == ("validation",)
+  results = {"ft_lr0p01/validation/nll": 0.30, "ft_lr0p1/validation/nll": 0.25,
+             "ft_lr0p01/validation/accuracy": 0.9, "ft_lr0p1/validation/accuracy": 0.91}
+  chosen = pretrain_study.pick_lr(results, (0.01, 0.1))
+  assert chosen["finetune_lr"] == 0.1 and chosen["scores"] == {"0.01": 0.30, "0.1": 0.25}
+  # A recorded choice is reused; one from another grid is refused.
+  json.dump(chosen, open(tmp_path / pretrain_study.LR_FILE, "w"))
+  assert pretrain_study.select_lr(paper, str(tmp_path), 2, (0.01, 0.1))["finetune_lr"] == 0.1
+  with pytest.raises(ValueError, match="another|grid"):
+    pretrain_study.select_lr(paper, str(tmp_path), 2, (0.01, 0.3))
+  with pytest.raises(ValueError, match="noselect_lr"):
+    pretrain_study.check_lr_choice(str(tmp_path), select=False)

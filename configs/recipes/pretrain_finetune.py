@@ -30,7 +30,9 @@ Stages (jaxrobust.stages), run in <workdir>/<stage>:
 
 Arguments after ``:``: ``variant`` (embedded, cifar10, cifar100), ``mode``
 (full, last_layer, scratch, compare), ``source`` (a pre-trained run or
-checkpoint directory: no pretrain stage), ``pretrain_epochs``, ``epochs``
+checkpoint directory: no pretrain stage), ``pretrain_epochs``, ``pretrain``
+(embedded: a pre-training length, ``8`` epochs or ``plateau``, the stopping
+rule of configs/default.py PRETRAIN_STOPPING), ``epochs``
 (fine-tuning; with ``scratch_epochs`` for the baseline), ``lr``
 (fine-tuning; the baseline's lr with mode=scratch).
 """
@@ -67,13 +69,18 @@ def source_pretrain(variant: str, epochs: float = -1.0) -> dict:
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="full", source="", pretrain_epochs=-1.0,
-                   epochs=-1.0, scratch_epochs=-1.0, lr=-1.0)
+                   epochs=-1.0, scratch_epochs=-1.0, lr=-1.0, pretrain="")
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
   if args.mode not in transfer.MODES:
     raise ValueError(f"mode must be one of {transfer.MODES}, got {args.mode!r}.")
   c = default.get_config(args.variant)
   pretrain = source_pretrain(args.variant, args.pretrain_epochs)
+  if args.pretrain:  # a pre-training length: epochs of glyphs, or 'plateau'
+    if args.variant != "embedded":
+      raise ValueError(f"pretrain={args.pretrain!r}: a pre-training length (epochs or "
+                       "'plateau') is for the embedded variant; use pretrain_epochs.")
+    pretrain = default.with_pretrain_length(pretrain, args.pretrain, source="glyphs")
   ft_lr, ft_batch = (EMBEDDED_FINETUNE_LR, 64) if args.variant == "embedded" else (None, None)
   scratch = {}
   scratch_epochs = args.scratch_epochs if args.scratch_epochs > 0 else (

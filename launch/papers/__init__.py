@@ -152,6 +152,12 @@ class Paper:
   main_arms: Sequence[str] = ()  # the arms of the first table (default: every arm)
   # (summary) -> notes on the paper's own ceiling effects, added to the generic ones.
   ceilings: Callable[[Mapping[str, Any]], list[str]] | None = None
+  # Stage names (fnmatch patterns) whose length ``--pretrain`` sets; non-empty:
+  # ``recipe`` takes ``pretrain=`` (epochs or 'plateau', launch/pretrain_study.py).
+  pretrain_stages: Sequence[str] = ()
+  # The arm whose fine-tuning rate is chosen on the target's validation split
+  # per pre-training length (it fine-tunes from one of ``pretrain_stages``).
+  tune_arm: str = ""
 
 
 # --- metrics recomputed from a classification evaluator's saved predictions ------
@@ -204,11 +210,24 @@ def load_paper(name: str) -> Paper:
   return importlib.import_module(f"launch.papers.{name}").PAPER
 
 
-def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool) -> None:
+def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
+              pretrain: float | str | None = None, finetune_lr: float | None = None) -> None:
+  """Runs the recipe of every seed in ``<workdir>/seed<k>``; ``pretrain``: a
+  pre-training length for the paper's recipe (papers with ``pretrain_stages``);
+  ``finetune_lr``: the rate of every stage fine-tuning from those stages."""
+  from configs import default
   from jaxrobust import stages
+  if pretrain is not None and not paper.pretrain_stages:
+    raise ValueError(f"{paper.name} has no pre-training stages whose length --pretrain could "
+                     "set.")
   for seed in seeds:
     t = time.time()
-    stages.run(paper.recipe(seed, quick), os.path.join(workdir, f"seed{seed}"))
+    recipe = (paper.recipe(seed, quick) if pretrain is None
+              else paper.recipe(seed, quick, pretrain=pretrain))
+    if finetune_lr is not None:
+      recipe.stages = default.with_finetune_lr(recipe.stages.to_dict(), finetune_lr,
+                                               paper.pretrain_stages)
+    stages.run(recipe, os.path.join(workdir, f"seed{seed}"))
     print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
 
 

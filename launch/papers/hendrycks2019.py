@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from scipy.stats import rankdata
 
+from configs import default
 from configs.recipes import label_noise as label_noise_recipe
 from configs.recipes import pretrain_finetune
 from jaxrobust.methods import adversarial, transfer
@@ -55,7 +56,15 @@ def _robust() -> dict:
   return adversarial.adversarial({})["evaluators"]
 
 
-def recipe(seed: int, quick: bool):
+# The pre-training stages a pre-training length (--pretrain) sets.
+PRETRAIN_STAGES = ("pretrain", "adv_pretrain")
+
+
+def recipe(seed: int, quick: bool, pretrain: float | str | None = None):
+  """The recipe of one seed; ``pretrain``: the pre-training length of the
+  ``pretrain`` and ``adv_pretrain`` stages (epochs of ``glyphs`` or
+  ``'plateau'``, :func:`configs.default.with_pretrain_length`; None: the
+  recipe's 2 epochs, quick 1 and 0.25)."""
   arg = "mode=compare" + (",pretrain_epochs=1,epochs=3,scratch_epochs=4" if quick else "")
   c = pretrain_finetune.get_config(arg)
   c.seed = seed
@@ -74,6 +83,9 @@ def recipe(seed: int, quick: bool):
     c.evaluators.ood_all.sets = dict(c.evaluators.ood.sets)
   stages = c.stages.to_dict()
   pre = stages["pretrain"]["config"]
+  if pretrain is not None:
+    pre = default.with_pretrain_length(pre, pretrain, source=pre["data"]["name"])
+    stages["pretrain"]["config"] = pre
   epochs = {"num_epochs": 3.0} if quick else {}
   scratch_epochs = {"num_epochs": 4.0} if quick else {}
   ft_options = {"learning_rate": pretrain_finetune.EMBEDDED_FINETUNE_LR, "batch_size": 64,
@@ -102,7 +114,8 @@ def recipe(seed: int, quick: bool):
     stages[f"imb_{name}_pre"] = {"task": "train", "config": tuned}
   # Adversarial training (PGD-10; quick: PGD-2, shorter) vs adversarial pre-training.
   steps = 2 if quick else adversarial.TRAIN_STEPS
-  adv_pre = adversarial.adversarial({**pre, **({"num_epochs": 0.25} if quick else {})},
+  adv_pre = adversarial.adversarial({**pre, **({"num_epochs": 0.25} if quick and pretrain is None
+                                               else {})},
                                     train_steps=steps, evaluate=False)
   adv_ft = transfer.fine_tune({"evaluators": NO_OOD}, source="artifact:adv_pretrain/checkpoint",
                               **{**ft_options, "num_epochs": 1.0 if quick else
@@ -278,6 +291,8 @@ PAPER = Paper(
     name="hendrycks2019",
     title="Hendrycks, Lee, Mazeika (ICML 2019): pre-training improves robustness and uncertainty",
     recipe=recipe,
+    pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="finetune",
     arms={**UNCERTAINTY_ARMS, **ADVERSARIAL_ARMS, **IMBALANCE_ARMS, **LABEL_NOISE_ARMS},
     metrics=METRICS,
     main_arms=tuple(UNCERTAINTY_ARMS),

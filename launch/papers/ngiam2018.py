@@ -14,6 +14,9 @@ letters (``glyphs/lower``).
 
 from __future__ import annotations
 
+import fnmatch
+
+from configs import default
 from configs.recipes import domain_adaptive as recipe_lib
 from launch.papers import ACCURACY, NLL, Claim, Metric, Paper, resample_test_sets
 
@@ -23,7 +26,16 @@ QUICK = {"pretrain_steps": 150, "finetune_steps": 60, "sizes": (2000,), "letters
 SAMPLERS = ("same", "elastic", "uniform")
 
 
-def recipe(seed: int, quick: bool):
+# The pre-training stages a pre-training length (--pretrain) sets: the source
+# model and every pre-training on a (resampled or weighted) source.
+PRETRAIN_STAGES = ("source", "pre_*")
+
+
+def recipe(seed: int, quick: bool, pretrain: float | str | None = None):
+  """The recipe of one seed; ``pretrain``: the length of every pre-training
+  stage (:data:`PRETRAIN_STAGES`), in epochs of the whole source (equal steps
+  for every arm) or ``'plateau'`` (each stage stops on ``glyphs:validation``),
+  :func:`configs.default.with_pretrain_length`; None: the recipe's steps."""
   s = QUICK if quick else FULL
   c = recipe_lib.get_config(
       f"targets=digits,mode=compare,samplers={'+'.join(SAMPLERS)},"
@@ -42,6 +54,13 @@ def recipe(seed: int, quick: bool):
         pretrain_steps=s["pretrain_steps"], finetune_steps=s["finetune_steps"],
         labeled_per_class=20, temperature=2.0, elastic_mode="greedy",
         source=recipe_lib.SOURCE))
+    c.stages = stages
+  if pretrain is not None:
+    stages = c.stages.to_dict()
+    for name, stage in stages.items():
+      if any(fnmatch.fnmatchcase(name, p) for p in PRETRAIN_STAGES):
+        stage["config"] = default.with_pretrain_length(stage["config"], pretrain,
+                                                       source=stage["config"]["data"]["name"])
     c.stages = stages
   return c
 
@@ -74,6 +93,8 @@ PAPER = Paper(
     name="ngiam2018",
     title="Ngiam et al. (2018): domain adaptive transfer learning with importance weights",
     recipe=recipe,
+    pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="ft_digits_all",
     arms={**DIGITS, **LETTERS,
           **{f"sample_digits_{s}_{n}": f"digits pre-training set, {s}, {n:,}"
              for n in FULL["sizes"] for s in SAMPLERS},

@@ -13,6 +13,7 @@ rounds.
 
 from __future__ import annotations
 
+from configs import default
 from configs.recipes import self_training as recipe_lib
 from launch.papers import ACCURACY, NLL, Claim, Metric, Paper, resample_test_sets
 
@@ -23,7 +24,15 @@ QUICK_ARMS = ("rand_s1", "rand_s4", "pretrain_sup", "sup_s1", "sup_s4", "labels_
 TEST_SIZES = (360,)
 
 
-def recipe(seed: int, quick: bool):
+# The pre-training stage a pre-training length (--pretrain) sets: supervised
+# pre-training only (SimCLR's has no validation accuracy; it keeps its steps).
+PRETRAIN_STAGES = ("pretrain_sup",)
+
+
+def recipe(seed: int, quick: bool, pretrain: float | str | None = None):
+  """The recipe of one seed; ``pretrain``: the length of ``pretrain_sup``
+  (epochs of ``glyphs`` or ``'plateau'``,
+  :func:`configs.default.with_pretrain_length`; None: the recipe's steps)."""
   s = QUICK if quick else FULL
   c = recipe_lib.get_config(f"mode=compare,steps={s['steps']},"
                             f"pretrain_steps={s['pretrain_steps']},rounds={s['rounds']}")
@@ -33,6 +42,13 @@ def recipe(seed: int, quick: bool):
   if quick:
     c.plots = False
     c.stages = {k: v for k, v in c.stages.to_dict().items() if k in QUICK_ARMS}
+  if pretrain is not None:
+    stages = c.stages.to_dict()
+    for name in PRETRAIN_STAGES:
+      pre = stages[name]["config"]
+      stages[name]["config"] = default.with_pretrain_length(pre, pretrain,
+                                                            source=pre["data"]["name"])
+    c.stages = stages
   return c
 
 
@@ -62,6 +78,8 @@ PAPER = Paper(
     name="zoph2020",
     title="Zoph et al. (NeurIPS 2020): rethinking pre-training and self-training",
     recipe=recipe,
+    pretrain_stages=PRETRAIN_STAGES,
+    tune_arm="sup_s1",
     arms=ARMS,
     main_arms=tuple(a for a in ARMS if not a.startswith("labels")),
     metrics=(ACCURACY, NLL),

@@ -1,0 +1,306 @@
+"""How a paper's claims change with the length of pre-training.
+
+  python -m launch.reproduce hendrycks2019 --workdir runs/ptlen --pretrain 2,8,16,plateau
+
+runs the paper's recipe over seeds once per pre-training length -- a number
+of source epochs, or ``plateau``: until the source's own validation accuracy
+stops improving (:data:`configs.default.PRETRAIN_STOPPING`, fixed before any
+claim was looked at) -- in ``<workdir>/pretrain_<length>/`` (each with its own
+``report.md``), then writes
+
+* ``<workdir>/pretrain_study.md`` -- per claim, its verdict and difference at
+  each length, and whether the verdicts agree; per pre-training stage, how
+  long it trained (epochs, and where the rule stopped) and its best
+  validation accuracy;
+* ``<workdir>/pretrain_study.json`` -- the same, machine-readable.
+
+Only papers whose ``Paper.pretrain_stages`` is set take ``--pretrain``
+(hendrycks2019, zoph2020, ngiam2018).
+
+**The fine-tuning rate per length** (``--select_lr``, the default): before a
+length's seeds run, :func:`lr_selection_recipe` -- seed 0, the length's
+pre-training, then the paper's ``tune_arm`` (a fine-tuning arm) once per rate
+of the grid, evaluated on the target's validation split only -- runs in
+``pretrain_<length>/select_lr/``; the rate with the lowest validation NLL
+(:func:`pick_lr`) is written to ``pretrain_<length>/finetune_lr.json`` and
+every stage that fine-tunes from a pre-training stage uses it
+(:func:`configs.default.with_finetune_lr`). ``--noselect_lr`` keeps the
+recipes' rates (chosen on digits:validation after the default pre-training).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from configs import default
+from jaxrobust import artifacts as artifacts_lib
+from jaxrobust import config as config_lib
+from jaxrobust import files
+from launch.papers import Paper
+
+LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+LR_METRIC = "validation/nll"  # lower is better; accuracy breaks ties
+LR_FILE = "finetune_lr.json"
+
+
+def parse_lengths(text: str) -> list[float | str]:
+  """``'2,8,16,plateau'`` -> ``[2.0, 8.0, 16.0, 'plateau']`` (each checked)."""
+  items = [t.strip() for t in str(text).split(",") if t.strip()]
+  if not items:
+    raise ValueError("--pretrain: give one or more lengths, e.g. 2,8,16,plateau.")
+  lengths = [default.parse_pretrain(t) for t in items]
+  labels = [default.pretrain_label(x) for x in lengths]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"--pretrain: a length is given twice in {text!r}.")
+  return lengths
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+  try:
+    grid = tuple(float(t) for t in str(text).split(",") if t.strip())
+  except ValueError:
+    grid = ()
+  if not grid or min(grid) <= 0 or len(set(grid)) != len(grid):
+    raise ValueError(f"--lr_grid: distinct positive learning rates joined by ',', got {text!r}.")
+  return grid
+
+
+def _lr_stage(lr: float) -> str:
+  """``ft_lr0p03``: stage names take no dots."""
+  return "ft_lr" + f"{lr:g}".replace(".", "p")
+
+
+def lr_selection_recipe(paper: Paper, length: float | str, grid: Sequence[float],
+                        quick: bool = False) -> Any:
+  """Seed 0 of ``paper`` at pre-training ``length``, cut down to what its
+  ``tune_arm`` needs (the stages it takes artifacts from, transitively), and
+  that arm once per rate of ``grid`` (stages ``ft_lr<rate>``), each evaluated
+  on the target's validation split only (no OOD sets, no attacks)."""
+  if not paper.tune_arm:
+    raise ValueError(f"{paper.name} names no tune_arm: no fine-tuning rate to select.")
+  c = paper.recipe(0, quick, pretrain=length)
+  stages = c.stages.to_dict()
+  arm = stages[paper.tune_arm]
+  needed, todo = set(), [paper.tune_arm]
+  while todo:
+    name = todo.pop()
+    after = stages[name].get("after", ())
+    deps = [artifacts_lib.parse_ref(ref)[0] for _, ref in artifacts_lib.find_refs(stages[name])]
+    for dep in deps + ([after] if isinstance(after, str) else list(after or ())):
+      if dep not in needed:
+        needed.add(dep)
+        todo.append(dep)
+  out = {n: stages[n] for n in stages if n in needed}
+  evaluators = set(c.evaluators.keys()) | set((arm.get("config") or {}).get("evaluators", {}))
+  for lr in grid:
+    out[_lr_stage(lr)] = {**arm, "config": config_lib.merge(arm.get("config") or {}, {
+        "optimizer": {"learning_rate": float(lr)},
+        "evaluators": {**{k: None for k in evaluators if k != "classification"},
+                       "classification": {"splits": ("validation",)}}})}
+  c.stages = out
+  return c
+
+
+def pick_lr(results: Mapping[str, float], grid: Sequence[float]) -> dict[str, Any]:
+  """The rate of ``grid`` with the lowest ``ft_lr<rate>/validation/nll`` in a
+  selection recipe's ``results`` (higher validation accuracy, then the
+  smaller rate, break ties)."""
+  scores = {}
+  for lr in grid:
+    key = f"{_lr_stage(lr)}/{LR_METRIC}"
+    if key not in results:
+      raise ValueError(f"lr selection: no {key} in the selection runs' results.")
+    scores[lr] = (results[key], -results.get(f"{_lr_stage(lr)}/validation/accuracy", 0.0), lr)
+  best = min(scores, key=lambda lr: scores[lr])
+  return {"finetune_lr": best, "metric": LR_METRIC, "grid": list(grid),
+          "scores": {f"{lr:g}": scores[lr][0] for lr in grid}}
+
+
+def select_lr(paper: Paper, sub: str, length: float | str, grid: Sequence[float],
+              quick: bool = False, report_only: bool = False) -> dict[str, Any]:
+  """Runs (or, ``report_only``, reads) the selection of ``length`` in
+  ``<sub>/select_lr`` and records it in ``<sub>/finetune_lr.json``; a
+  recorded choice from another grid is an error (the seeds ran with it)."""
+  path = os.path.join(sub, LR_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      chosen = json.load(f)
+    if [float(x) for x in chosen["grid"]] != [float(x) for x in grid]:
+      raise ValueError(f"{path} chose the fine-tuning rate from the grid {chosen['grid']}, not "
+                       f"{list(grid)}; use that grid or a new --workdir.")
+    return chosen
+  if report_only:
+    raise ValueError(f"--report_only: no {path} (the selection has not run).")
+  from jaxrobust import stages
+  results = stages.run(lr_selection_recipe(paper, length, grid, quick),
+                       os.path.join(sub, "select_lr"))
+  chosen = pick_lr(results, grid)
+  files.write_json(path, chosen, what="fine-tuning rate")
+  return chosen
+
+
+def check_lr_choice(sub: str, select: bool) -> None:
+  """A length's seeds must all run with one fine-tuning rate: refuses to
+  select one for seeds that already ran without it, or to run without the
+  one already chosen."""
+  chosen = os.path.exists(os.path.join(sub, LR_FILE))
+  ran = os.path.isdir(sub) and any(n.startswith("seed") for n in os.listdir(sub))
+  if chosen and not select:
+    raise ValueError(f"{sub} ran with the fine-tuning rate chosen in {LR_FILE}; drop "
+                     "--noselect_lr or use a new --workdir.")
+  if select and not chosen and ran:
+    raise ValueError(f"{sub} has seeds that ran with the recipes' fine-tuning rates; pass "
+                     "--noselect_lr or use a new --workdir.")
+
+
+def length_dir(workdir: str, length: float | str) -> str:
+  return os.path.join(workdir, f"pretrain_{default.pretrain_label(length)}")
+
+
+def _steps_per_epoch(stage_dir: str) -> int | None:
+  """One source epoch in steps, from the stage's resolved config."""
+  try:
+    with open(os.path.join(stage_dir, "config.json"), encoding="utf-8") as f:
+      cfg = json.load(f)
+    return default.source_steps_per_epoch(cfg["data"]["name"],
+                                          int(cfg["streams"]["train"]["batch_size"]))
+  except (OSError, KeyError, ValueError, TypeError):
+    return None
+
+
+def pretrain_stages(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
+  """Per pre-training stage of ``paper`` that finished in every seed: epochs
+  trained (``train/steps`` over one source epoch), the stopping and best
+  steps where the rule ran, and the final validation accuracy; each a list
+  over seeds."""
+  found: dict[str, dict[str, list]] = {}
+  names = sorted({n for s in seeds if os.path.isdir(os.path.join(workdir, f"seed{s}"))
+                  for n in os.listdir(os.path.join(workdir, f"seed{s}"))
+                  if any(fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)})
+  for name in names:
+    rows = []
+    for s in seeds:
+      stage = os.path.join(workdir, f"seed{s}", name)
+      path = os.path.join(stage, "results.json")
+      if not os.path.exists(path):
+        break
+      with open(path, encoding="utf-8") as f:
+        r = json.load(f)
+      spe = _steps_per_epoch(stage)
+      rows.append({
+          "epochs": r["train/steps"] / spe if spe and "train/steps" in r else None,
+          "best_epoch": r["train/best_step"] / spe if spe and "train/best_step" in r else None,
+          "stopped_at_step": r.get("train/stopped_at_step"),
+          "best_step": r.get("train/best_step"),
+          "validation_accuracy": r.get("validation/accuracy")})
+    else:
+      found[name] = {k: [row[k] for row in rows] for k in rows[0]} if rows else {}
+  return found
+
+
+def study(paper: Paper, summaries: Mapping[str, Mapping[str, Any]],
+          stages: Mapping[str, Mapping[str, Any]] | None = None,
+          lrs: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
+  """Per claim, its entry at each length (``summaries``: length label -> a
+  :func:`launch.papers.summarize` result, in the order given)."""
+  labels = list(summaries)
+  claims = []
+  for i, c in enumerate(paper.claims):
+    per = {}
+    for label in labels:
+      entry = summaries[label]["claims"][i]
+      per[label] = {k: entry[k] for k in ("verdict", "difference", "seed_ci95", "test_ci95",
+                                          "seeds_in_direction", "per_seed") if k in entry}
+    ran = [v["verdict"] for v in per.values() if v["verdict"] != "not run"]
+    claims.append({"claim": c.text, "metric": c.metric, "better": c.better, "worse": c.worse,
+                   "lengths": per, "verdicts_agree": len(set(ran)) <= 1 if ran else None})
+  return {"paper": paper.name, "title": paper.title, "lengths": labels, "claims": claims,
+          "seeds": {label: summaries[label]["seeds"] for label in labels},
+          "pretrain_stages": dict(stages or {}), "finetune_lr": dict(lrs or {}),
+          "stopping_rule": {
+              **default.PRETRAIN_STOPPING, "max_epochs": default.PRETRAIN_MAX_EPOCHS}}
+
+
+def _lr_line(paper: Paper, labels: Sequence[str], lrs: Mapping[str, Any]) -> str:
+  if not any(lrs.get(lab) for lab in labels):
+    return "Fine-tuning rates: the recipes' own (chosen on digits:validation after the default " \
+           "pre-training), not re-selected per length."
+  parts = []
+  for lab in labels:
+    sel = lrs.get(lab)
+    parts.append(f"{lab}: {sel['finetune_lr']:g}" if sel else f"{lab}: the recipe's")
+  grid = next(lrs[lab]["grid"] for lab in labels if lrs.get(lab))
+  return (f"Fine-tuning rate of every stage fine-tuning from a pre-training stage, chosen per "
+          f"length on the target's validation split (`{paper.tune_arm}`, seed 0, lowest "
+          f"{LR_METRIC} over {', '.join(f'{x:g}' for x in grid)}): " + "; ".join(parts) + ".")
+
+
+def _cell(entry: Mapping[str, Any]) -> str:
+  if entry["verdict"] == "not run":
+    return "not run"
+  s = f"**{entry['verdict']}** {entry['difference']:+.4f}"
+  if "seed_ci95" in entry:
+    s += f" [{entry['seed_ci95'][0]:+.4f}, {entry['seed_ci95'][1]:+.4f}]"
+  return s
+
+
+def _mean(values: Sequence[Any], fmt: str) -> str:
+  v = [x for x in values if x is not None]
+  if not v:
+    return "—"
+  text = format(float(np.mean(v)), fmt)
+  return text + (f" ({format(min(v), fmt)}–{format(max(v), fmt)})" if len(v) > 1 else "")
+
+
+def write_study(paper: Paper, result: Mapping[str, Any], workdir: str) -> str:
+  """``pretrain_study.md`` and ``.json`` in ``workdir``; returns the markdown."""
+  labels = result["lengths"]
+  rule = result["stopping_rule"]
+  head = [f"pre-training {lab} epochs" if lab != default.PLATEAU else "until plateau"
+          for lab in labels]
+  lines = [f"# Pre-training length: {result['title']}", "",
+           f"`python -m launch.reproduce {paper.name} --workdir {workdir} --pretrain "
+           f"{','.join(labels)}`. Each length's runs and full report: "
+           + ", ".join(f"[pretrain_{lab}](pretrain_{lab}/report.md)" for lab in labels) + ".",
+           "", f"Pre-training stages set by the length: {', '.join(paper.pretrain_stages)}. "
+           f"`plateau`: `{rule['metric']}` on the source's validation split every source "
+           f"epoch; stop when it has not improved by more than {rule['min_delta']:g} for "
+           f"{rule['patience']} epochs, at most {rule['max_epochs']} epochs, the best epoch's "
+           "checkpoint handed on (configs/default.py PRETRAIN_STOPPING, fixed before any claim "
+           "was examined).", "", _lr_line(paper, labels, result.get("finetune_lr") or {}), "",
+           "## Claims by pre-training length", "",
+           "Each cell: verdict, mean difference in the claimed direction over seeds, and its "
+           "95% interval over seeds (the per-length reports add the bootstrap over test "
+           "examples).", "",
+           "| claim | " + " | ".join(head) + " | verdicts agree |",
+           "|" + "---|" * (len(labels) + 2)]
+  for c in result["claims"]:
+    agree = {True: "yes", False: "**no**", None: "—"}[c["verdicts_agree"]]
+    lines.append(f"| {c['claim']} (`{c['better']}` vs `{c['worse']}`) | "
+                 + " | ".join(_cell(c["lengths"][lab]) for lab in labels) + f" | {agree} |")
+  stages = result.get("pretrain_stages") or {}
+  if stages:
+    lines += ["", "## How long each pre-training stage trained", "",
+              "Mean over seeds (min–max): epochs of the source trained (where the rule stopped, "
+              "for plateau), the best epoch (plateau only), final validation accuracy of the "
+              "checkpoint handed on.", "",
+              "| length | stage | epochs trained | best epoch | validation accuracy |",
+              "|---|---|---|---|---|"]
+    for lab in labels:
+      for name, s in sorted(stages.get(lab, {}).items()):
+        lines.append(f"| {lab} | {name} | {_mean(s.get('epochs', []), '.1f')} | "
+                     f"{_mean(s.get('best_epoch', []), '.1f')} | {_mean(s.get('validation_accuracy', []), '.4f')} |")
+  text = "\n".join(lines) + "\n"
+  files.write_json(os.path.join(workdir, "pretrain_study.json"), result, what="study", indent=1)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+
+  files.atomic_write(os.path.join(workdir, "pretrain_study.md"), write, what="study")
+  return text
