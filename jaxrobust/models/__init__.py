@@ -22,6 +22,7 @@ signature and return a dict of named outputs: ``dcgan_generator`` (noise ->
 logit), the GAN of Lee et al. 2018 (:mod:`jaxrobust.models.dcgan`).
 """
 
+from jaxrobust.models.cmt import CMT
 from jaxrobust.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from jaxrobust.models.efficientnet import EfficientNet
 from jaxrobust.models.layers import ImageClassifier
@@ -31,6 +32,6 @@ from jaxrobust.models.small_cnn import SmallCNN
 from jaxrobust.models.vgg import VGG
 from jaxrobust.models.wide_resnet import WideResNet
 
-__all__ = ["VGG", "DCGANDiscriminator", "DCGANGenerator", "EfficientNet", "ImageClassifier",
+__all__ = ["CMT", "VGG", "DCGANDiscriminator", "DCGANGenerator", "EfficientNet", "ImageClassifier",
            "PreActResNet18", "ResNet50", "SmallCNN", "WideResNet", "get_model", "has_classes", "list_models",
            "register_model"]
