@@ -148,7 +148,8 @@ class Attention(nn.Module):
     k = dense(name="k")(kv).reshape(b, -1, heads, d)
     v = dense(name="v")(kv).reshape(b, -1, heads, d)
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * jnp.asarray(d ** -0.5, q.dtype)
-    logits = logits.astype(jnp.float32) + relative_pos.astype(jnp.float32)
+    wide = jnp.promote_types(logits.dtype, jnp.float32)  # softmax in >= float32
+    logits = logits.astype(wide) + relative_pos.astype(wide)
     attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h * w, c)
     return dense(name="proj")(out).reshape(b, h, w, c)
