@@ -12,8 +12,9 @@ Registered names: ``wrn`` (``depth``, ``width``, ``dropout_rate``),
 ``wrn_40_2``, ``wrn_28_10``, ``preact_resnet18``, ``resnet50``, ``small_cnn``,
 ``efficientnet`` (``width_coefficient``, ``depth_coefficient``),
 ``efficientnet_b0``, ``efficientnet_b1``, ``efficientnet_b2``, ``vgg13``,
-``vgg13_bn``. The residual models take ``stochastic_depth_rate`` (0 by default
-except EfficientNet's 0.2).
+``vgg13_bn``, ``cmt`` (``variant``, ``stem_stride``), ``cmt_ti``, ``cmt_xs``,
+``cmt_s``, ``cmt_b``, ``cmt_ti_32``. The residual models take ``stochastic_depth_rate`` (0 by default
+except EfficientNet's 0.2 and CMT's reference rates).
 
 Models without classes are built without ``num_classes``
 (:func:`~jaxrobust.models.registry.has_classes`), take the same call
