@@ -12,8 +12,9 @@ Registered names: ``wrn`` (``depth``, ``width``, ``dropout_rate``),
 ``wrn_40_2``, ``wrn_28_10``, ``preact_resnet18``, ``resnet50``, ``small_cnn``,
 ``efficientnet`` (``width_coefficient``, ``depth_coefficient``),
 ``efficientnet_b0``, ``efficientnet_b1``, ``efficientnet_b2``, ``vgg13``,
-``vgg13_bn``. The residual models take ``stochastic_depth_rate`` (0 by default
-except EfficientNet's 0.2).
+``vgg13_bn``, ``cmt`` (``variant``, ``stem_stride``), ``cmt_ti``, ``cmt_xs``,
+``cmt_s``, ``cmt_b``, ``cmt_ti_32``. The residual models take ``stochastic_depth_rate`` (0 by default
+except EfficientNet's 0.2 and CMT's reference rates).
 
 Models without classes are built without ``num_classes``
 (:func:`~jaxrobust.models.registry.has_classes`), take the same call
@@ -22,6 +23,7 @@ signature and return a dict of named outputs: ``dcgan_generator`` (noise ->
 logit), the GAN of Lee et al. 2018 (:mod:`jaxrobust.models.dcgan`).
 """
 
+from jaxrobust.models.cmt import CMT
 from jaxrobust.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from jaxrobust.models.efficientnet import EfficientNet
 from jaxrobust.models.layers import ImageClassifier
@@ -31,6 +33,6 @@ from jaxrobust.models.small_cnn import SmallCNN
 from jaxrobust.models.vgg import VGG
 from jaxrobust.models.wide_resnet import WideResNet
 
-__all__ = ["VGG", "DCGANDiscriminator", "DCGANGenerator", "EfficientNet", "ImageClassifier",
+__all__ = ["CMT", "VGG", "DCGANDiscriminator", "DCGANGenerator", "EfficientNet", "ImageClassifier",
            "PreActResNet18", "ResNet50", "SmallCNN", "WideResNet", "get_model", "has_classes", "list_models",
            "register_model"]
