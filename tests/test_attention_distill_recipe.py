@@ -66,3 +66,20 @@ def test_teacher_then_askd_trains_through_the_trainer(tmp_path):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(c_params),
                                                        jax.tree.leaves(t_params)))
   assert os.path.exists(tmp_path / "askd_4" / "DONE.json")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_shin2022_recipe_covers_its_arms_and_claims(quick):
+  from launch.papers import shin2022
+  plan = stages.stage_configs(shin2022.recipe(0, quick))
+  arms = set(shin2022.PAPER.arms)
+  if quick:
+    assert set(plan) == {"teacher", "student_4", "kd_4", "askd_4"}
+  else:
+    assert set(plan) == arms
+  for claim in shin2022.PAPER.claims:
+    assert {a for _, a, _ in claim.side("better") + claim.side("worse")} <= arms
+  gain = [c for c in shin2022.PAPER.claims if "-" in c.better]
+  assert gain and gain[0].side("worse") == [(1.0, "askd_2", "test/accuracy"),
+                                            (-1.0, "student_2", "test/accuracy")]
+  assert plan["askd_4"][2].evaluators.classification.save

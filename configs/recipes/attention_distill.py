@@ -54,7 +54,8 @@ Variants:
   lists, no flip test.
 
 Arguments: ``variant``, ``mode`` (compare | askd), ``factors`` ('2+4+8'),
-``epochs`` (per stage), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
+``epochs`` (per stage; ``steps`` > 0 instead), ``depth``/``width`` (of the
+WRN), ``arms`` (a subset of student+kd+fd+at+askd, mode=compare), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
 ``data``/``verify`` (face), ``smoke`` (tiny model, a few steps: tests).
 """
 
@@ -122,7 +123,7 @@ def distill_terms(arm: str, lam: float = LAMBDA) -> dict:
 
 def evaluators(verify: str, factor: int, num_pairs: int) -> dict:
   pp = f"downsample({factor})" if factor > 1 else ""
-  return {"classification": {"splits": ("test",), "pp": pp},
+  return {"classification": {"splits": ("test",), "pp": pp, "save": True},
           "verification": {"type": "verification", "data": verify, "num_pairs": num_pairs,
                            "pp": pp},
           "ood": {"sets": {}}}
@@ -130,13 +131,19 @@ def evaluators(verify: str, factor: int, num_pairs: int) -> dict:
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="compare", factors="2+4+8", epochs=-1.0,
-                   loss="", lam=LAMBDA, data="", verify="", num_pairs=3000, smoke=False)
+                   steps=-1, depth=-1, width=-1, arms="", loss="", lam=LAMBDA, data="",
+                   verify="", num_pairs=3000, smoke=False)
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
   if args.mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}.")
   st = SETTINGS[args.variant]
   factors = parse_factors(args.factors)
+  arms = tuple(args.arms.split("+")) if args.arms else (
+      ARMS if args.mode == "compare" else ("askd",))
+  if any(a not in ARMS for a in arms) or (args.arms and args.mode != "compare"):
+    raise ValueError(f"arms must be arms of {ARMS} joined by '+' (mode=compare), got "
+                     f"{args.arms!r}.")
   loss = args.loss or st.loss
   if loss not in ("ce", "arcface"):
     raise ValueError(f"loss must be 'ce' or 'arcface', got {args.loss!r}.")
@@ -153,8 +160,13 @@ def get_config(arg=None):
   c.data.image_size = st.image_size
   c.model.name = "wrn"
   c.model.kwargs = {**st.model, "cbam": True}
+  if args.depth > 0:
+    c.model.kwargs.depth = int(args.depth)
+  if args.width > 0:
+    c.model.kwargs.width = int(args.width)
   c.streams.train.batch_size = 128
   c.num_epochs = float(args.epochs if args.epochs > 0 else st.epochs)
+  c.num_steps = int(args.steps)
   c.optimizer.learning_rate = 0.1
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
@@ -187,7 +199,6 @@ def get_config(arg=None):
   teacher_modules = attention_distill.student_modules("artifact:teacher/checkpoint", model)
 
   stages = {"teacher": {"task": "train", "config": {}}}
-  arms = ARMS if args.mode == "compare" else ("askd",)
   for f in factors:
     for arm in arms:
       terms = distill_terms(arm, args.lam)
