@@ -55,7 +55,7 @@ Variants:
 
 Arguments: ``variant``, ``mode`` (compare | askd), ``factors`` ('2+4+8'),
 ``epochs`` (per stage; ``steps`` > 0 instead), ``depth``/``width`` (of the
-WRN), ``arms`` (a subset of student+kd+fd+at+askd, mode=compare), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
+WRN), ``batch_size`` (128), ``arms`` (a subset of student+kd+fd+at+askd, mode=compare), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
 ``data``/``verify`` (face), ``smoke`` (tiny model, a few steps: tests).
 """
 
@@ -68,7 +68,7 @@ from jaxrobust.methods import attention_distill
 VARIANTS = ("embedded", "digits", "face")
 MODES = ("compare", "askd")
 # The matrix test's stand-in for a face dataset: any tfds dataset with images and a ClassLabel.
-REQUIRED_ARGS = {"face": "data=cifar100,verify=cifar100:test"}
+REQUIRED_ARGS = {"face": "data=cifar10,verify=cifar10:test"}
 ARMS = ("student", "kd", "fd", "at", "askd")
 LAMBDA = attention_distill.LAMBDA  # train_student.py --distill_attn_param
 KD_TEMPERATURE = 4.0
@@ -131,7 +131,7 @@ def evaluators(verify: str, factor: int, num_pairs: int) -> dict:
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="compare", factors="2+4+8", epochs=-1.0,
-                   steps=-1, depth=-1, width=-1, arms="", loss="", lam=LAMBDA, data="",
+                   steps=-1, depth=-1, width=-1, batch_size=128, arms="", loss="", lam=LAMBDA, data="",
                    verify="", num_pairs=3000, smoke=False)
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
@@ -164,7 +164,7 @@ def get_config(arg=None):
     c.model.kwargs.depth = int(args.depth)
   if args.width > 0:
     c.model.kwargs.width = int(args.width)
-  c.streams.train.batch_size = 128
+  c.streams.train.batch_size = int(args.batch_size)
   c.num_epochs = float(args.epochs if args.epochs > 0 else st.epochs)
   c.num_steps = int(args.steps)
   c.optimizer.learning_rate = 0.1

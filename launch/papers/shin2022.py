@@ -33,7 +33,7 @@ ARM_TEXT = {
 def recipe(seed: int, quick: bool):
   if quick:
     c = attention_distill.get_config(
-        "factors=4,arms=" + "+".join(QUICK_ARMS) + ",steps=120,depth=10,width=2,num_pairs=1000")
+        "factors=4,arms=" + "+".join(QUICK_ARMS) + ",steps=100,depth=10,width=1,batch_size=64,num_pairs=1000")
   else:
     c = attention_distill.get_config("mode=compare")
   c.seed = seed
@@ -89,7 +89,8 @@ PAPER = Paper(
         "`glyphs/lower:test` identities, penultimate features L2-normalised, 10-fold threshold "
         "selection and TAR at FAR 1e-3 as insightface's `verification.py` (no flip test). "
         "Intervals: seeds, and for accuracy a paired bootstrap over test images. Quick mode: "
-        "x4 only, arms teacher/student/kd/askd, WRN-10-2, 120 steps per stage, 1,000 pairs."),
+        "x4 only, arms teacher/student/kd/askd, WRN-10-1, 100 steps of batch 64 per stage, "
+        "1,000 pairs."),
     not_covered=(
         "The paper's face setting (CASIA-WebFace training, AgeDB-30 / LFW verification, "
         "iResNet-50-CBAM, ArcFace) is `variant=face,data=...,verify=...` of the recipe, not run "
