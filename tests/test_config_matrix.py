@@ -34,7 +34,9 @@ MOCK_EXAMPLES_OF = {"configs/recipes/label_noise.py": 2000,
                    "configs/recipes/ood.py": 200}
 TRUSTED = 0.5
 # Arguments that leave out repeated arms (another sampler is the same code path).
-FEWER_ARMS = {"configs/recipes/domain_adaptive.py": "samplers=same"}
+FEWER_ARMS = {"configs/recipes/domain_adaptive.py": "samplers=same",
+              # one down-sampling factor: the others are the same code path
+              "configs/recipes/attention_distill.py": "factors=4"}
 VARIABLE_SIZE = (72, 80)  # images of datasets whose size varies (resized to image_size)
 
 

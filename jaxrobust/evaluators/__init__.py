@@ -260,7 +260,7 @@ def take_images(evaluators: Mapping[str, Evaluator]) -> dict[str, np.ndarray]:
 
 @functools.cache
 def _register_builtin() -> None:
-  from jaxrobust.evaluators import classification, groups, ood, robust  # noqa: F401
+  from jaxrobust.evaluators import classification, groups, ood, robust, verification  # noqa: F401
 
 
 _register_builtin()

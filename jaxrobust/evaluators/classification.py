@@ -10,7 +10,10 @@ highest-confidence bin left out of the sum but not out of N: HPT/OE's
 (``ece_bins`` equal-width bins, l1), ``<split>/balanced_accuracy`` (the mean
 of the per-class accuracies over the classes present: what class imbalance
 hurts), with ``per_class=True`` also ``<split>/class_accuracy/<c>``, and
-``<split>/num_examples``. The
+``<split>/num_examples``. With ``pp`` (a deterministic pp chain such as
+``'downsample(4)'``) the images pass through it before the module: the
+low-resolution protocol of A-SKD (:mod:`jaxrobust.methods.attention_distill`).
+The
 reliability diagram of the last split goes to ``plots/reliability_<split>.png``.
 """
 
@@ -24,6 +27,17 @@ import numpy as np
 
 from jaxrobust.evaluators import EVALUATORS, EvalContext, Evaluator
 from jaxrobust.metrics import calibration
+
+
+def input_pp(chain: str, where: str) -> tuple[Any, str]:
+  """``(perturb hook, its cache key)`` applying the pp ``chain`` to the eval
+  images (``[0, 1]``, before the module's normalisation), or ``(None, '')``
+  for ''. The chain gets a fixed key: it should be deterministic."""
+  if not chain:
+    return None, ""
+  from jaxrobust.data import pp as pp_lib
+  fn = pp_lib.build(chain, where=where)
+  return (lambda ctx: fn(jax.random.PRNGKey(0), ctx.x)), f"pp:{chain}"
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, *, bin_size: int = 100,
@@ -69,12 +83,15 @@ class Classification(Evaluator):
     save: at the end, write ``predictions_<split>.npz`` (``logits``,
       ``label``, in dataset order) to the run's artifacts.
     per_class: also report each class's accuracy.
+    pp: a deterministic pp chain applied to the images before the module
+      (``'downsample(4)'``); '' (default): the images as read.
   """
 
   def __init__(self, ctx: EvalContext, splits: Sequence[str] = ("validation", "test"),
                calibration_bin_size: int = 100, ece_bins: int = 15, save: bool = False,
-               per_class: bool = False):
+               per_class: bool = False, pp: str = ""):
     super().__init__(ctx)
+    self.perturb, self.perturb_key = input_pp(pp, f"{ctx.where}.pp")
     self.save, self.per_class = bool(save), bool(per_class)
     if calibration_bin_size < 1 or ece_bins < 1:
       raise ValueError(f"{ctx.where}: calibration_bin_size and ece_bins must be >= 1.")
@@ -87,7 +104,8 @@ class Classification(Evaluator):
     results: dict[str, float] = {}
     last = None
     for split, source in self.splits.items():
-      out = self.ctx.predict(state, source, ("logits", "label"))
+      out = self.ctx.predict(state, source, ("logits", "label"), perturb=self.perturb,
+                             perturb_key=self.perturb_key)
       for k, v in summarize(out["logits"], out["label"], bin_size=self.bin_size,
                             ece_bins=self.ece_bins, per_class=self.per_class).items():
         results[f"{split}/{k}"] = v
