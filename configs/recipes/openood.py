@@ -1,9 +1,9 @@
 """The OpenOOD v1.5 evaluation protocol: near- and far-OOD groups, OOD as the
 positive class, post-hoc scores tuned on validation sets by AUROC.
 
-  --config configs/recipes/openood.py                     # = :embedded (digits; ~minutes on 2 cores)
-  --config configs/recipes/openood.py:cifar10             # CIFAR-10, OpenOOD's set lists through tfds
-  --config configs/recipes/openood.py:cifar100,tin=tiny_imagenet:validation,tin_val=tiny_imagenet:train[:1000]
+  --config configs/recipes/openood.py            # = :embedded (digits)
+  --config configs/recipes/openood.py:cifar10    # CIFAR-10, OpenOOD's set lists through tfds
+  --config configs/recipes/openood.py:cifar100,tin=DATASET:SPLIT,tin_val=DATASET:SPLIT
 
 Stages:
 
