@@ -152,3 +152,11 @@ def test_recipe_variants_build_and_validate():
     openood.get_config("cifar10,tin=tiny")
   with pytest.raises(ValueError, match="for the CIFAR variants"):
     openood.get_config("embedded,tin=a:b")
+
+
+def test_sliced_splits_keep_their_colons():
+  from jaxrobust.evaluators import parse_set
+  assert parse_set("cifar10:train[49000:]", "x") == ("cifar10", "train[49000:]")
+  assert parse_set("validation_ood/jigsaw/cifar10:train[:5%]+test", "x") == (
+      "validation_ood/jigsaw/cifar10", "train[:5%]+test")
+  assert parse_set("cifar10:3.0.2:test", "x") == ("cifar10:3.0.2", "test")

@@ -15,7 +15,8 @@ Stages:
   ``Evaluator.hyperparam_search``: every point of the score's grid
   (:data:`jaxrobust.methods.tuning.GRIDS`, OpenOOD's sweeps) scored on the
   ID validation split against the validation OOD set, the point with the
-  highest AUROC kept (first in grid order on ties; OpenOOD keeps the first
+  highest AUROC kept (averaged over the sets when there are several, as the
+  embedded variant's; first in grid order on ties; OpenOOD keeps the first
   strict maximum of its own order).
 * ``evaluate`` -- the ``ood`` evaluator with ``preset='openood'`` on the test
   sets: the scores of :data:`UNTUNED` at their defaults and the tuned ones,

@@ -174,8 +174,11 @@ class Evaluator:
 
 
 def parse_set(entry: str, where: str) -> tuple[str, str]:
-  """``'blobs/gray:test'`` -> (``'blobs/gray'``, ``'test'``)."""
-  name, _, split = str(entry).rpartition(":")
+  """``'blobs/gray:test'`` -> (``'blobs/gray'``, ``'test'``); a sliced split
+  keeps its colons (``'cifar10:train[49000:]'`` -> ``'train[49000:]'``)."""
+  head, bracket, tail = str(entry).partition("[")
+  name, _, split = head.rpartition(":")
+  split += bracket + tail
   if not name:
     raise ValueError(f"{where}: {entry!r} must be 'dataset[/config]:split'.")
   return name, split

@@ -139,7 +139,8 @@ class OOD(Evaluator):
     sets: ``{name: 'dataset[/config]:split'}`` of OOD data.
     scores: score specs (see the module docstring); default MSP and energy.
     split: the in-distribution split of ``config.data.name``.
-    preset: metric convention: hendrycks | energy | openood | lee.
+    preset: metric convention: hendrycks | energy | openood | lee (result
+      names: :data:`METRICS`).
     fraction: OOD examples per draw as a fraction of the in-distribution
       count (0: all of them, once); None: the preset's protocol.
     draws: number of seeded draws averaged when ``fraction > 0``; None: the
