@@ -13,10 +13,21 @@ from jaxrobust.metrics import ood as ood_metrics
 from jaxrobust.registry import RegistryError
 
 
-def _compare(xi, xo, **masks):
-  got = ood_metrics.ood_metrics(xi, xo, "openood", **masks)
-  if masks:
-    xi, xo = xi[masks["in_mask"]], xo[masks["out_mask"]]
+PAD = 512  # every case padded to one shape: one compilation
+
+
+def _compare(xi, xo, rng):
+  """The preset on ``xi``/``xo`` padded (wild values, masked out, shuffled)
+  to PAD entries per side, against the port on the unpadded scores."""
+  sides = []
+  for x, fill in ((xi, 1e9), (xo, -1e9)):
+    x = np.asarray(x, np.float32)
+    padded = np.r_[x, np.full(PAD - len(x), fill, np.float32)]
+    mask = np.arange(PAD) < len(x)
+    perm = rng.permutation(PAD)
+    sides.append((padded[perm], mask[perm]))
+  (pi, mi), (po, mo) = sides
+  got = ood_metrics.ood_metrics(pi, po, "openood", in_mask=mi, out_mask=mo)
   want = ref.openood_metrics(xi, xo)
   for k in ("fpr95", "auroc", "aupr_in", "aupr_out"):
     np.testing.assert_allclose(float(got[k]), want[k], atol=2e-6, err_msg=k)
@@ -31,18 +42,17 @@ def test_openood_preset_matches_compute_all_metrics_with_ties_and_padding():
     levels = int(rng.integers(2, 12))  # few distinct values: heavy ties across sides
     xi = rng.integers(0, levels, n_in).astype(np.float32) + (trial % 3)
     xo = rng.integers(0, levels, n_out).astype(np.float32)
-    seen_fpr.add(round(_compare(xi, xo)["fpr95"], 6))
-    # Padding: masked entries with wild values must not count.
-    pi = np.r_[xi, np.full(7, 1e9, np.float32)]
-    po = np.r_[xo, np.full(3, -1e9, np.float32)]
-    mi, mo = np.r_[np.ones(n_in, bool), np.zeros(7, bool)], np.r_[np.ones(n_out, bool),
-                                                                 np.zeros(3, bool)]
-    perm_i, perm_o = rng.permutation(len(pi)), rng.permutation(len(po))
-    _compare(pi[perm_i], po[perm_o], in_mask=mi[perm_i], out_mask=mo[perm_o])
+    seen_fpr.add(round(_compare(xi, xo, rng)["fpr95"], 6))
   assert len(seen_fpr) > 3  # the cases are not all degenerate
   # Continuous scores, and a collinear ROC run (sklearn drops its middle points).
-  _compare(rng.normal(1, 1, 300).astype(np.float32), rng.normal(0, 1, 500).astype(np.float32))
-  _compare(np.arange(40, dtype=np.float32), np.arange(0, 80, 2, dtype=np.float32) - 0.5)
+  _compare(rng.normal(1, 1, 300), rng.normal(0, 1, 500), rng)
+  _compare(np.arange(40), np.arange(0, 80, 2) - 0.5, rng)
+  # Unpadded inputs give the same numbers as their padded copies.
+  xi, xo = rng.integers(0, 5, 50).astype(np.float32), rng.integers(0, 5, 70).astype(np.float32)
+  want = ref.openood_metrics(xi, xo)
+  got = ood_metrics.ood_metrics(xi, xo, "openood")
+  assert float(got["fpr95"]) == pytest.approx(want["fpr95"], abs=1e-6)
+  assert float(got["aupr_out"]) == pytest.approx(want["aupr_out"], abs=1e-6)
 
 
 def test_port_agrees_with_sklearn_and_ood_is_positive():
