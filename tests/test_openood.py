@@ -170,3 +170,14 @@ def test_sliced_splits_keep_their_colons():
   assert parse_set("validation_ood/jigsaw/cifar10:train[:5%]+test", "x") == (
       "validation_ood/jigsaw/cifar10", "train[:5%]+test")
   assert parse_set("cifar10:3.0.2:test", "x") == ("cifar10:3.0.2", "test")
+
+
+def test_tune_score_metric_must_be_one_of_the_presets_results():
+  import types
+  from jaxrobust.methods import tuning
+  ctx = types.SimpleNamespace(name="tune_odin")
+  with pytest.raises(RegistryError, match=r"stages.tune_odin.metric='fpr95': the openood preset's"
+                                          r" metrics are auroc, aupr_in, aupr_out, "
+                                          r"fpr95_ood_positive"):
+    tuning.tune_score(ctx, checkpoint="x", preset="openood", metric="fpr95")
+  assert "fpr95_ood_positive" in tuning.LOWER_IS_BETTER
