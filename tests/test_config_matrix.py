@@ -31,7 +31,7 @@ MOCK_EXAMPLES = 48  # per split: one evaluation batch (eval_batch_size 64)
 # 2,000 examples and a trusted half (TRUSTED) instead of 50,000 and 5%.
 MOCK_EXAMPLES_OF = {"configs/recipes/label_noise.py": 2000,
                    # Mahalanobis' fit needs every one of CIFAR-100's classes
-                   "configs/recipes/ood.py": 200}
+                   "configs/recipes/ood.py": 200, "configs/recipes/openood.py": 200}
 TRUSTED = 0.5
 # Arguments that leave out repeated arms (another sampler is the same code path).
 FEWER_ARMS = {"configs/recipes/domain_adaptive.py": "samplers=same",

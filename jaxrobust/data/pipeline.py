@@ -235,6 +235,40 @@ class ResizedSource:
     return [self[i] for i in idx]
 
 
+class RGBSource:
+  """Wraps a source so a one-channel image is repeated into three (PIL's
+  ``convert('RGB')``, as OpenOOD's image-list loader does for MNIST)."""
+
+  def __init__(self, source: Any):
+    self.source = source
+
+  @property
+  def has_groups(self) -> bool:
+    return has_groups(self.source)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    rec = dict(self.source[i])
+    image, _ = record(rec)
+    rec["image"] = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    return rec
+
+  def __getitems__(self, idx) -> list[dict[str, Any]]:
+    return [self[i] for i in idx]
+
+
+def to_rgb(source: Any) -> Any:
+  """``source`` with one-channel images repeated into three (in RAM if it is)."""
+  if isinstance(source, InMemorySource):
+    images = source.images
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    return InMemorySource(images, source.labels, source.groups)
+  return RGBSource(source)
+
+
 def image_shape(spec: sources.DatasetSpec, image_size: int) -> tuple[int, int, int]:
   """The (H, W, C) the model sees for ``spec`` with ``config.data.image_size``."""
   h, w, c = spec.image_shape

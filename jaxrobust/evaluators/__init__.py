@@ -75,19 +75,23 @@ class EvalContext:
   _round: dict[Any, Any] = dataclasses.field(default_factory=dict)
   _loaded: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
-  def load(self, name: str, split: str, *, key: str) -> Any:
-    """A split's source (cached), checked to have the module's image shape."""
-    cache_key = (name, split)
+  def load(self, name: str, split: str, *, key: str, rgb: bool = False) -> Any:
+    """A split's source (cached), checked to have the module's image shape;
+    ``rgb``: one-channel images are repeated into three first."""
+    cache_key = (name, split) + (("rgb",) if rgb else ())
     if cache_key not in self._loaded:
       spec = self.data.spec(name)
       got = pipeline.image_shape(spec, self.data.image_size)
+      if rgb and got[2] == 1:
+        got = got[:2] + (3,)
       if got != tuple(self.image_shape):
         raise ValueError(f"{self.where}.{key}: {name}:{split} has images of shape {got}; the "
                          f"model takes {tuple(self.image_shape)}.")
       if spec.splits and split not in spec.splits and "[" not in split and "+" not in split:
         raise ValueError(f"{self.where}.{key}: dataset {name!r} has no split {split!r}; it has "
                          f"{sorted(spec.splits)}.")
-      self._loaded[cache_key] = self.data.load(name, split)
+      source = self.data.load(name, split)
+      self._loaded[cache_key] = pipeline.to_rgb(source) if rgb else source
     return self._loaded[cache_key]
 
   def predict(self, state: Any, source: Any, fields, *, perturb=None, perturb_key: str = "",
@@ -170,8 +174,11 @@ class Evaluator:
 
 
 def parse_set(entry: str, where: str) -> tuple[str, str]:
-  """``'blobs/gray:test'`` -> (``'blobs/gray'``, ``'test'``)."""
-  name, _, split = str(entry).rpartition(":")
+  """``'blobs/gray:test'`` -> (``'blobs/gray'``, ``'test'``); a sliced split
+  keeps its colons (``'cifar10:train[49000:]'`` -> ``'train[49000:]'``)."""
+  head, bracket, tail = str(entry).partition("[")
+  name, _, split = head.rpartition(":")
+  split += bracket + tail
   if not name:
     raise ValueError(f"{where}: {entry!r} must be 'dataset[/config]:split'.")
   return name, split

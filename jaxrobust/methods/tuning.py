@@ -12,8 +12,10 @@ from the same in-distribution split (:mod:`jaxrobust.data.validation_ood`:
 jigsaw, speckle, pixelate, RGB shift, invert, arithmetic and geometric means
 of image pairs; :data:`VALIDATION_KINDS`); ``ood`` may name one set
 (``'uniform_noise/gray:validation'``) or several (``{name: 'dataset:split'}``).
-It picks the best point by ``metric`` (FPR95: lowest; AUROC/AUPR: highest;
-ties: the first in grid order), prints the table and writes the JSON artifact
+It picks the best point by ``metric`` (one of the preset's result names,
+:data:`jaxrobust.evaluators.ood.METRICS`; FPR95: lowest; AUROC/AUPR: highest;
+ties: the first in grid order -- OpenOOD's ``hyperparam_search``: ``preset='openood'``,
+``metric='auroc'``), prints the table and writes the JSON artifact
 ``best`` with the chosen ``spec`` -- which the OOD evaluator reads directly:
 ``scores={'odin': 'artifact:tune_odin/best:spec'}`` -- and the sets it was
 tuned on.
@@ -65,7 +67,7 @@ def _ood_sets(ood: Any, where: str) -> dict[str, str]:
     return {str(k): v for k, v in dict(ood).items()}
   raise RegistryError(f"{where}.ood: give one set 'dataset:split' or {{name: 'dataset:split'}}, "
                       f"got {ood!r}.")
-LOWER_IS_BETTER = ("fpr95",)
+LOWER_IS_BETTER = ("fpr95", "fpr95_ood_positive")
 
 
 def _spec(score: str, options: Mapping[str, Any]) -> str:
@@ -82,7 +84,14 @@ def tune_score(ctx: StageContext, *, checkpoint: str, score: str = "odin",
   options."""
   from jaxrobust import evaluators as evaluators_lib
 
+  from jaxrobust.evaluators import ood as ood_evaluator
+
   where = f"config.stages.{ctx.name}"
+  if preset not in ood_evaluator.METRICS:
+    raise RegistryError(f"{where}.preset={preset!r}; known: {', '.join(ood_evaluator.METRICS)}.")
+  if metric not in ood_evaluator.METRICS[preset]:
+    raise RegistryError(f"{where}.metric={metric!r}: the {preset} preset's metrics are "
+                        f"{', '.join(ood_evaluator.METRICS[preset])}.")
   grid = dict(grid or GRIDS.get(score, {}))
   if not grid:
     raise RegistryError(f"{where}: no grid for score {score!r}; give grid={{option: values}}.")
