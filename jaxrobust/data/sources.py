@@ -395,7 +395,7 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
   Unknown names or splits raise a ValueError listing the alternatives.
   """
   if validation_ood.is_validation_ood(name):  # 'validation_ood/<kind>/<dataset>'
-    return validation_ood.get_source(name, split, data_dir=data_dir)
+    return _validation_ood_source(name, split, data_dir)
   base = base_name(name)
   builder = _builder(name, data_dir)
   _check_split(name, split, _known_splits(builder))
@@ -413,7 +413,7 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> RecordS
 def get_spec(name: str, *, data_dir: str | None = None) -> DatasetSpec:
   """Classes, image shape and split sizes of a dataset; prepares nothing."""
   if validation_ood.is_validation_ood(name):
-    return validation_ood.get_spec(name, data_dir=data_dir)
+    return _validation_ood_spec(name, data_dir)
   builder = _builder(name, data_dir)
   image_key, label_key = _feature_keys(builder)
   _, derived, num_groups = _group_labels(builder)
@@ -478,3 +478,32 @@ def prepare(name: str, *, data_dir: str | None = None) -> str:
           "download by hand (see https://www.tensorflow.org/datasets/catalog/"
           f"{base_name(name)}).") from e
   return str(builder.data_dir)
+
+
+def _validation_ood_source(name: str, split: str, data_dir: str | None
+                           ) -> validation_ood.ValidationOODSource:
+  """The ``kind`` images of ``dataset``'s ``split``
+  (:mod:`jaxrobust.data.validation_ood`); built here so that module does not
+  import this one."""
+  kind, dataset = validation_ood.parse_name(name)
+  src = get_source(dataset, split, data_dir=data_dir)
+  if len(src) == 0:
+    raise ValueError(f"dataset {name!r}: split {split!r} of {dataset!r} is empty.")
+  records = (src.__getitems__(range(len(src))) if hasattr(src, "__getitems__")
+             else [src[i] for i in range(len(src))])
+  images = np.stack([r["image"] for r in records])
+  out = validation_ood.transform(kind, images, validation_ood.seed_of(kind, dataset, split,
+                                                                      validation_ood.SEED))
+  return validation_ood.ValidationOODSource(out, name=f"{name}[{split}]")
+
+
+def _validation_ood_spec(name: str, data_dir: str | None) -> "DatasetSpec":
+  """The source dataset's spec, unlabelled (its splits and image shape)."""
+  _, dataset = validation_ood.parse_name(name)
+  spec = get_spec(dataset, data_dir=data_dir)
+  h, w, c = spec.image_shape
+  if h is None or w is None:
+    raise ValueError(f"dataset {name!r}: {dataset!r} has images of varying size; validation "
+                     "OOD sets need a fixed image size.")
+  return DatasetSpec(name=name, num_classes=None, image_shape=(h, w, c),
+                     splits=dict(spec.splits), has_labels=False)

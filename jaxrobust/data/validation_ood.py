@@ -261,29 +261,3 @@ class ValidationOODSource:
 
   def __repr__(self) -> str:
     return f"ValidationOODSource({self.name!r}, len={len(self)})"
-
-
-def get_source(name: str, split: str, *, data_dir: str | None = None,
-               seed: int = SEED) -> ValidationOODSource:
-  """The ``kind`` images of ``dataset``'s ``split`` (see the module docstring)."""
-  from jaxrobust.data import pipeline, sources
-  kind, dataset = parse_name(name)
-  src = sources.get_source(dataset, split, data_dir=data_dir)
-  if len(src) == 0:
-    raise ValueError(f"dataset {name!r}: split {split!r} of {dataset!r} is empty.")
-  images = pipeline.read(src, np.arange(len(src)))["image"]
-  out = transform(kind, np.asarray(images), seed_of(kind, dataset, split, seed))
-  return ValidationOODSource(out, name=f"{name}[{split}]")
-
-
-def get_spec(name: str, *, data_dir: str | None = None):
-  """The source dataset's spec, unlabelled (its splits and image shape)."""
-  from jaxrobust.data import sources
-  _, dataset = parse_name(name)
-  spec = sources.get_spec(dataset, data_dir=data_dir)
-  h, w, c = spec.image_shape
-  if h is None or w is None:
-    raise ValueError(f"dataset {name!r}: {dataset!r} has images of varying size; validation "
-                     "OOD sets need a fixed image size.")
-  return sources.DatasetSpec(name=name, num_classes=None, image_shape=(h, w, c),
-                             splits=dict(spec.splits), has_labels=False)

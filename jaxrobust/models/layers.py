@@ -339,9 +339,11 @@ class PreActBasicBlock(nn.Module):
   BN-ReLU-conv3x3(stride)-BN-ReLU-[dropout]-conv3x3, plus the input, or, when
   the shape changes, a 1x1 conv (stride) of the *pre-activated* input.
   ``drop_rate > 0`` applies :class:`StochasticDepth` to the residual branch
-  (the conv path; the shortcut is always kept) in train mode. ``cbam=True``
-  refines the branch with :class:`~jaxrobust.models.cbam.CBAM` before the
-  addition (parameters under ``cbam/``) and returns ``(out, attention maps)``.
+  (the conv path; the shortcut is always kept) in train mode. ``attention``
+  (a module class such as :class:`~jaxrobust.models.cbam.CBAM`, called as
+  ``attention(dtype=, bn_axis_name=, name='cbam')(y, train) -> (y, maps)``)
+  refines the branch before the addition (parameters under ``cbam/``) and the
+  block returns ``(out, attention maps)``.
   """
   features: int
   stride: int
@@ -349,7 +351,7 @@ class PreActBasicBlock(nn.Module):
   dtype: Dtype
   bn_axis_name: str | None
   drop_rate: float = 0.0
-  cbam: bool = False
+  attention: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -361,9 +363,9 @@ class PreActBasicBlock(nn.Module):
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = conv(self.features, 3, name="conv2")(y)
     maps = None
-    if self.cbam:
-      from jaxrobust.models.cbam import CBAM  # cbam imports this module
-      y, maps = CBAM(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="cbam")(y, train)
+    if self.attention is not None:
+      y, maps = self.attention(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                               name="cbam")(y, train)
     if self.drop_rate > 0:
       y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] == self.features and self.stride == 1:

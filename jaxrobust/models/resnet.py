@@ -74,7 +74,8 @@ class PreActResNet18(ImageClassifier):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, 2 * s + b, 8)
         name = f"stage{s + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, 0.0, self.dtype,
-                             self.bn_axis_name, drop, cbam=self.cbam, name=name)(x, train)
+                             self.bn_axis_name, drop, attention=CBAM if self.cbam else None,
+                             name=name)(x, train)
         x = collect_attention(x, name, maps)
     if self.final_norm:
       x = nn.relu(bn(name="bn")(x))

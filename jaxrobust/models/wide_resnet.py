@@ -38,7 +38,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.cbam import collect_attention
+from jaxrobust.models.cbam import CBAM, collect_attention
 from jaxrobust.models.layers import (ImageClassifier, PreActBasicBlock, check_images, check_rate,
                                      classify, conv_and_bn, stochastic_depth_rate)
 from jaxrobust.models.registry import register_model
@@ -84,7 +84,8 @@ class WideResNet(ImageClassifier):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, g * n + b, 3 * n)
         name = f"group{g + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, self.dropout_rate,
-                             self.dtype, self.bn_axis_name, drop, cbam=self.cbam,
+                             self.dtype, self.bn_axis_name, drop,
+                             attention=CBAM if self.cbam else None,
                              name=name)(x, train)
         x = collect_attention(x, name, maps)
     x = nn.relu(bn(name="bn")(x))
