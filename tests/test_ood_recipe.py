@@ -100,6 +100,17 @@ def test_ood_recipe_modes_and_bad_arguments():
   assert c.stages.energy_ft.config.optimizer.learning_rate == 0.001
   with pytest.raises(ValueError, match="give the training outliers"):
     ood_recipe.get_config("cifar100,mode=oe_ft")
+  c = ood_recipe.get_config("mode=compare,posthoc=True")
+  for arm in ("baseline", "energy_ft"):
+    stage = c.stages[f"posthoc_{arm}"]
+    assert stage.checkpoint == f"artifact:{arm}/checkpoint"
+    ev_ood = stage.config.evaluators.ood
+    assert ev_ood.preset == "openood" and len(ev_ood.scores) == 22
+    assert ev_ood.groups.near == ("letters",)
+    assert set(ev_ood.groups.far) == {"gaussian", "rademacher", "blobs", "photo"}
+  assert list(stages.stage_configs(c))
+  with pytest.raises(ValueError, match="posthoc=True .* needs mode=compare"):
+    ood_recipe.get_config("mode=energy_ft,posthoc=True")
 
 
 @pytest.mark.slow

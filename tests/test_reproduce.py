@@ -379,3 +379,25 @@ def test_lr_selection_recipe_and_pick(tmp_path):
     pretrain_study.select_lr(paper, str(tmp_path), 2, (0.01, 0.3))
   with pytest.raises(ValueError, match="noselect_lr"):
     pretrain_study.check_lr_choice(str(tmp_path), select=False)
+
+
+def test_transposed_table_and_negative_margin(tmp_path):
+  """A "transposed" table has one row per metric and one column per arm; a
+  negative margin asks for superiority by that margin (DFR's benchmark check:
+  ERM's worst group at least 10 points below its mean)."""
+  import dataclasses
+  _write_runs(tmp_path, 0.95, 0.60)
+  paper = dataclasses.replace(
+      _paper((reproduce.Claim("good beats bad by 0.5", "test/accuracy", "good", "bad",
+                              margin=-0.5),
+              reproduce.Claim("good beats bad by 0.2", "test/accuracy", "good", "bad",
+                              margin=-0.2))),
+      tables=(("Flipped", (reproduce.Metric("test/nll", "NLL", False),),
+               ("good", "bad"), "transposed"),))
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  assert [c["verdict"] for c in summary["claims"]] == ["does not hold", "holds"]
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
+  assert "superiority by a margin: holds when better by more than 0.5" in text
+  block = text.split("**Flipped**")[1].strip().splitlines()
+  assert block[0] == "| | **good** | **bad** |"
+  assert block[2].startswith("| NLL | 0.0600 ± 0.0100 | 0.4100 ± 0.0100 |")

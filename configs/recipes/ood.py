@@ -58,10 +58,17 @@ CIFAR mean and std of :data:`CIFAR_MEAN` / :data:`CIFAR_STD`) or ``half``
 (``hendrycks/pre-training``: mean = std = 0.5). docs/pretrained-checkpoints.md
 lists the checkpoints and the papers' numbers.
 
+``posthoc=True`` (with ``mode=compare``) adds ``posthoc_baseline`` and
+``posthoc_energy_ft``: every score of :data:`CHECKPOINT_SCORES` at its
+defaults on the baseline and the energy-fine-tuned model, under OpenOOD's
+protocol (``preset='openood'``: OOD positive, every OOD example; groups near =
+the letters or the other CIFAR, far = every other set) -- the table of
+``launch.reproduce liu2020``.
+
 Arguments after ``:``: ``variant`` (embedded, cifar10, cifar100), ``mode``,
 ``outliers`` (``dataset:split`` of the training outliers), ``lr``
 (fine-tuning), ``epochs`` (fine-tuning), ``baseline_epochs``, ``checkpoint``
-(a released checkpoint to evaluate), ``norm`` (cifar, half).
+(a released checkpoint to evaluate), ``norm`` (cifar, half), ``posthoc``.
 """
 
 from configs import default
@@ -87,6 +94,7 @@ NORMS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 # checkpoint=...: the tfds sets among the energy paper's six (Textures, SVHN; its
 # Places365, LSUN-C, LSUN-R and iSUN are added with --config.evaluators.ood.sets.<name>=...),
 # besides the variant's generated noise sets.
+POSTHOC_NEAR = ("letters", "cifar10", "cifar100")  # posthoc=True: OpenOOD's near group
 CHECKPOINT_SETS = {"textures": "dtd:test", "svhn": "svhn_cropped:test"}
 # checkpoint=...: every registered score at its defaults (jaxrobust.scores.SCORES).
 CHECKPOINT_SCORES = ("msp", "max_logit", "entropy", "energy", "odin", "mahalanobis", "react",
@@ -111,7 +119,7 @@ def _finetune(c, *, lr: float, epochs: float, loss: dict, outliers: str, batch: 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="", outliers="", lr=-1.0, epochs=10.0,
-                   baseline_epochs=-1.0, checkpoint="", norm="")
+                   baseline_epochs=-1.0, checkpoint="", norm="", posthoc=False)
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
   if args.checkpoint:
@@ -176,8 +184,31 @@ def get_config(arg=None):
         "streams": {"outliers": {"data": name, "split": split, "batch_size": 2 * batch,
                                  "pp": c.streams.train.pp}},
         "losses": {"confidence": {"weight": 1.0}}}}
+  if args.posthoc:
+    if args.mode != "compare":
+      raise ValueError("posthoc=True scores the baseline and energy-fine-tuned models: it needs "
+                       f"mode=compare (got mode={args.mode!r}).")
+    stages.update(posthoc_stages(c, ("baseline", "energy_ft")))
   c.stages = stages
   return c
+
+
+def posthoc_groups(sets) -> dict[str, tuple[str, ...]]:
+  """OpenOOD's two groups of the recipe's OOD sets: near = the glyph letters
+  (and the other CIFAR), far = every other set (noise, photo patches)."""
+  near = tuple(s for s in sets if s in POSTHOC_NEAR)
+  return {"near": near, "far": tuple(s for s in sets if s not in near)}
+
+
+def posthoc_stages(c, arms) -> dict:
+  """``posthoc_<arm>``: every score of :data:`CHECKPOINT_SCORES` (the
+  post-hoc detectors at their defaults, ODIN and Mahalanobis untuned) on
+  ``arm``'s checkpoint under OpenOOD's protocol (``preset='openood'``: OOD
+  positive, every OOD example, near/far group averages, ID accuracy)."""
+  ood = {"scores": CHECKPOINT_SCORES, "preset": "openood",
+         "groups": posthoc_groups(tuple(c.evaluators.ood.sets))}
+  return {f"posthoc_{arm}": {"task": "evaluate", "checkpoint": f"artifact:{arm}/checkpoint",
+                             "config": {"evaluators": {"ood": ood}}} for arm in arms}
 
 
 def _checkpoint_config(args) -> dict:

@@ -147,7 +147,8 @@ class Paper:
   not_covered: str = ""
   resample: Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, np.ndarray]] | None = None
   plots: Sequence[str] = ()
-  # More tables: (title, metrics) or (title, metrics, arms) -- only those arms.
+  # More tables: (title, metrics) or (title, metrics, arms) -- only those arms --
+  # or (title, metrics, arms, "transposed"): one row per metric, one column per arm.
   tables: Sequence[tuple] = ()
   main_arms: Sequence[str] = ()  # the arms of the first table (default: every arm)
   # (summary) -> notes on the paper's own ceiling effects, added to the generic ones.
@@ -399,6 +400,13 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
                                 + grouped):
     if title:
       lines += ["", f"**{title}**", ""]
+    if len(arms) > 1 and arms[1] == "transposed":  # one row per metric, one column per arm
+      shown = [a for a in arms[0] if a in summary["table"]]
+      lines += ["| | " + " | ".join(f"**{a}**" for a in shown) + " |",
+                "|" + "---|" * (len(shown) + 1)]
+      lines += [f"| {m.label} | " + " | ".join(_fmt(summary["table"][a].get(m.key))
+                                             for a in shown) + " |" for m in metrics]
+      continue
     lines += ["| arm | " + " | ".join(m.label for m in metrics) + " |",
               "|" + "---|" * (len(metrics) + 1)]
     for arm, desc in paper.arms.items():
