@@ -88,7 +88,10 @@ def stage_configs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, dic
       raise RegistryError(f"{where} needs a 'task' ({', '.join(TASKS.names())}).")
     options = {k: v for k, v in stage.items() if k not in STAGE_KEYS}
     task = stage["task"]
-    TASKS.resolve(Spec(task, (), options), where=where, runtime=("ctx",))
+    _, bound = TASKS.resolve(Spec(task, (), options), where=where, runtime=("ctx",))
+    check = getattr(TASKS.get(task, where), "check_options", None)
+    if check is not None:  # the task's own checks of its option values, before any stage runs
+      check(where, **bound)
     merged = merge(config, stage.get("config") or {}, f"{where}.config")
     try:
       config_lib.validate(merged)

@@ -7,7 +7,9 @@ registered in :data:`TASKS`::
     def pseudo_label(ctx: StageContext, *, checkpoint, threshold=0.3) -> dict[str, float]: ...
 
 Options come from the stage's entry in ``config.stages`` and are checked
-against the signature before the recipe starts. A task reads what earlier
+against the signature before the recipe starts; a task may also check their
+values then, before any stage runs, with a ``check_options(where, **options)``
+attribute (``dfr_task.check_options = ...``) that raises naming ``where``. A task reads what earlier
 stages wrote (``ctx.artifacts.load('artifact:<stage>/<name>')``), runs models
 (:func:`predict_outputs`, :func:`evaluation_setup`), writes arrays or JSON for
 later stages (``ctx.artifacts.save``) and, where it produces a model (a

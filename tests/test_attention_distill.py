@@ -113,6 +113,7 @@ def test_baselines_match_reference():
     losses_lib.build_terms({"logit_kd": dict(temperature=0.0)})
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_of_another_architecture_fails():
   from jaxrobust.models import get_model
   x = jnp.zeros((1, 8, 8, 3))

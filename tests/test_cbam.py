@@ -43,7 +43,8 @@ def test_cbam_matches_torch_port(train):
 
 @pytest.mark.parametrize("name,kwargs,blocks", [
     ("wrn", dict(depth=10, width=1), ["group1_block1", "group2_block1", "group3_block1"]),
-    ("preact_resnet18", {}, ["stage1_block1", "stage4_block2"]),
+    pytest.param("preact_resnet18", {}, ["stage1_block1", "stage4_block2"],
+                 marks=pytest.mark.slow),
 ])
 def test_cbam_option_keeps_default_tree_and_exposes_maps(name, kwargs, blocks):
   x = jnp.zeros((2, 16, 16, 3))

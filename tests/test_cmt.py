@@ -178,6 +178,7 @@ def test_stochastic_depth_rates_follow_the_zoo_rule(tiny):
     _init_shapes(tiny(stochastic_depth_rate=1.0), x.shape)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_float32_params_and_logits(tiny):
   x = _images((2, 16, 16, 3))
   f32, bf16 = tiny(), tiny(dtype=jnp.bfloat16)

@@ -3,6 +3,7 @@ task writing a model that predicts like the fitted logistic regression, the
 ``group_balanced`` sampler, and the errors on bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -52,6 +53,7 @@ def test_bad_recipe_arguments(arg, message):
     dfr_recipe.get_config(arg)
 
 
+@pytest.mark.slow
 def test_dfr_stage_writes_a_model_that_predicts_like_the_logistic_regression(data_dir, tmp_path):
   c = _recipe(data_dir)
   c.stages = {k: c.stages[k] for k in ("erm", "features_train", "features_validation", "dfr_val")}
@@ -79,7 +81,7 @@ def test_dfr_stage_writes_a_model_that_predicts_like_the_logistic_regression(dat
     assert "test/group_weighted_accuracy" in json.load(f)
 
 
-def test_dfr_errors_name_the_key(data_dir, tmp_path):
+def test_dfr_errors_name_the_key_before_any_stage_runs(data_dir, tmp_path):
   c = _recipe(data_dir)
   c.stages.dfr_val.c_grid = (1.0, 0.0)
   with pytest.raises(RegistryError, match=r"c_grid: C must be > 0"):
@@ -88,10 +90,11 @@ def test_dfr_errors_name_the_key(data_dir, tmp_path):
   c.stages.dfr_val.variant = "tr_test"
   with pytest.raises(RegistryError, match=r"dfr_val.variant must be one of"):
     stages.run(c, str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "a" / "erm") and not os.path.exists(tmp_path / "b" / "erm")
 
 
 def test_dfr_on_a_dataset_without_groups_is_one_clear_error(data_dir, tmp_path):
-  c = _recipe(data_dir)
+  c = _recipe(data_dir, steps=1)
   c.data.name = "digits"
   c.data.mean, c.data.std = (0.5,), (0.5,)
   del c.evaluators["groups"]

@@ -82,6 +82,7 @@ def _evaluators(data_dir, **ood):
                 ood={"type": "ood", "preset": "openood", "scores": ("msp", "energy"), **ood})
 
 
+@pytest.mark.slow
 def test_group_averages_keys_and_id_accuracy(data_dir):
   from jaxrobust import evaluators as ev
   from jaxrobust.evaluators import ood as ood_eval

@@ -680,6 +680,20 @@ def _features(ctx, ref: str, split: str, checkpoint: str, module: str, key: str)
   return x, y, g
 
 
+def _check_dfr_options(where: str, *, variant: str = "tr_val", c_grid: Sequence[float] = C_GRID,
+                       num_retrains: int = 0, **_) -> None:
+  """The ``dfr`` task's option values, checked when the recipe is loaded."""
+  if variant not in VARIANTS:
+    raise RegistryError(f"{where}.variant must be one of {VARIANTS}, got {variant!r}.")
+  grid = np.asarray(c_grid, np.float64).reshape(-1)
+  if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+    raise RegistryError(f"{where}.c_grid: C must be > 0 (the inverse L1 strength); got "
+                        f"{grid.tolist()}.")
+  if isinstance(num_retrains, bool) or int(num_retrains) != num_retrains or num_retrains < 0:
+    raise RegistryError(f"{where}.num_retrains must be an integer >= 0 (0: the reference's "
+                        f"default), got {num_retrains!r}.")
+
+
 @TASKS.register("dfr")
 def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
              validation: str = "", c_grid: Sequence[float] = C_GRID, num_retrains: int = 0,
@@ -717,15 +731,8 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
   from jaxrobust import tasks
   from jaxrobust import checkpoint as ckpt_lib
   where = ctx.where
-  if variant not in VARIANTS:
-    raise RegistryError(f"{where}.variant must be one of {VARIANTS}, got {variant!r}.")
+  _check_dfr_options(where, variant=variant, c_grid=c_grid, num_retrains=num_retrains)
   grid = np.asarray(c_grid, np.float64).reshape(-1)
-  if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
-    raise RegistryError(f"{where}.c_grid: C must be > 0 (the inverse L1 strength); got "
-                        f"{grid.tolist()}.")
-  if isinstance(num_retrains, bool) or int(num_retrains) != num_retrains or num_retrains < 0:
-    raise RegistryError(f"{where}.num_retrains must be an integer >= 0 (0: the reference's "
-                        f"default), got {num_retrains!r}.")
   name = ctx.config.data.name
   spec = ctx.data.spec()
   if not spec.num_groups:
@@ -790,3 +797,6 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
   if jax.process_index() == 0:
     files.write_json(os.path.join(ctx.workdir, "results.json"), results, what="results")
   return results
+
+
+dfr_task.check_options = _check_dfr_options
