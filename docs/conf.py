@@ -64,7 +64,7 @@ html_title = "jaxrobust"
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:.*", r"(jax|jaxlib|numpy|np|flax|optax|ml_collections|chex|grain|orbax|tensorflow_datasets"
-              r"|tfds|matplotlib|collections\.abc|typing|types|pathlib)\..*"),
+              r"|tfds|matplotlib|collections\.abc|typing|types|pathlib|os)\..*"),
     # tfds' own annotation of BuilderConfig.version, shown on the embedded builders' configs.
     ("py:class", r"utils\.VersionOrStr"),
     # Private base classes and type variables of jaxrobust named in "Bases:"

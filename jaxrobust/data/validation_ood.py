@@ -52,7 +52,7 @@ a ghost; ``invert``: ``(2 - x) / 3``); the other kinds act per channel as in
 the reference; (4) the reference's uniform-noise ``-v`` set is left out (it
 resembles the Gaussian and Rademacher test sets); it is the separate
 ``uniform_noise`` dataset. Randomness: ``np.random.RandomState`` seeded by
-(:data:`SEED`, kind, dataset, split), so a set is fixed.
+(``SEED``, kind, dataset, split), so a set is fixed.
 """
 
 from __future__ import annotations

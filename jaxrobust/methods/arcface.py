@@ -56,7 +56,7 @@ SIN_EPS = 1e-9
 
 
 def check_scale_margin(s: float, m: float, where: str = "arcface") -> None:
-  """``s > 0`` and ``0 <= m < π`` or a :class:`RegistryError` naming the key."""
+  """``s > 0`` and ``0 <= m < π`` or a :class:`~jaxrobust.registry.RegistryError` naming the key."""
   if not isinstance(s, (int, float)) or isinstance(s, bool) or not s > 0:
     raise RegistryError(f"{where}: s (the scale) must be > 0, got {s!r}.")
   if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < math.pi:

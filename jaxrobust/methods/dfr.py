@@ -84,7 +84,7 @@ naming the split and the group; groups are ``0 .. num_groups − 1``
 
 Public API: :func:`logistic_regression_l1`, :func:`fit_many`,
 :func:`l1_logistic_objective`, :func:`predict`, :func:`standardize_fit`,
-:func:`standardize`, :func:`balanced_subsample`, :func:`tr_val_plan`,
+``standardize``, :func:`balanced_subsample`, :func:`tr_val_plan`,
 :func:`tr_tr_plan`, :func:`worst_group_accuracy`, :func:`dfr_tr_val`,
 :func:`dfr_tr_tr`, :func:`fold_into_head`.
 """
@@ -703,7 +703,7 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
   training and validation splits (the ``predict`` artifacts ``train`` /
   ``validation``, or extracted here), DFR^Tr_Val (``variant='tr_val'``) or
   DFR^Tr_Tr (``'tr_tr'``), the averaged head folded into the model's
-  ``head`` and written as this stage's checkpoint (:meth:`save_model`:
+  ``head`` and written as this stage's checkpoint (:meth:`~jaxrobust.tasks.StageContext.save_model`:
   ``artifact:<stage>/checkpoint``, read by ``init_from``, ``predict`` and
   ``evaluate`` like a trained one), then the stage config's evaluators on it.
 
@@ -712,7 +712,7 @@ def dfr_task(ctx, *, checkpoint: str, variant: str = "tr_val", train: str = "",
     variant: ``tr_val`` or ``tr_tr``.
     train, validation: ``artifact:<stage>/<name>`` of ``predict`` outputs with
       ``features``, ``label``, ``group`` (else extracted from the checkpoint).
-    c_grid: the values of C tried (the reference's :data:`C_GRID`).
+    c_grid: the values of C tried (the reference's ``C_GRID``).
     num_retrains: fits averaged (0: the reference's 20 for tr_val, 10 for tr_tr).
     tune_class_weights: tr_tr's class-weight grid (the reference's flag).
     module: which module of the checkpoint.

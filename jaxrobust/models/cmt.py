@@ -22,7 +22,7 @@ Follows the authors' PyTorch code, huawei-noah/Efficient-AI-Backbones
   (0.1; 0.3 for CMT-B) - ``head`` Linear. ``features`` are the pooled 1280-d
   vector before the dropout (the same in eval mode).
 
-Variants (:data:`VARIANTS`, checked against the code's presets): Ti dims
+Variants (``VARIANTS``, checked against the code's presets): Ti dims
 46/92/184/368, depths 2/2/10/2, R 3.6, stem 16; XS 52/104/208/416, 3/3/12/3,
 R 3.77 (the paper's Table 1 rounds it to 3.8), stem 16; S 64/128/256/512,
 3/3/16/3, R 4, stem 32; B 76/152/304/608, 4/4/20/4, R 4, stem 38.
@@ -34,7 +34,7 @@ bias; the code learns a *free* table per stage of shape ``[heads, N, N / k^2]``
 before the softmax. This module follows the code: ``params['relative_pos_a']``
 ... ``['relative_pos_d']``. The tables' shapes depend on the input size, so a
 model is initialised at the resolution it will be used at (the paper's:
-:data:`VARIANTS` ``resolution``, Ti 160, XS 192, S 224, B 256) and an input of
+``VARIANTS`` ``resolution``, Ti 160, XS 192, S 224, B 256) and an input of
 another size raises a ``ValueError`` naming the model, the input size and the
 size the tables were built for. Parameters for 1000 classes at those resolutions, equal to the
 reference code's (counted with its ``cmt_*`` builders), with the paper's Table
@@ -208,7 +208,7 @@ class CMT(ImageClassifier):
   """CMT-Ti/XS/S/B; see the module docstring.
 
   Attributes:
-    variant: ``'ti'``, ``'xs'``, ``'s'`` or ``'b'`` (:data:`VARIANTS`).
+    variant: ``'ti'``, ``'xs'``, ``'s'`` or ``'b'`` (``VARIANTS``).
     stem_stride: stride of the first stem conv: 2 (the paper; total stride
       32) or 1 (for 32x32 inputs; total stride 16).
     dropout_rate: dropout before the ``head`` (``'dropout'`` rng, train
