@@ -23,9 +23,10 @@ rows).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -212,11 +213,12 @@ def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image
 
 
-class ResizedSource:
-  """Wraps a source so every image is :func:`resize_and_center_crop`-ed."""
+class MappedSource:
+  """Wraps a source so every record's image goes through ``fn`` (labels,
+  groups and every other field unchanged)."""
 
-  def __init__(self, source: Any, size: int):
-    self.source, self.size = source, size
+  def __init__(self, source: Any, fn: Callable[[np.ndarray], np.ndarray]):
+    self.source, self.fn = source, fn
 
   @property
   def has_groups(self) -> bool:
@@ -228,35 +230,31 @@ class ResizedSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     rec = dict(self.source[i])
     image, _ = record(rec)
-    rec["image"] = resize_and_center_crop(image, self.size)
+    rec["image"] = self.fn(image)
     return rec
 
   def __getitems__(self, idx) -> list[dict[str, Any]]:
     return [self[i] for i in idx]
 
 
-class RGBSource:
+class ResizedSource(MappedSource):
+  """Wraps a source so every image is :func:`resize_and_center_crop`-ed."""
+
+  def __init__(self, source: Any, size: int):
+    super().__init__(source, functools.partial(resize_and_center_crop, size=size))
+    self.size = size
+
+
+def _repeat_gray(image: np.ndarray) -> np.ndarray:
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+class RGBSource(MappedSource):
   """Wraps a source so a one-channel image is repeated into three (PIL's
   ``convert('RGB')``, as OpenOOD's image-list loader does for MNIST)."""
 
   def __init__(self, source: Any):
-    self.source = source
-
-  @property
-  def has_groups(self) -> bool:
-    return has_groups(self.source)
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    rec = dict(self.source[i])
-    image, _ = record(rec)
-    rec["image"] = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-    return rec
-
-  def __getitems__(self, idx) -> list[dict[str, Any]]:
-    return [self[i] for i in idx]
+    super().__init__(source, _repeat_gray)
 
 
 def to_rgb(source: Any) -> Any:
