@@ -112,10 +112,15 @@ def all_labels(source: Any) -> np.ndarray:
   """The label of every example (int32; read once for sources not in RAM)."""
   if isinstance(source, InMemorySource):
     return np.asarray(source.labels, np.int32)
+  return _read_field(source, "label")
+
+
+def _read_field(source: Any, key: str) -> np.ndarray:
+  """One int32 field of every record, read in chunks of 4,096."""
   out = np.empty(len(source), np.int32)
   for start in range(0, len(source), 4096):
     idx = np.arange(start, min(start + 4096, len(source)))
-    out[idx] = read(source, idx)["label"]
+    out[idx] = read(source, idx)[key]
   return out
 
 
@@ -132,11 +137,7 @@ def all_groups(source: Any, *, what: str) -> np.ndarray:
         "feature; see jaxrobust.data.sources.DERIVED_LABELS).")
   if isinstance(source, InMemorySource):
     return np.asarray(source.groups, np.int32)
-  out = np.empty(len(source), np.int32)
-  for start in range(0, len(source), 4096):
-    idx = np.arange(start, min(start + 4096, len(source)))
-    out[idx] = read(source, idx)["group"]
-  return out
+  return _read_field(source, "group")
 
 
 def group_counts(source: Any, num_groups: int, *, what: str) -> np.ndarray:
