@@ -21,40 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs.recipes import confidence_gan  # noqa: E402
-from jaxrobust import build, config as config_lib, stages  # noqa: E402
-from jaxrobust import train_state as state_lib  # noqa: E402
-from jaxrobust import train_step as step_lib  # noqa: E402
+from jaxrobust import stages  # noqa: E402
+from engine_step import engine_step  # noqa: E402
 from timing import median_time  # noqa: E402
 
 K = 10
 
 
-def _step(c):
-  config_lib.validate(c)
-  image = (32, 32, len(c.data.mean))
-  modules = build.build_modules(c, num_classes=K, image_shape=image, total_steps=1000,
-                                steps_per_epoch=100.0)
-  streams = build.build_stream_steps(c)
-  updates = build.build_updates(c, modules, streams, {})
-  spec = step_lib.StepSpec(modules=modules, streams=streams, updates=updates, num_classes=K)
-  state = state_lib.create_state(modules, jax.random.PRNGKey(0))
-  step = jax.jit(step_lib.make_train_step(spec), donate_argnums=(0,))
-  b = c.streams.train.batch_size
-  r = np.random.default_rng(0)
-  batch = {"train": {"image": r.integers(0, 256, (b,) + image, dtype=np.uint8),
-                     "label": r.integers(0, K, b).astype(np.int32),
-                     "mask": np.ones(b, bool), "index": np.arange(b, dtype=np.int32)}}
-  rng = jax.random.PRNGKey(1)
-  holder = [state]
-
-  def run():
-    holder[0], m = step(holder[0], batch, rng, {})
-    jax.block_until_ready(m)
-  return run
-
+def _image(c) -> tuple[int, int, int]:
+  return (32, 32, len(c.data.mean))
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,8 +43,8 @@ def main() -> None:
     recipe = confidence_gan.get_config(f"{variant},mode=compare")
     configs = stages.stage_configs(recipe)
     joint, clean = configs["joint"][2], configs["ce"][2]
-    t_joint = median_time(_step(joint), args.rounds)
-    t_clean = median_time(_step(clean), args.rounds)
+    t_joint = median_time(engine_step(joint, _image(joint), K), args.rounds)
+    t_clean = median_time(engine_step(clean, _image(clean), K), args.rounds)
     rows.append((variant, joint.model.name, joint.streams.train.batch_size,
                  t_joint, t_clean, t_joint / (3 * t_clean)))
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, median of {args.rounds} steps")

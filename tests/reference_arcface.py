@@ -50,7 +50,7 @@ def arcface_loss_torch(features, weights, labels, *, s=64.0, m=0.5):
   return loss.item(), f.grad.numpy(), w.grad.numpy()
 
 
-def cbam_torch(x_nhwc, p, *, train=False):
+def cbam_torch(x_nhwc, p, *, train=False, momentum=0.01):
   """Port of Jongchan/attention-module ``CBAM`` (ChannelGate avg+max, SpatialGate
   ChannelPool(max, mean) -> conv7x7 -> BN -> sigmoid), weights from the flax
   params ``p`` of :class:`jaxrobust.models.cbam.CBAM` and batch stats
@@ -61,7 +61,7 @@ def cbam_torch(x_nhwc, p, *, train=False):
   hidden = p["channel_fc1"]["kernel"].shape[1]
   mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, c)).double()
   conv = nn.Conv2d(2, 1, 7, padding=3, bias=False).double()
-  bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01).double()
+  bn = nn.BatchNorm2d(1, eps=1e-5, momentum=momentum).double()
   t = lambda a: torch.tensor(np.asarray(a, np.float64))
   with torch.no_grad():
     mlp[0].weight.copy_(t(p["channel_fc1"]["kernel"]).T)

@@ -13,11 +13,12 @@ from jaxrobust.modules import Module
 from tests import reference_arcface as ref
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_cbam_matches_torch_port(train):
+@pytest.mark.parametrize("train,momentum", [(False, 0.99), (True, 0.99), (True, 0.9)])
+def test_cbam_matches_torch_port(train, momentum):
+  """Flax's decay ``momentum`` is PyTorch's ``1 - momentum`` (0.99: the reference's 0.01)."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 6, 5, 32)).astype(np.float32)
-  mod = CBAM()
+  mod = CBAM(momentum=momentum)
   variables = mod.init(jax.random.PRNGKey(1), jnp.asarray(x), False)
   params = jax.tree.map(np.asarray, variables["params"])
   stats = {"mean": rng.normal(size=(1,)).astype(np.float32),
@@ -30,11 +31,11 @@ def test_cbam_matches_torch_port(train):
   else:
     y, maps = mod.apply(v, jnp.asarray(x), False)
   want_y, want_c, want_s, run_mean, run_var = ref.cbam_torch(x, {**params, "stats": stats},
-                                                             train=train)
+                                                             train=train, momentum=1 - momentum)
   np.testing.assert_allclose(np.asarray(y), want_y, atol=1e-5)
   np.testing.assert_allclose(np.asarray(maps["channel"]), want_c, atol=1e-5)
   np.testing.assert_allclose(np.asarray(maps["spatial"]), want_s, atol=1e-4)
-  if train:  # BatchNorm2d(momentum=0.01) running averages
+  if train:  # BatchNorm2d(momentum=1 - momentum) running averages
     np.testing.assert_allclose(np.asarray(new["batch_stats"]["spatial_bn"]["mean"]), run_mean,
                                rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new["batch_stats"]["spatial_bn"]["var"]), run_var,
@@ -66,6 +67,31 @@ def test_cbam_option_keeps_default_tree_and_exposes_maps(name, kwargs, blocks):
     c, s = out[f"attention/{b}/channel"], out[f"attention/{b}/spatial"]
     assert c.ndim == 2 and c.shape[0] == 2 and s.shape[-1] == 1 and s.ndim == 4
   assert out[f"attention/{blocks[0]}/spatial"].shape[1:3] == (16, 16)
+
+
+def test_models_pass_cbam_momentum_to_every_block():
+  """``cbam_momentum`` reaches each block's spatial BatchNorm: from zero running means, one
+  train-mode step leaves ``(1 - momentum) * batch mean``, so 0.5 gives 50x the default 0.99's."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+  means = {}
+  for m in (0.99, 0.5):
+    model = get_model("wrn", num_classes=3, depth=10, width=1, cbam=True, cbam_momentum=m)
+    v = model.init(jax.random.PRNGKey(0), x, train=False)
+    _, new = model.apply(v, x, train=True, mutable=["batch_stats"],
+                         rngs={"dropout": jax.random.PRNGKey(1)})
+    means[m] = {k: np.asarray(b["cbam"]["spatial_bn"]["mean"])
+                for k, b in new["batch_stats"].items() if "cbam" in b}
+  assert len(means[0.5]) == 3
+  for k, v in means[0.99].items():
+    np.testing.assert_allclose(means[0.5][k], 50 * v, rtol=1e-4)
+
+
+def test_recipe_rejects_cbam_momentum_out_of_range():
+  from configs.recipes import attention_distill
+  with pytest.raises(ValueError, match="cbam_momentum must be in"):
+    attention_distill.get_config("cbam_momentum=1.5")
+  c = attention_distill.get_config("cbam_momentum=0.9")
+  assert c.model.kwargs.cbam_momentum == 0.9
 
 
 @pytest.mark.slow

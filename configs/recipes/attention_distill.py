@@ -55,7 +55,9 @@ Variants:
 
 Arguments: ``variant``, ``mode`` (compare | askd), ``factors`` ('2+4+8'),
 ``epochs`` (per stage; ``steps`` > 0 instead), ``depth``/``width`` (of the
-WRN), ``batch_size`` (128), ``arms`` (a subset of student+kd+fd+at+askd, mode=compare), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
+WRN), ``cbam_momentum`` (the decay of CBAM's spatial BatchNorm statistics;
+default the reference's 0.99, which needs ~500 steps to settle: short runs
+take 0.9, the decay of the network's other BatchNorms), ``batch_size`` (128), ``arms`` (a subset of student+kd+fd+at+askd, mode=compare), ``loss`` (ce | arcface), ``lam`` (A-SKD's λ, 5),
 ``data``/``verify`` (face), ``smoke`` (tiny model, a few steps: tests).
 """
 
@@ -132,6 +134,7 @@ def evaluators(verify: str, factor: int, num_pairs: int) -> dict:
 def get_config(arg=None):
   args = parse_arg(arg, variant="embedded", mode="compare", factors="2+4+8", epochs=-1.0,
                    steps=-1, depth=-1, width=-1, batch_size=128, arms="", loss="", lam=LAMBDA, data="",
+                   cbam_momentum=-1.0,
                    verify="", num_pairs=3000, smoke=False)
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; known: {VARIANTS}")
@@ -164,6 +167,11 @@ def get_config(arg=None):
     c.model.kwargs.depth = int(args.depth)
   if args.width > 0:
     c.model.kwargs.width = int(args.width)
+  if args.cbam_momentum >= 0:
+    if not 0.0 <= args.cbam_momentum < 1.0:
+      raise ValueError(f"cbam_momentum must be in [0, 1) (the decay of CBAM's spatial BatchNorm "
+                       f"statistics), got {args.cbam_momentum}.")
+    c.model.kwargs.cbam_momentum = float(args.cbam_momentum)
   c.streams.train.batch_size = int(args.batch_size)
   c.num_epochs = float(args.epochs if args.epochs > 0 else st.epochs)
   c.num_steps = int(args.steps)

@@ -23,6 +23,8 @@ the sigmoid (``channel`` ``[B, C]``, ``spatial`` ``[B, H, W, 1]``): what A-SKD
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,10 @@ from jaxrobust.models.layers import (Dtype, batch_norm, conv, torch_linear_bias_
 
 REDUCTION = 16
 KERNEL = 7
+# The spatial BatchNorm's running-average decay: PyTorch's momentum=0.01. Its statistics need about
+# 500 steps to settle; a run of a few hundred steps at a high learning rate ends with them far from
+# the batch statistics (eval-mode accuracy collapses), so models take ``cbam_momentum``.
+MOMENTUM = 0.99
 
 
 class CBAM(nn.Module):
@@ -40,6 +46,7 @@ class CBAM(nn.Module):
   kernel: int = KERNEL
   dtype: Dtype = None
   bn_axis_name: str | None = None
+  momentum: float = MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -54,11 +61,17 @@ class CBAM(nn.Module):
     x = x * jax.nn.sigmoid(channel)[:, None, None, :].astype(x.dtype)
     pooled = jnp.concatenate([x.max(axis=-1, keepdims=True), x.mean(axis=-1, keepdims=True)], -1)
     spatial = conv(1, self.kernel, dtype=self.dtype, name="spatial_conv")(pooled)
-    spatial = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name, momentum=0.99,
-                         name="spatial_bn")(spatial)  # [B, H, W, 1]
+    spatial = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name,
+                         momentum=self.momentum, name="spatial_bn")(spatial)  # [B, H, W, 1]
     x = x * jax.nn.sigmoid(spatial).astype(x.dtype)
     up = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
     return x, {"channel": up(channel), "spatial": up(spatial)}
+
+
+def cbam_module(enabled: bool, momentum: float = MOMENTUM):
+  """The ``attention`` module class of a residual block: CBAM with the
+  spatial BatchNorm's decay ``momentum`` when ``enabled``, else None."""
+  return functools.partial(CBAM, momentum=momentum) if enabled else None
 
 
 def output_key(block: str, kind: str) -> str:

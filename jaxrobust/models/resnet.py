@@ -32,7 +32,8 @@ Both take ``cbam`` (default False: the parameter tree above, unchanged): CBAM
 addition (after the bottleneck's last BN, as Jongchan/attention-module's
 ``ResNet``), and ``return_features=True`` returns ``(logits, features, maps)``
 with the pre-sigmoid maps ``attention/<block>/channel`` and
-``attention/<block>/spatial``.
+``attention/<block>/spatial``. ``cbam_momentum`` is the decay of CBAM's spatial
+BatchNorm statistics (0.99: the reference's PyTorch momentum 0.01).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.cbam import CBAM, collect_attention
+from jaxrobust.models.cbam import MOMENTUM as CBAM_MOMENTUM
+from jaxrobust.models.cbam import CBAM, cbam_module, collect_attention
 from jaxrobust.models.layers import (Dtype, ImageClassifier, PreActBasicBlock, StochasticDepth,
                                      check_images, check_rate, classify, conv_and_bn,
                                      stochastic_depth_rate, torch_linear_bias_init)
@@ -61,6 +63,7 @@ class PreActResNet18(ImageClassifier):
   final_norm: bool = True
   stochastic_depth_rate: float = 0.0
   cbam: bool = False
+  cbam_momentum: float = CBAM_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -74,7 +77,8 @@ class PreActResNet18(ImageClassifier):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, 2 * s + b, 8)
         name = f"stage{s + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, 0.0, self.dtype,
-                             self.bn_axis_name, drop, attention=CBAM if self.cbam else None,
+                             self.bn_axis_name, drop,
+                             attention=cbam_module(self.cbam, self.cbam_momentum),
                              name=name)(x, train)
         x = collect_attention(x, name, maps)
     if self.final_norm:
@@ -96,6 +100,7 @@ class Bottleneck(nn.Module):
   bn_axis_name: str | None
   drop_rate: float = 0.0
   cbam: bool = False
+  cbam_momentum: float = CBAM_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool):
@@ -107,7 +112,8 @@ class Bottleneck(nn.Module):
     y = bn(name="bn3", scale_init=last_scale)(conv(out_features, 1, name="conv3")(y))
     maps = None
     if self.cbam:
-      y, maps = CBAM(dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="cbam")(y, train)
+      y, maps = CBAM(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                     momentum=self.cbam_momentum, name="cbam")(y, train)
     if self.drop_rate > 0:
       y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] != out_features or self.stride != 1:
@@ -129,6 +135,7 @@ class ResNet50(ImageClassifier):
   zero_init_residual: bool = False
   stochastic_depth_rate: float = 0.0
   cbam: bool = False
+  cbam_momentum: float = CBAM_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -144,7 +151,8 @@ class ResNet50(ImageClassifier):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, index, num_blocks)
         name = f"layer{s + 1}_block{b + 1}"
         x = Bottleneck(width, stride if b == 0 else 1, self.zero_init_residual, self.dtype,
-                       self.bn_axis_name, drop, cbam=self.cbam, name=name)(x, train)
+                       self.bn_axis_name, drop, cbam=self.cbam, cbam_momentum=self.cbam_momentum,
+                       name=name)(x, train)
         x = collect_attention(x, name, maps)
         index += 1
     features = x.mean(axis=(1, 2))

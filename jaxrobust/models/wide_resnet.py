@@ -29,6 +29,8 @@ branch; with ``return_features=True`` the model then returns ``(logits,
 features, maps)``, ``maps`` naming each block's pre-sigmoid attention maps
 ``attention/<block>/channel`` ``[B, C]`` and ``attention/<block>/spatial``
 ``[B, H, W, 1]`` (outputs of the module next to ``logits`` and ``features``).
+``cbam_momentum`` is the decay of CBAM's spatial BatchNorm statistics (0.99:
+the reference's PyTorch momentum 0.01; see :data:`jaxrobust.models.cbam.MOMENTUM`).
 
 WRN-40-2 has 2,243,546 parameters for 10 classes.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.cbam import CBAM, collect_attention
+from jaxrobust.models.cbam import MOMENTUM as CBAM_MOMENTUM, cbam_module, collect_attention
 from jaxrobust.models.layers import (ImageClassifier, PreActBasicBlock, check_images, check_rate,
                                      classify, conv_and_bn, stochastic_depth_rate)
 from jaxrobust.models.registry import register_model
@@ -64,6 +66,7 @@ class WideResNet(ImageClassifier):
   dropout_rate: float = 0.0
   stochastic_depth_rate: float = 0.0
   cbam: bool = False
+  cbam_momentum: float = CBAM_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, return_features: bool = False):
@@ -85,7 +88,7 @@ class WideResNet(ImageClassifier):
         name = f"group{g + 1}_block{b + 1}"
         x = PreActBasicBlock(features, stride if b == 0 else 1, self.dropout_rate,
                              self.dtype, self.bn_axis_name, drop,
-                             attention=CBAM if self.cbam else None,
+                             attention=cbam_module(self.cbam, self.cbam_momentum),
                              name=name)(x, train)
         x = collect_attention(x, name, maps)
     x = nn.relu(bn(name="bn")(x))
