@@ -47,6 +47,7 @@ def test_cbam_matches_torch_port(train, momentum):
     pytest.param("preact_resnet18", {}, ["stage1_block1", "stage4_block2"],
                  marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_cbam_option_keeps_default_tree_and_exposes_maps(name, kwargs, blocks):
   x = jnp.zeros((2, 16, 16, 3))
   plain = get_model(name, num_classes=3, **kwargs)
@@ -69,6 +70,7 @@ def test_cbam_option_keeps_default_tree_and_exposes_maps(name, kwargs, blocks):
   assert out[f"attention/{blocks[0]}/spatial"].shape[1:3] == (16, 16)
 
 
+@pytest.mark.slow
 def test_models_pass_cbam_momentum_to_every_block():
   """``cbam_momentum`` reaches each block's spatial BatchNorm: from zero running means, one
   train-mode step leaves ``(1 - momentum) * batch mean``, so 0.5 gives 50x the default 0.99's."""

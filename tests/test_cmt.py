@@ -124,6 +124,7 @@ def test_cmt_ti_32_forward_is_finite():
   assert not np.allclose(logits[0], logits[1])
 
 
+@pytest.mark.slow
 def test_train_and_eval_modes(tiny):
   model = tiny(dropout_rate=0.5, stochastic_depth_rate=0.5)
   plain = tiny(dropout_rate=0.0, stochastic_depth_rate=0.0)
@@ -253,6 +254,7 @@ def test_fsdp_and_replicated_specs_for_cmt_params():
 
 # ------------------------------------------------------- parity with the reference
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sr, train", [(2, True), (2, False), (1, True)])
 def test_block_matches_torch_port_of_reference(sr, train):
   torch = pytest.importorskip("torch")

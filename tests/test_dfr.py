@@ -93,6 +93,7 @@ def test_dfr_errors_name_the_key_before_any_stage_runs(data_dir, tmp_path):
   assert not os.path.exists(tmp_path / "a" / "erm") and not os.path.exists(tmp_path / "b" / "erm")
 
 
+@pytest.mark.slow
 def test_dfr_on_a_dataset_without_groups_is_one_clear_error(data_dir, tmp_path):
   c = _recipe(data_dir, steps=1)
   c.data.name = "digits"
@@ -105,6 +106,7 @@ def test_dfr_on_a_dataset_without_groups_is_one_clear_error(data_dir, tmp_path):
     stages.run(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_group_balanced_sampler_draws_every_group_equally(data_dir):
   from jaxrobust import artifacts as artifacts_lib
   from jaxrobust.data import sources, streams

@@ -66,6 +66,7 @@ def test_objective_penalises_the_intercept_as_liblinear():
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_batched_fits_equal_single_fits():
   x, y = sparse_features(80, 30, seed=5)
   x = (x - x.mean(0)) / x.std(0)
@@ -136,6 +137,7 @@ def test_dfr_tr_val_matches_reference_port():
   assert wga > 0.6
 
 
+@pytest.mark.slow
 def test_dfr_tr_tr_matches_reference_port():
   x_tr, y_tr, g_tr = groups_data(800, seed=20, majority=0.85)
   x_val, y_val, g_val = groups_data(300, seed=21, majority=0.5)

@@ -103,6 +103,7 @@ def test_resume_keeps_the_rounds_before_the_checkpoint(tmp_path, data_dir, monke
   jax.tree.map(np.testing.assert_array_equal, seen["final_params"], best_params)
 
 
+@pytest.mark.slow
 def test_disabled_by_default_changes_nothing(tmp_path, data_dir):
   c = tiny_config(data_dir, steps=6)
   assert not c.early_stopping.metric
@@ -138,6 +139,7 @@ def test_no_evaluation_rounds_is_an_error(data_dir):
     config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_pmap_path_restores_the_best_step(tmp_path, data_dir, monkeypatch):
   seen = _fake_rounds(monkeypatch)
   c = _config(data_dir)

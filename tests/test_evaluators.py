@@ -49,6 +49,7 @@ def _build(data_dir, **evaluators):
                              batch_sharding=batch_sharding), state
 
 
+@pytest.mark.slow
 def test_predict_returns_dataset_index_order_under_process_interleaving(data_dir):
   """With two processes, global batch b is [process 0's batch b; process 1's
   batch b]: rows arrive interleaved. predict puts them back by index."""

@@ -206,6 +206,7 @@ def _assert_trees_close(a, b, what, atol=2e-6):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-5, atol=atol, err_msg=what)
 
 
+@pytest.mark.slow
 def test_engine_step_equals_the_three_updates_written_by_hand(toy):
   c, spec, state, step = toy
   assert [u.name for u in spec.updates] == ["discriminator", "generator", "classifier"]

@@ -160,6 +160,7 @@ def _setup(data_dir):
   return c, modules, state, sharding.data_sharding(mesh, ("data",))
 
 
+@pytest.mark.slow
 def test_groups_evaluator_matches_numpy_on_a_padded_split(data_dir):
   c, modules, state, batch_sharding = _setup(data_dir)
   c.evaluators = {"groups": dict(type="groups", splits=("test",))}

@@ -202,6 +202,7 @@ def _assert_bounds_hold(hist, xi, xo):
   return got, exact
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_histogram_bounds_hold_on_random_inputs(seed):
   rng = np.random.default_rng(seed)

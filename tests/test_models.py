@@ -270,7 +270,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   np.testing.assert_allclose(model.apply(variables, x, train=False), ref, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if registry.has_classes(n)])
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith("cmt") else n  # 6-13 s each
+    for n in list_models() if registry.has_classes(n)])
 def test_head_can_be_swapped_for_new_classes(name):
   channels = 1 if name == "small_cnn" else 3
   # VGG's classifier takes 32x32 inputs only; CMT multiples of 32 (16 for cmt_ti_32).

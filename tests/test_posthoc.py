@@ -199,6 +199,7 @@ def test_registered_scores_share_fits_and_are_tunable():
   assert set(posthoc.GRIDS) <= set(tuning.GRIDS)
 
 
+@pytest.mark.slow
 def test_ood_evaluator_runs_detectors_by_name(data_dir):
   """The OOD evaluator fits KNN and ViM on the training split (the head from
   the module's params) and scores with them; the result equals the public

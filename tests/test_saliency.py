@@ -231,6 +231,7 @@ def _variables(model, x, seed=0):
     ("wrn", {"depth": 10, "width": 1}, 7),
     pytest.param("preact_resnet18", {}, 17, marks=pytest.mark.slow),  # ~10 s of compiling
 ])
+@pytest.mark.slow
 def test_zoo_models_are_guided_without_editing_them(name, kwargs, relus, monkeypatch):
   """Every ReLU of the model (as many as ``nn.relu`` calls) is rewritten; the
   map equals the model run with ``nn.relu`` swapped for the guided ReLU (the

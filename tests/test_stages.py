@@ -66,6 +66,7 @@ def _recipe(data_dir, matrix_size=0):
   return c
 
 
+@pytest.mark.slow
 def test_recipe_passes_artifacts_and_reports_every_stage(tmp_path, data_dir):
   results = stages.run(_recipe(data_dir), str(tmp_path))
   # Stages ran in data-flow order, each in its own directory, each marked done.

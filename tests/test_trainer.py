@@ -257,6 +257,7 @@ def test_catalog_dataset_path_with_mock_data(tmp_path):
   assert results["test/nll"] == pytest.approx(want["nll"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hooks_from_config_compile_once(tmp_path, data_dir):
   """FGSM on the train stream, a class-balanced second stream, a robust
   evaluator run every 2 steps: the step and every prediction function are

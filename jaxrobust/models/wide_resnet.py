@@ -30,7 +30,7 @@ features, maps)``, ``maps`` naming each block's pre-sigmoid attention maps
 ``attention/<block>/channel`` ``[B, C]`` and ``attention/<block>/spatial``
 ``[B, H, W, 1]`` (outputs of the module next to ``logits`` and ``features``).
 ``cbam_momentum`` is the decay of CBAM's spatial BatchNorm statistics (0.99:
-the reference's PyTorch momentum 0.01; see :data:`jaxrobust.models.cbam.MOMENTUM`).
+the reference's PyTorch momentum 0.01; ``jaxrobust.models.cbam.MOMENTUM``).
 
 WRN-40-2 has 2,243,546 parameters for 10 classes.
 """
