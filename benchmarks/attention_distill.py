@@ -57,7 +57,7 @@ def main() -> None:
     setting = recipe_lib.SETTINGS[variant]
     recipe = _recipe(variant, args.factor, args.batch, args.depth, args.width)
     configs = stages.stage_configs(recipe)
-    size = setting.image_size or 32  # glyphs and digits are stored at (or padded to) 32x32
+    size = setting.image_size or 32  # 0: as stored -- glyphs and digits are stored at 32x32
     image = (size, size, setting.channels)
     k = setting.num_classes or FACE_CLASSES
     times = {}

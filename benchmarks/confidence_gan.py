@@ -33,6 +33,7 @@ K = 10
 def _image(c) -> tuple[int, int, int]:
   return (32, 32, len(c.data.mean))
 
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", default="embedded,cifar10")

@@ -88,6 +88,14 @@ def test_models_pass_cbam_momentum_to_every_block():
     np.testing.assert_allclose(means[0.5][k], 50 * v, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["wrn", "preact_resnet18", "resnet50"])
+def test_models_reject_cbam_momentum_out_of_range(name):
+  model = get_model(name, num_classes=3, cbam=True, cbam_momentum=1.5)
+  with pytest.raises(ValueError, match=r"config.model.kwargs.cbam_momentum\) must be a float in"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                      train=False))
+
+
 def test_recipe_rejects_cbam_momentum_out_of_range():
   from configs.recipes import attention_distill
   with pytest.raises(ValueError, match="cbam_momentum must be in"):

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrobust.models.layers import (Dtype, batch_norm, conv, torch_linear_bias_init,
+from jaxrobust.models.layers import (Dtype, batch_norm, check_rate, conv, torch_linear_bias_init,
                                      torch_linear_init)
 
 REDUCTION = 16
@@ -50,6 +50,7 @@ class CBAM(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    check_rate(self.momentum, "momentum (config.model.kwargs.cbam_momentum)", "CBAM")
     c = x.shape[-1]
     hidden = max(c // self.reduction, 1)
     fc1 = nn.Dense(hidden, dtype=self.dtype, kernel_init=torch_linear_init,

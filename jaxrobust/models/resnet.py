@@ -38,11 +38,12 @@ BatchNorm statistics (0.99: the reference's PyTorch momentum 0.01).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
-from jaxrobust.models.cbam import MOMENTUM as CBAM_MOMENTUM
-from jaxrobust.models.cbam import CBAM, cbam_module, collect_attention
+from jaxrobust.models.cbam import MOMENTUM as CBAM_MOMENTUM, cbam_module, collect_attention
 from jaxrobust.models.layers import (Dtype, ImageClassifier, PreActBasicBlock, StochasticDepth,
                                      check_images, check_rate, classify, conv_and_bn,
                                      stochastic_depth_rate, torch_linear_bias_init)
@@ -99,8 +100,7 @@ class Bottleneck(nn.Module):
   dtype: Dtype
   bn_axis_name: str | None
   drop_rate: float = 0.0
-  cbam: bool = False
-  cbam_momentum: float = CBAM_MOMENTUM
+  attention: Any = None  # as PreActBasicBlock's: a CBAM class (cbam_module) or None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool):
@@ -111,9 +111,9 @@ class Bottleneck(nn.Module):
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = bn(name="bn3", scale_init=last_scale)(conv(out_features, 1, name="conv3")(y))
     maps = None
-    if self.cbam:
-      y, maps = CBAM(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                     momentum=self.cbam_momentum, name="cbam")(y, train)
+    if self.attention is not None:
+      y, maps = self.attention(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                               name="cbam")(y, train)
     if self.drop_rate > 0:
       y = StochasticDepth(self.drop_rate, name="stochastic_depth")(y, deterministic=not train)
     if x.shape[-1] != out_features or self.stride != 1:
@@ -151,8 +151,8 @@ class ResNet50(ImageClassifier):
         drop = stochastic_depth_rate(self.stochastic_depth_rate, index, num_blocks)
         name = f"layer{s + 1}_block{b + 1}"
         x = Bottleneck(width, stride if b == 0 else 1, self.zero_init_residual, self.dtype,
-                       self.bn_axis_name, drop, cbam=self.cbam, cbam_momentum=self.cbam_momentum,
-                       name=name)(x, train)
+                       self.bn_axis_name, drop,
+                       attention=cbam_module(self.cbam, self.cbam_momentum), name=name)(x, train)
         x = collect_attention(x, name, maps)
         index += 1
     features = x.mean(axis=(1, 2))

@@ -29,7 +29,7 @@ QUICK_ARMS = ("student", "kd", "askd")
 # (WRN-16-2, 15 epochs) takes about 13 hours here and is not what this report measures.
 # CBAM's spatial BatchNorm with the reference's decay 0.99 has not settled after 203 steps: a first
 # run's teacher scored 0.23 on its own training images in eval mode and 0.79 with batch statistics
-# (the running variance 30% off the batch's). Short runs use 0.9, the decay of every other
+# (its running statistics 23-43% off the batch's). Short runs use 0.9, the decay of every other
 # BatchNorm of the network; nothing else changed after that run.
 FULL_SIZE = "depth=10,width=1,epochs=2.5,cbam_momentum=0.9"
 QUICK_SIZE = "depth=10,width=1,epochs=2.5,num_pairs=1000,cbam_momentum=0.9"
