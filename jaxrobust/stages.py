@@ -30,7 +30,11 @@ stage's checkpoint is ``'artifact:<stage>/checkpoint'``.
 **Restart.** A finished stage writes ``<workdir>/<stage>/DONE.json`` (its
 results) atomically and is skipped when the recipe is run again; an interrupted
 ``train`` stage resumes from its own checkpoint; other tasks run again from the
-start. The same command runs a one-stage config or a recipe:
+start. SIGTERM (:mod:`jaxrobust.preemption`) stops a training stage after its
+current step with a checkpoint, and any other stage when it has finished and
+is recorded; the recipe then raises
+:class:`~jaxrobust.preemption.PreemptedError` (``launch.train`` and
+``launch.reproduce`` exit with 143). The same command runs a one-stage config or a recipe:
 ``python -m launch.train --config RECIPE --workdir DIR``. The top-level
 ``<workdir>/results.json`` holds every stage's results under its name
 (``finetune/test/accuracy``).
@@ -51,6 +55,7 @@ import ml_collections
 from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import config as config_lib
 from jaxrobust import files
+from jaxrobust import preemption
 from jaxrobust import trainer
 from jaxrobust.registry import RegistryError, Spec, suggest
 from jaxrobust.tasks import TASKS, StageContext
@@ -126,25 +131,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     files.write_json(os.path.join(workdir, "config.json"),
                      json.loads(config.to_json_best_effort()), what="config")
   results: dict[str, float] = {}
-  for name, (task, options, merged) in plan.items():
-    stage_dir = os.path.join(workdir, name)
-    done = os.path.join(stage_dir, DONE)
-    if os.path.exists(done):
-      with open(done, encoding="utf-8") as f:
-        stage_results = json.load(f)["results"]
-      log.warning("stage %s: done, skipped (%s)", name, done)
-    else:
-      os.makedirs(stage_dir, exist_ok=True)
-      log.warning("stage %s: task %s", name, task)
-      ctx = StageContext(name, stage_dir, merged, artifacts_lib.Artifacts(workdir, names, name))
-      fn = TASKS.build(Spec(task, (), options), where=f"config.stages.{name}",
-                       runtime=("ctx",))
-      stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
-      if jax.process_index() == 0:
-        files.write_json(done, {"task": task, "results": stage_results}, what="stage record")
-      if jax.process_count() > 1:  # the stage's artifacts, written by process 0, are in place
-        multihost_utils.sync_global_devices(f"jaxrobust stage {name} done")
-    results.update({f"{name}/{k}": v for k, v in stage_results.items()})
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, "results.json"), results, what="results")
+  with preemption.watching():
+    for i, (name, (task, options, merged)) in enumerate(plan.items()):
+      results.update({f"{name}/{k}": v for k, v in _run_stage(workdir, names, name, task, options,
+                                                               merged).items()})
+      # One process stops between stages on SIGTERM; several stop together
+      # inside the next stage's loop (the trainer's sync point).
+      if preemption.requested() and i + 1 < len(names) and jax.process_count() == 1:
+        raise preemption.PreemptedError(
+            f"preempted (SIGTERM) after stage {name}: it is done and recorded; run the same "
+            f"command again to resume from stage {names[i + 1]}.")
+    if jax.process_index() == 0:
+      files.write_json(os.path.join(workdir, "results.json"), results, what="results")
+    if preemption.requested() and jax.process_count() == 1:
+      # Its caller (seeds of a reproduction, a sweep) must not go on either.
+      raise preemption.PreemptedError(
+          f"preempted (SIGTERM) during the last stage, {names[-1]}: the recipe is done and "
+          f"its results are in {workdir}; the same command only re-reads them.")
   return results
+
+
+def _run_stage(workdir: str, names: list[str], name: str, task: str, options: dict,
+               merged: ml_collections.ConfigDict) -> dict[str, float]:
+  """One stage: skipped when its record exists, else run and recorded."""
+  stage_dir = os.path.join(workdir, name)
+  done = os.path.join(stage_dir, DONE)
+  if os.path.exists(done):
+    with open(done, encoding="utf-8") as f:
+      stage_results = json.load(f)["results"]
+    log.warning("stage %s: done, skipped (%s)", name, done)
+  else:
+    os.makedirs(stage_dir, exist_ok=True)
+    log.warning("stage %s: task %s", name, task)
+    ctx = StageContext(name, stage_dir, merged, artifacts_lib.Artifacts(workdir, names, name))
+    fn = TASKS.build(Spec(task, (), options), where=f"config.stages.{name}",
+                     runtime=("ctx",))
+    stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
+    if jax.process_index() == 0:
+      files.write_json(done, {"task": task, "results": stage_results}, what="stage record")
+    if jax.process_count() > 1:  # the stage's artifacts, written by process 0, are in place
+      multihost_utils.sync_global_devices(f"jaxrobust stage {name} done")
+  return stage_results

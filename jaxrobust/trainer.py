@@ -19,13 +19,12 @@ method. Multi-stage recipes run it once per ``train`` stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
-import signal
-import threading
 import time
 from typing import Any, Mapping
 
@@ -43,12 +42,14 @@ from jaxrobust import early_stopping as es_lib
 from jaxrobust import evaluators as evaluators_lib
 from jaxrobust import files
 from jaxrobust import metric_writers
+from jaxrobust import preemption
 from jaxrobust import pretrained
 from jaxrobust import tasks
 from jaxrobust import train_state as state_lib
 from jaxrobust import train_step as step_lib
 from jaxrobust.build import Run, build_run, where_of
 from jaxrobust.data import pipeline
+from jaxrobust.preemption import PreemptedError
 
 log = logging.getLogger("jaxrobust")
 
@@ -57,44 +58,24 @@ class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN or inf."""
 
 
-class PreemptedError(RuntimeError):
-  """SIGTERM arrived: the run finished its step, saved a checkpoint and
-  stopped; the same command resumes it."""
-
-  def __init__(self, step: int, directory: str):
-    super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved in {directory}; "
-                     "run the same command again to resume.")
-    self.step = step
-
-
 class _Preemption:
-  """Whether to stop after this step: SIGTERM seen by this process or, on
-  several processes, JAX's preemption sync point (every process stops at the
-  same step, so none waits forever in a collective)."""
+  """Whether to stop after this step: SIGTERM seen by this process
+  (:mod:`jaxrobust.preemption`) or, on several processes, JAX's preemption
+  sync point (every process stops at the same step, so none waits forever in
+  a collective)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
-    # Several processes with JAX's preemption service (on by default): its
-    # notifier, installed by jax.distributed.initialize, must keep SIGTERM; a
-    # Python handler would replace it and the sync point would never come.
-    self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
-                    and bool(jax.config.jax_enable_preemption_service))
-    if threading.current_thread() is threading.main_thread() and not self._synced:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self.requested = True
+    self._synced = preemption.jax_sync()
+    self._watch = contextlib.ExitStack()
+    self._watch.enter_context(preemption.watching())
 
   def due(self, step: int) -> bool:
     if self._synced:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return preemption.requested()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    self._watch.close()
 
 
 # --- state -----------------------------------------------------------------------
@@ -332,7 +313,8 @@ def train(run: Run) -> dict[str, float]:
           save(done)  # finished by the close() below, before the error leaves
         writer.flush()
         log.warning("preempted (SIGTERM) at step %d: checkpoint saved", done)
-        raise PreemptedError(done, ckpt_dir)
+        raise PreemptedError(f"preempted (SIGTERM) at step {done}: checkpoint saved in "
+                             f"{ckpt_dir}; run the same command again to resume.", step=done)
     bar.close()
     train_seconds = time.time() - t_train
     stopped = stopper is not None and stopper.stopped_at is not None

@@ -24,6 +24,7 @@ hyperparameters come from the recipes, chosen on validation splits.
 """
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -45,6 +46,15 @@ _LR_GRID = flags.DEFINE_string("lr_grid", "0.003,0.01,0.03,0.1,0.3",
 
 
 def main(argv):
+  from jaxrobust.preemption import PreemptedError
+  try:
+    _reproduce(argv)
+  except PreemptedError as e:  # finished stages are kept; the same command resumes
+    sys.stderr.write(f"{e}\n")
+    sys.exit(143)  # 128 + SIGTERM, as launch.train
+
+
+def _reproduce(argv):
   if len(argv) != 2:
     from launch.papers import papers
     raise app.UsageError(f"usage: python -m launch.reproduce PAPER --workdir DIR; papers: "

@@ -84,13 +84,13 @@ def main(argv):
   from jaxrobust import stages
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
-  from jaxrobust.trainer import PreemptedError
+  from jaxrobust.preemption import PreemptedError
   try:
     if watch is not None:
       distributed.check_same_config({"config": config.to_dict(),
                                      "workdir": _WORKDIR.value}, _COORDINATOR_TIMEOUT.value)
     results = stages.run(config, _WORKDIR.value)
-  except PreemptedError as e:  # every process stops at the same step (trainer._Preemption)
+  except PreemptedError as e:  # at a step every process shares, or between stages
     if watch is not None:
       watch.close()
     sys.stderr.write(f"{e}\n")

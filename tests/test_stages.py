@@ -220,3 +220,79 @@ def test_a_locked_recipe_as_config_flags_gives_it_is_merged(data_dir):
   merged = stages.stage_configs(c)["corrected"][2]
   assert merged.constants.C == "artifact:matrix/C" and "uses" in merged.losses
   assert merged.evaluators.extra.splits == ("test",)
+
+
+# --- SIGTERM in a recipe (jaxrobust.preemption) -----------------------------------
+
+if "_test_sigterm_self" not in stages.TASKS:
+  @stages.TASKS.register("_test_sigterm_self")
+  def _sigterm_self(ctx):
+    """A stage during which the scheduler's SIGTERM arrives."""
+    del ctx
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {"signalled": 1.0}
+
+  @stages.TASKS.register("_test_mark")
+  def _mark(ctx):
+    return {"ran": 1.0}
+
+
+def _signal_recipe(data_dir, order):
+  c = _tiny(data_dir)
+  c.stages = {name: {"task": task, **({"after": (order[i - 1][0],)} if i else {})}
+              for i, (name, task) in enumerate(order)}
+  return c
+
+
+def test_sigterm_in_a_stage_stops_the_recipe_after_it_and_the_same_command_resumes(
+    tmp_path, data_dir):
+  """SIGTERM during a task that is not a training loop (which used to be
+  swallowed, or to kill the process mid-task): the stage finishes and is
+  recorded, the recipe stops before the next one with one message, the
+  handler is given back, and running again skips the finished stage."""
+  from jaxrobust.preemption import PreemptedError
+  before = signal.getsignal(signal.SIGTERM)
+  c = _signal_recipe(data_dir, [("a", "_test_sigterm_self"), ("b", "_test_mark"),
+                                ("c", "_test_mark")])
+  with pytest.raises(PreemptedError, match=r"^preempted \(SIGTERM\) after stage a: it is done "
+                                           r"and recorded; .* resume from stage b\.$"):
+    stages.run(c, str(tmp_path))
+  assert signal.getsignal(signal.SIGTERM) == before
+  assert os.path.exists(tmp_path / "a" / stages.DONE)
+  assert not os.path.exists(tmp_path / "b" / stages.DONE)
+  results = stages.run(c, str(tmp_path))  # a is skipped: it does not signal again
+  assert results == {"a/signalled": 1.0, "b/ran": 1.0, "c/ran": 1.0}
+
+
+def test_sigterm_in_the_last_stage_still_stops_the_caller(tmp_path, data_dir):
+  """A reproduction runs seeds one recipe after another: SIGTERM in a
+  recipe's last stage must stop it too (the results are written first)."""
+  from jaxrobust.preemption import PreemptedError
+  c = _signal_recipe(data_dir, [("a", "_test_mark"), ("z", "_test_sigterm_self")])
+  with pytest.raises(PreemptedError, match="during the last stage, z: the recipe is done"):
+    stages.run(c, str(tmp_path))
+  assert json.load(open(tmp_path / "results.json")) == {"a/ran": 1.0, "z/signalled": 1.0}
+  assert stages.run(c, str(tmp_path)) == {"a/ran": 1.0, "z/signalled": 1.0}
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_final_evaluation_stops_the_recipe_after_that_stage(tmp_path, data_dir):
+  """The training loop checks SIGTERM after each step; one arriving in the
+  final evaluation (after the last check) used to be dropped when the loop
+  gave the handler back, and the recipe went on to its next stage."""
+  from jaxrobust import evaluators as evaluators_lib
+  from jaxrobust.preemption import PreemptedError
+  c = _signal_recipe(data_dir, [("base", "train"), ("after", "_test_mark")])
+  real_run = evaluators_lib.run
+
+  def run_then_signal(*args, final=False, **kwargs):
+    out = real_run(*args, final=final, **kwargs)
+    if final:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  with mock.patch.object(evaluators_lib, "run", run_then_signal):
+    with pytest.raises(PreemptedError, match="after stage base: .* resume from stage after"):
+      stages.run(c, str(tmp_path))
+  assert os.path.exists(tmp_path / "base" / stages.DONE)
+  assert not os.path.exists(tmp_path / "after")
