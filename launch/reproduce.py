@@ -2,6 +2,9 @@
 
   python -m launch.reproduce hendrycks2019 --workdir runs/repro_hendrycks [--quick] [--seeds 3]
 
+or one process per seed (``--only_seed 0``, ``1``, ``2`` side by side), then
+``--report_only``.
+
 Each paper (``launch/papers/<paper>.py``) defines a recipe per seed, the arms
 to compare (stages of that recipe), the metrics to tabulate and its claims.
 The runs go to ``<workdir>/seed<k>/`` (re-running the command resumes: finished
@@ -34,6 +37,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and the report go.",
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced version (shorter training), for a smoke test.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from finished runs.")
+_ONLY_SEED = flags.DEFINE_integer(
+    "only_seed", None, "Run this one seed's recipe and no report, so that seeds can run as "
+    "parallel processes (one per seed, same --workdir); then --report_only writes the report.")
 _PRETRAIN = flags.DEFINE_string(
     "pretrain", None, "Pre-training lengths, comma-separated: source epochs or 'plateau' (the "
     "stopping rule of configs/default.py PRETRAIN_STOPPING), e.g. 2,8,16,plateau; each in "
@@ -85,6 +91,19 @@ def _reproduce(argv):
       raise app.UsageError(f"--pretrain: {paper.name} has no pre-training stages; papers with "
                            "them: " + ", ".join(n for n in papers.papers()
                                                if papers.load_paper(n).pretrain_stages))
+  if _ONLY_SEED.value is not None:
+    if _REPORT_ONLY.value or lengths is not None:
+      raise app.UsageError("--only_seed runs one seed of a plain reproduction; it does not go with "
+                           "--report_only or --pretrain.")
+    if not 0 <= _ONLY_SEED.value < _SEEDS.value:
+      raise app.UsageError(f"--only_seed={_ONLY_SEED.value}: the seeds are 0 to "
+                           f"{_SEEDS.value - 1} (--seeds={_SEEDS.value}).")
+    papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value)
+    print(f"seed {_ONLY_SEED.value} done; when every seed is, write the report with: python -m "
+          f"launch.reproduce {paper.name} --workdir {_WORKDIR.value} --report_only"
+          + (" --quick" if _QUICK.value else "") + (f" --seeds {_SEEDS.value}"
+                                                    if _SEEDS.value != 3 else ""))
+    return
   os.makedirs(workdir, exist_ok=True)
   seeds = list(range(_SEEDS.value))
   if len(seeds) < 3:

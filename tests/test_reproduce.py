@@ -401,3 +401,21 @@ def test_transposed_table_and_negative_margin(tmp_path):
   block = text.split("**Flipped**")[1].strip().splitlines()
   assert block[0] == "| | **good** | **bad** |"
   assert block[2].startswith("| NLL | 0.0600 ± 0.0100 | 0.4100 ± 0.0100 |")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only_seed", "3"], "--only_seed=3: the seeds are 0 to 2 (--seeds=3)."),
+    (["--only_seed", "0", "--report_only"], "--only_seed runs one seed of a plain reproduction"),
+])
+def test_only_seed_is_checked_before_anything_runs(tmp_path, args, message):
+  """--only_seed (seeds as parallel processes) refuses a seed outside --seeds
+  and the modes it does not go with, in one usage line, running nothing."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "launch.reproduce", "zoph2020", "--workdir",
+                        str(tmp_path / "w"), *args], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert message in out.stderr and "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "w" / "seed0")
