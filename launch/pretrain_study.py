@@ -38,9 +38,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from configs import default
-from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import config as config_lib
 from jaxrobust import files
+from launch import papers
 from launch.papers import Paper
 
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
@@ -86,15 +86,7 @@ def lr_selection_recipe(paper: Paper, length: float | str, grid: Sequence[float]
   c = paper.recipe(0, quick, pretrain=length)
   stages = c.stages.to_dict()
   arm = stages[paper.tune_arm]
-  needed, todo = set(), [paper.tune_arm]
-  while todo:
-    name = todo.pop()
-    after = stages[name].get("after", ())
-    deps = [artifacts_lib.parse_ref(ref)[0] for _, ref in artifacts_lib.find_refs(stages[name])]
-    for dep in deps + ([after] if isinstance(after, str) else list(after or ())):
-      if dep not in needed:
-        needed.add(dep)
-        todo.append(dep)
+  needed = papers.stages_needed(stages, {paper.tune_arm}) - {paper.tune_arm}
   out = {n: stages[n] for n in stages if n in needed}
   evaluators = set(c.evaluators.keys()) | set((arm.get("config") or {}).get("evaluators", {}))
   for lr in grid:
@@ -257,15 +249,23 @@ def _mean(values: Sequence[Any], fmt: str) -> str:
   return text + (f" ({format(min(v), fmt)}–{format(max(v), fmt)})" if len(v) > 1 else "")
 
 
-def write_study(paper: Paper, result: Mapping[str, Any], workdir: str) -> str:
-  """``pretrain_study.md`` and ``.json`` in ``workdir``; returns the markdown."""
+def write_study(paper: Paper, result: Mapping[str, Any], workdir: str,
+                claims: str | None = None) -> str:
+  """``pretrain_study.md`` and ``.json`` in ``workdir``; returns the markdown.
+  ``claims``: the ``--claims`` the study ran with (the claims it left out get
+  no row)."""
   labels = result["lengths"]
+  rows = [c for c in result["claims"]
+          if any(c["lengths"][lab]["verdict"] != "not run" for lab in labels)]
   rule = result["stopping_rule"]
   head = [f"pre-training {lab} epochs" if lab != default.PLATEAU else "until plateau"
           for lab in labels]
   lines = [f"# Pre-training length: {result['title']}", "",
            f"`python -m launch.reproduce {paper.name} --workdir {workdir} --pretrain "
-           f"{','.join(labels)}`. Each length's runs and full report: "
+           f"{','.join(labels)}" + (f" --claims '{claims}'" if claims else "") + "`. "
+           + (f"Only the claims named by `--claims` ran ({len(rows)} of "
+              f"{len(result['claims'])}), and only the stages their arms need. " if claims else "")
+           + "Each length's runs and full report: "
            + ", ".join(f"[pretrain_{lab}](pretrain_{lab}/report.md)" for lab in labels) + ".",
            "", f"Pre-training stages set by the length: {', '.join(paper.pretrain_stages)}. "
            f"`plateau`: `{rule['metric']}` on the source's validation split every source "
@@ -279,7 +279,7 @@ def write_study(paper: Paper, result: Mapping[str, Any], workdir: str) -> str:
            "examples).", "",
            "| claim | " + " | ".join(head) + " | verdicts agree |",
            "|" + "---|" * (len(labels) + 2)]
-  for c in result["claims"]:
+  for c in rows:
     agree = {True: "yes", False: "**no**", None: "—"}[c["verdicts_agree"]]
     lines.append(f"| {c['claim']} (`{c['better']}` vs `{c['worse']}`) | "
                  + " | ".join(_cell(c["lengths"][lab]) for lab in labels) + f" | {agree} |")

@@ -49,6 +49,10 @@ _SELECT_LR = flags.DEFINE_bool(
     "validation split (seed 0, --lr_grid) before the seeds run; --noselect_lr: the recipes' rates.")
 _LR_GRID = flags.DEFINE_string("lr_grid", "0.003,0.01,0.03,0.1,0.3",
                                "With --pretrain --select_lr: the fine-tuning rates tried.")
+_CLAIMS = flags.DEFINE_string(
+    "claims", None, "Only these claims: comma-separated claim numbers (as the report lists "
+    "them) or pieces of their text, e.g. 'calibration,OOD'; runs only the stages their arms "
+    "need (the same stages, so the same numbers, as the whole recipe) and judges only them.")
 
 
 def main(argv):
@@ -79,6 +83,12 @@ def _reproduce(argv):
     paper = papers.load_paper(argv[1])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  claims = None
+  if _CLAIMS.value is not None:
+    try:
+      claims = papers.select_claims(paper, _CLAIMS.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   lengths = None
   if _PRETRAIN.value is not None:
     from launch import pretrain_study
@@ -98,11 +108,12 @@ def _reproduce(argv):
     if not 0 <= _ONLY_SEED.value < _SEEDS.value:
       raise app.UsageError(f"--only_seed={_ONLY_SEED.value}: the seeds are 0 to "
                            f"{_SEEDS.value - 1} (--seeds={_SEEDS.value}).")
-    papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value)
+    papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value, claims=claims)
     print(f"seed {_ONLY_SEED.value} done; when every seed is, write the report with: python -m "
           f"launch.reproduce {paper.name} --workdir {_WORKDIR.value} --report_only"
           + (" --quick" if _QUICK.value else "") + (f" --seeds {_SEEDS.value}"
-                                                    if _SEEDS.value != 3 else ""))
+                                                    if _SEEDS.value != 3 else "")
+          + (f" --claims '{_CLAIMS.value}'" if claims is not None else ""))
     return
   os.makedirs(workdir, exist_ok=True)
   seeds = list(range(_SEEDS.value))
@@ -111,9 +122,9 @@ def _reproduce(argv):
   rounds = papers.QUICK_BOOTSTRAP if _QUICK.value else papers.BOOTSTRAP
   if lengths is None:
     if not _REPORT_ONLY.value:
-      papers.run_seeds(paper, workdir, seeds, _QUICK.value)
-    summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds)
-    print(papers.write_report(paper, summary, workdir, _QUICK.value))
+      papers.run_seeds(paper, workdir, seeds, _QUICK.value, claims=claims)
+    summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds, claims=claims)
+    print(papers.write_report(paper, summary, workdir, _QUICK.value, _CLAIMS.value))
     print(f"report: {os.path.join(workdir, 'report.md')}")
     return
   summaries, stages, lrs = {}, {}, {}
@@ -132,12 +143,13 @@ def _reproduce(argv):
       print(f"pre-training length {label}: {sub}" + (
           f", fine-tuning lr {lrs[label]['finetune_lr']:g}" if lrs[label] else ""), flush=True)
       papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length,
-                       finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None)
-    summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds)
-    papers.write_report(paper, summaries[label], sub, _QUICK.value)
+                       finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None,
+                       claims=claims)
+    summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds, claims=claims)
+    papers.write_report(paper, summaries[label], sub, _QUICK.value, _CLAIMS.value)
     stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)
   print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages, lrs),
-                                   workdir))
+                                   workdir, _CLAIMS.value))
   print(f"study: {os.path.join(workdir, 'pretrain_study.md')}")
 
 

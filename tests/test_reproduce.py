@@ -171,6 +171,53 @@ def test_arms_a_mode_does_not_run_are_left_out_and_their_claims_not_run(tmp_path
   assert "**not run** — extra beats bad" in text and "| **extra**" not in text
 
 
+def test_claims_select_by_number_or_text_and_name_the_claims_otherwise():
+  paper = reproduce.load_paper("hendrycks2019")
+  assert reproduce.select_claims(paper, "calibration, OOD") == [0, 1, 2, 3]
+  assert reproduce.select_claims(paper, "5,imbalance") == [4, 5, 6]
+  for bad in ("0", "20", "no such claim", " , "):
+    with pytest.raises(ValueError, match="--claims.*1: Pre-training lowers the RMS calibration"):
+      reproduce.select_claims(paper, bad)
+
+
+@pytest.mark.parametrize("name, spec, expected", [
+    ("hendrycks2019", "calibration,OOD", {"pretrain", "finetune", "scratch"}),
+    ("hendrycks2019", "5", {"adv_pretrain", "adv_finetune", "adv_scratch"}),
+    ("zoph2020", "2", {"rand_s1", "labels_s1", "st_s1"}),
+    ("ngiam2018", "at all", {"source", "ft_digits_all", "scratch_digits"}),
+])
+def test_claims_run_only_the_stages_their_arms_need_unchanged(monkeypatch, tmp_path, name, spec,
+                                                                expected):
+  """--claims cuts each seed's recipe to the claims' arms and what they take
+  artifacts from, transitively; every kept stage's config is the whole
+  recipe's, so the cut run gives the whole run's numbers for them."""
+  from jaxrobust import stages
+  ran = {}
+  monkeypatch.setattr(stages, "run", lambda c, workdir: ran.setdefault(workdir, c))
+  paper = reproduce.load_paper(name)
+  reproduce.run_seeds(paper, str(tmp_path), [1], quick=False,
+                      claims=reproduce.select_claims(paper, spec))
+  cut = ran[os.path.join(str(tmp_path), "seed1")]
+  whole = paper.recipe(1, False).stages.to_dict()
+  assert set(cut.stages) == expected
+  assert {n: s for n, s in cut.stages.to_dict().items()} == {n: whole[n] for n in expected}
+  stages.stage_configs(cut)  # the cut recipe validates: no reference to a dropped stage
+
+
+def test_claims_left_out_are_not_run_and_the_report_numbers_the_claims(tmp_path):
+  _write_runs(tmp_path, 0.9, 0.6)
+  paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad"),
+                  reproduce.Claim("good has lower NLL", "test/nll", "good", "bad")))
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2], claims=[1])
+  assert [c["verdict"] for c in summary["claims"]] == ["not run", "holds"]
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False, claims="NLL")
+  assert "--claims 'NLL'`" in text
+  assert "1. **not run** — good beats bad: not among this run's --claims." in text
+  assert "2. **holds** — good has lower NLL" in text
+  with pytest.raises(ValueError, match="no arm of toy has finished"):
+    reproduce.summarize(paper, str(tmp_path / "empty"), [0, 1, 2])
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_hendrycks2019_recipe_is_valid_and_covers_every_arm_and_claim(quick):
   from jaxrobust import stages
@@ -297,6 +344,15 @@ def test_pretrain_study_table_per_length(tmp_path):
   assert "**does not hold** -" in text and "| **no** |" in text
   assert "over 0.03, 0.1): 2: 0.1; plateau: 0.03." in text
   assert "| plateau | pretrain | 11.0 (10.0–12.0) | 8.0 (7.0–9.0) | 0.8100 (0.8000–0.8200) |" in text
+  # A study of some claims gives the others no row.
+  paper2 = dataclasses.replace(paper, claims=(*paper.claims, reproduce.Claim(
+      "bad has higher NLL", "test/nll", "bad", "good")))
+  sums = {lab: reproduce.summarize(paper2, str(tmp_path / f"pretrain_{lab}"), [0, 1, 2],
+                                   bootstrap=50, claims=[0]) for lab in ("2", "plateau")}
+  few = pretrain_study.write_study(paper2, pretrain_study.study(paper2, sums, stages, lrs),
+                                   str(tmp_path / "few"), claims="good")
+  assert "--claims 'good'`. Only the claims named by `--claims` ran (1 of 2)" in few
+  assert "| good beats bad" in few and "bad has higher NLL" not in few
   on_disk = json.load(open(tmp_path / "pretrain_study.json"))
   assert on_disk["lengths"] == ["2", "plateau"] and on_disk["stopping_rule"]["patience"] == 3
 
@@ -406,6 +462,8 @@ def test_transposed_table_and_negative_margin(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--only_seed", "3"], "--only_seed=3: the seeds are 0 to 2 (--seeds=3)."),
     (["--only_seed", "0", "--report_only"], "--only_seed runs one seed of a plain reproduction"),
+    (["--claims", "no such claim"], "--claims: 'no such claim' names none of zoph2020's claims: "
+                                    "1: The student beats its teacher (S4);"),
 ])
 def test_only_seed_is_checked_before_anything_runs(tmp_path, args, message):
   """--only_seed (seeds as parallel processes) refuses a seed outside --seeds

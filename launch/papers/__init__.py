@@ -211,11 +211,58 @@ def load_paper(name: str) -> Paper:
   return importlib.import_module(f"launch.papers.{name}").PAPER
 
 
+def select_claims(paper: Paper, spec: str) -> list[int]:
+  """``--claims``: the claims (0-based indices into ``paper.claims``) named by
+  ``spec``, comma-separated terms each a claim's number as the report lists
+  them (1-based) or a piece of its text (case-insensitive); a term naming no
+  claim is an error that lists them."""
+  terms = [t.strip() for t in str(spec).split(",") if t.strip()]
+  listing = "; ".join(f"{i + 1}: {c.text}" for i, c in enumerate(paper.claims))
+  if not terms:
+    raise ValueError(f"--claims: give claim numbers or pieces of their text; {paper.name}'s "
+                     f"claims are {listing}.")
+  chosen: set[int] = set()
+  for term in terms:
+    hits = ([int(term) - 1] if term.isdigit() and 1 <= int(term) <= len(paper.claims) else
+            [] if term.isdigit() else
+            [i for i, c in enumerate(paper.claims) if term.lower() in c.text.lower()])
+    if not hits:
+      raise ValueError(f"--claims: {term!r} names none of {paper.name}'s claims: {listing}.")
+    chosen.update(hits)
+  return sorted(chosen)
+
+
+def claim_arms(paper: Paper, claims: Sequence[int]) -> set[str]:
+  """The arms (stages) the claims compare."""
+  c = paper.claims
+  return {a for i in claims for _, a, _ in c[i].side("better") + c[i].side("worse")}
+
+
+def stages_needed(stages: Mapping[str, Any], roots: Sequence[str] | set[str]) -> set[str]:
+  """``roots`` (those of them in ``stages``, a recipe's stages as a dict) and
+  every stage they take an artifact from or run after, transitively."""
+  from jaxrobust import artifacts
+  needed = {r for r in roots if r in stages}
+  todo = list(needed)
+  while todo:
+    stage = stages[todo.pop()]
+    after = stage.get("after", ())
+    deps = [artifacts.parse_ref(ref)[0] for _, ref in artifacts.find_refs(stage)]
+    for dep in deps + ([after] if isinstance(after, str) else list(after or ())):
+      if dep not in needed:
+        needed.add(dep)
+        todo.append(dep)
+  return needed
+
+
 def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
-              pretrain: float | str | None = None, finetune_lr: float | None = None) -> None:
+              pretrain: float | str | None = None, finetune_lr: float | None = None,
+              claims: Sequence[int] | None = None) -> None:
   """Runs the recipe of every seed in ``<workdir>/seed<k>``; ``pretrain``: a
   pre-training length for the paper's recipe (papers with ``pretrain_stages``);
-  ``finetune_lr``: the rate of every stage fine-tuning from those stages."""
+  ``finetune_lr``: the rate of every stage fine-tuning from those stages;
+  ``claims`` (indices, :func:`select_claims`): only the stages those claims'
+  arms need -- unchanged, so they give the numbers of the whole recipe."""
   from configs import default
   from jaxrobust import stages
   if pretrain is not None and not paper.pretrain_stages:
@@ -228,6 +275,10 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
     if finetune_lr is not None:
       recipe.stages = default.with_finetune_lr(recipe.stages.to_dict(), finetune_lr,
                                                paper.pretrain_stages)
+    if claims is not None:
+      every = recipe.stages.to_dict()
+      keep = stages_needed(every, claim_arms(paper, claims))
+      recipe.stages = {n: s for n, s in every.items() if n in keep}
     stages.run(recipe, os.path.join(workdir, f"seed{seed}"))
     print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
 
@@ -315,11 +366,15 @@ def ceiling_notes(paper: Paper, summary: Mapping[str, Any]) -> list[str]:
 
 
 def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
-              bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
+              bootstrap: int = BOOTSTRAP, claims: Sequence[int] | None = None) -> dict[str, Any]:
   """Mean, std and bootstrap intervals per arm and metric (and per kind of
   OOD set, :data:`OOD_GROUPS`); claim verdicts, over all sets and per group;
-  ceiling effects."""
+  ceiling effects. ``claims`` (indices): judge only those, the others are
+  "not run"."""
   ran = [arm for arm in paper.arms if all(_results_path(workdir, s, arm) for s in seeds)]
+  if not ran:
+    raise ValueError(f"no arm of {paper.name} has finished in every seed of {workdir} "
+                     f"(seeds {list(seeds)}).")
   data = {arm: [_load_arm(workdir, s, arm) for s in seeds] for arm in ran}
   rng = np.random.default_rng(12345)
   # One set of resampled test indices per bootstrap round, shared by arms and
@@ -344,27 +399,28 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
         boot[(arm, m.key)] = dist
         row["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
       table[arm][m.key] = row
-  claims = []
-  for c in paper.claims:
+  judged_claims = []
+  for i, c in enumerate(paper.claims):
     sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
     head = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
             "worse": c.worse}
     arms = {a for _, a, _ in c.side("better") + c.side("worse")}
-    if any(a not in table for a in arms):  # an arm this mode does not run (quick)
-      claims.append({**head, "verdict": "not run"})
+    # An arm this mode does not run (quick), or a claim --claims leaves out.
+    if any(a not in table for a in arms) or (claims is not None and i not in claims):
+      judged_claims.append({**head, "verdict": "not run"})
       continue
     judged = _judge(c, sign, table, boot)
     if judged is None:  # an arm ran but did not report the metric
-      claims.append({**head, "verdict": "not run"})
+      judged_claims.append({**head, "verdict": "not run"})
       continue
     entry = {**head, "margin": c.margin, **judged}
     groups = {g: _judge(c, sign, table, boot, g) for g in OOD_GROUPS
               if "/mean/" in c.metric + c.better + c.worse}
     if any(groups.values()):
       entry["groups"] = {g: v for g, v in groups.items() if v is not None}
-    claims.append(entry)
+    judged_claims.append(entry)
   summary = {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
-             "claims": claims, "bootstrap_rounds": bootstrap if rounds else 0,
+             "claims": judged_claims, "bootstrap_rounds": bootstrap if rounds else 0,
              "ood_groups": {g: list(sets) for g, (_, sets) in OOD_GROUPS.items()}}
   summary["ceilings"] = ceiling_notes(paper, summary)
   return summary
@@ -379,10 +435,14 @@ def _fmt(row: Mapping[str, Any] | None) -> str:
   return s
 
 
-def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: bool) -> str:
+def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: bool,
+                 claims: str | None = None) -> str:
+  """``report.md`` and ``report.json`` in ``workdir``; ``claims``: the
+  ``--claims`` the run was given (shown in its command)."""
   lines = [f"# Reproduction: {paper.title}", "",
            f"`python -m launch.reproduce {paper.name} --workdir {workdir}"
-           + (" --quick" if quick else "") + f"`: {len(summary['seeds'])} seeds "
+           + (" --quick" if quick else "") + (f" --claims '{claims}'" if claims else "")
+           + f"`: {len(summary['seeds'])} seeds "
            f"({', '.join(map(str, summary['seeds']))})" + (" — **quick mode: reduced training, "
                                                             "not the reference numbers**" if quick
                                                             else "") + ".", "",
@@ -419,10 +479,11 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
             "Verdicts: **holds** when the difference is in the claimed direction and every 95% "
             "interval excludes 0; **inconclusive** when the direction is right but an interval "
             "includes 0; **does not hold** when the mean difference goes the other way.", ""]
-  for c in summary["claims"]:
+  for n, c in enumerate(summary["claims"], 1):  # numbered as --claims takes them
     if c["verdict"] == "not run":
-      lines.append(f"- **not run** — {c['claim']}: {c['better']} or {c['worse']} is not part "
-                   "of this run (quick mode).")
+      lines.append(f"{n}. **not run** — {c['claim']}: " + (
+          "not among this run's --claims." if claims else
+          f"{c['better']} or {c['worse']} is not part of this run (quick mode)."))
       continue
     ci = ""
     for key, what in (("seed_ci95", "over seeds"), ("test_ci95", "over test examples")):
@@ -435,14 +496,14 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
     what = (f"`{c['metric']}`" if ":" not in c["better"] + c["worse"] else
             f"Each side's metric (direction of `{c['metric']}`)")
     lines.append(
-        f"- **{c['verdict']}** — {c['claim']} ({c['source']}). {what}: {c['better']} vs "
+        f"{n}. **{c['verdict']}** — {c['claim']} ({c['source']}). {what}: {c['better']} vs "
         f"{c['worse']}{margin}, improvement {c['difference']:+.4f}{ci}; in the claimed "
         f"direction for {c['seeds_in_direction']} of {len(c['per_seed'])} seeds "
         f"({', '.join(f'{d:+.4f}' for d in c['per_seed'])}).")
     for g, v in c.get("groups", {}).items():
       ci = "".join(f", {what} [{v[key][0]:+.4f}, {v[key][1]:+.4f}]" for key, what in (
           ("seed_ci95", "over seeds"), ("test_ci95", "over test examples")) if key in v)
-      lines.append(f"  - {OOD_GROUPS[g][0]}: **{v['verdict']}**, improvement "
+      lines.append(f"   - {OOD_GROUPS[g][0]}: **{v['verdict']}**, improvement "
                    f"{v['difference']:+.4f}{ci}; {v['seeds_in_direction']} of "
                    f"{len(v['per_seed'])} seeds in the claimed direction.")
   if any("/mean/" in m.key for m in paper.metrics) or any("groups" in c for c in
