@@ -33,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -152,6 +153,55 @@ def check_lr_choice(sub: str, select: bool) -> None:
 
 def length_dir(workdir: str, length: float | str) -> str:
   return os.path.join(workdir, f"pretrain_{default.pretrain_label(length)}")
+
+
+def other_length_dirs(workdir: str, length: float | str) -> list[str]:
+  """The study's other ``pretrain_<length>/`` directories in ``workdir``
+  (lengths run in this command or by another process)."""
+  mine = os.path.basename(length_dir(workdir, length))
+  return sorted(os.path.join(workdir, n) for n in os.listdir(workdir)
+                if n.startswith("pretrain_") and n != mine
+                and os.path.isdir(os.path.join(workdir, n))) if os.path.isdir(workdir) else []
+
+
+def length_independent(paper: Paper, stages: Mapping[str, Any]) -> set[str]:
+  """The stages of a recipe (a dict) that take nothing from a pre-training
+  stage, directly or through others: the same at every length."""
+  pre = {n for n in stages if any(fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)}
+  return {n for n in stages if not papers.stages_needed(stages, {n}) & pre}
+
+
+def reuse_stages(paper: Paper, recipe: Any, seed_dir: str, others: Sequence[str]) -> list[str]:
+  """Copies into ``seed_dir`` every length-independent stage of ``recipe``
+  that one of ``others`` (the same seed's directories at other lengths) has
+  finished, when that run's recipe gave the stage and everything it needs the
+  same config (so the copy holds the numbers this run would compute: same
+  config, same seed); returns the stages copied. A copy lands whole or not at
+  all (written aside, then renamed)."""
+  mine = json.loads(recipe.to_json_best_effort())
+  stages, base = mine["stages"], {k: v for k, v in mine.items() if k != "stages"}
+  copied = []
+  for name in sorted(length_independent(paper, stages)):
+    if os.path.exists(os.path.join(seed_dir, name)):
+      continue
+    for other in others:
+      src = os.path.join(other, name)
+      try:
+        with open(os.path.join(other, "config.json"), encoding="utf-8") as f:
+          theirs = json.load(f)
+      except (OSError, ValueError):
+        continue
+      same = ({k: v for k, v in theirs.items() if k != "stages"} == base and all(
+          theirs["stages"].get(m) == stages[m] for m in papers.stages_needed(stages, {name})))
+      if same and os.path.exists(os.path.join(src, "DONE.json")):
+        os.makedirs(seed_dir, exist_ok=True)
+        tmp = os.path.join(seed_dir, f".{name}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.rename(tmp, os.path.join(seed_dir, name))
+        copied.append(name)
+        break
+  return copied
 
 
 def _steps_per_epoch(stage_dir: str) -> int | None:

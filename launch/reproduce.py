@@ -144,7 +144,8 @@ def _reproduce(argv):
           f", fine-tuning lr {lrs[label]['finetune_lr']:g}" if lrs[label] else ""), flush=True)
       papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length,
                        finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None,
-                       claims=claims)
+                       claims=claims,
+                       reuse_from=pretrain_study.other_length_dirs(workdir, length))
     summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds, claims=claims)
     papers.write_report(paper, summaries[label], sub, _QUICK.value, _CLAIMS.value)
     stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)

@@ -357,6 +357,34 @@ def test_pretrain_study_table_per_length(tmp_path):
   assert on_disk["lengths"] == ["2", "plateau"] and on_disk["stopping_rule"]["patience"] == 3
 
 
+def test_stages_no_pretraining_reaches_are_copied_from_another_length(tmp_path):
+  """A study's stages that take nothing from a pre-training stage (zoph2020:
+  random-init teachers, their students) are the same at every length: copied
+  from a length that finished them when its recipe gave them the same config,
+  never the stages downstream of pre-training, nothing from a differing run."""
+  from launch import pretrain_study
+  paper = reproduce.load_paper("zoph2020")
+  two, eight = paper.recipe(0, False, pretrain=2), paper.recipe(0, False, pretrain=8)
+  free = pretrain_study.length_independent(paper, eight.stages.to_dict())
+  assert {"rand_s1", "labels_s1", "st_s1", "rand_s4", "st_s4", "joint_s4"} <= free
+  assert not free & {"pretrain_sup", "sup_s1", "sup_s4", "labels_sup_s4", "sup_st_s4"}
+  src = tmp_path / "pretrain_2" / "seed0"
+  for name in ("rand_s1", "sup_s1", "st_s1"):
+    os.makedirs(src / name / "artifacts")
+    json.dump({"results": {"test/accuracy": 0.5}}, open(src / name / "DONE.json", "w"))
+  os.makedirs(src / "st_s4")  # started, not finished: not copied
+  open(src / "config.json", "w").write(two.to_json_best_effort())
+  dst = str(tmp_path / "pretrain_8" / "seed0")
+  others = pretrain_study.other_length_dirs(str(tmp_path), 8)
+  assert others == [str(tmp_path / "pretrain_2")]
+  assert pretrain_study.reuse_stages(paper, eight, dst, [src]) == ["rand_s1", "st_s1"]
+  assert os.path.exists(os.path.join(dst, "st_s1", "DONE.json"))
+  assert not os.path.exists(os.path.join(dst, "sup_s1"))
+  assert pretrain_study.reuse_stages(paper, eight, dst, [src]) == []  # already there
+  other_seed = paper.recipe(1, False, pretrain=8)
+  assert pretrain_study.reuse_stages(paper, other_seed, str(tmp_path / "s1"), [src]) == []
+
+
 def test_pretrain_lengths_are_checked():
   from launch import pretrain_study
   assert pretrain_study.parse_lengths("2, 8,plateau") == [2.0, 8.0, "plateau"]

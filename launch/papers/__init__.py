@@ -257,12 +257,15 @@ def stages_needed(stages: Mapping[str, Any], roots: Sequence[str] | set[str]) ->
 
 def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
               pretrain: float | str | None = None, finetune_lr: float | None = None,
-              claims: Sequence[int] | None = None) -> None:
+              claims: Sequence[int] | None = None, reuse_from: Sequence[str] = ()) -> None:
   """Runs the recipe of every seed in ``<workdir>/seed<k>``; ``pretrain``: a
   pre-training length for the paper's recipe (papers with ``pretrain_stages``);
   ``finetune_lr``: the rate of every stage fine-tuning from those stages;
   ``claims`` (indices, :func:`select_claims`): only the stages those claims'
-  arms need -- unchanged, so they give the numbers of the whole recipe."""
+  arms need -- unchanged, so they give the numbers of the whole recipe;
+  ``reuse_from``: other pre-training lengths' directories, whose finished
+  stages that no pre-training stage reaches are copied, not re-run
+  (:func:`launch.pretrain_study.reuse_stages`)."""
   from configs import default
   from jaxrobust import stages
   if pretrain is not None and not paper.pretrain_stages:
@@ -279,6 +282,13 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
       every = recipe.stages.to_dict()
       keep = stages_needed(every, claim_arms(paper, claims))
       recipe.stages = {n: s for n, s in every.items() if n in keep}
+    if reuse_from:
+      from launch import pretrain_study
+      copied = pretrain_study.reuse_stages(paper, recipe, os.path.join(workdir, f"seed{seed}"),
+                                           [os.path.join(d, f"seed{seed}") for d in reuse_from])
+      if copied:
+        print(f"seed {seed}: {len(copied)} stage(s) no pre-training stage reaches, copied from "
+              f"another length: {', '.join(copied)}", flush=True)
     stages.run(recipe, os.path.join(workdir, f"seed{seed}"))
     print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
 
