@@ -9,8 +9,8 @@ and one evaluation batch on ``tfds.testing.mock_data`` of its real datasets
 configured architecture, dropout, stochastic depth, augmentation,
 perturbations and losses.
 
-Test overrides shrink what only costs time -- WRN depth and width, batch
-sizes, steps, attack iterations, tuning grids, sample sizes, selection
+Test overrides shrink what only costs time -- WRN depth and width, ResNet-50's
+blocks per stage, VGG's convs, batch sizes, steps, attack iterations, tuning grids, sample sizes, selection
 thresholds -- never a code path. Variants whose datasets are all embedded are
 left to the end-to-end tests on the real embedded data.
 """
@@ -31,7 +31,10 @@ MOCK_EXAMPLES = 48  # per split: one evaluation batch (eval_batch_size 64)
 # 2,000 examples and a trusted half (TRUSTED) instead of 50,000 and 5%.
 MOCK_EXAMPLES_OF = {"configs/recipes/label_noise.py": 2000,
                    # Mahalanobis' fit needs every one of CIFAR-100's classes
-                   "configs/recipes/ood.py": 200, "configs/recipes/openood.py": 200}
+                   "configs/recipes/ood.py": 200, "configs/recipes/openood.py": 200,
+                   # the importance weights need every source class in the source
+                   # (P_s > 0 wherever the source model puts P_t): ImageNet's 1,000
+                   "configs/recipes/domain_adaptive.py": 1000}
 TRUSTED = 0.5
 # Arguments that leave out repeated arms (another sampler is the same code path).
 FEWER_ARMS = {"configs/recipes/domain_adaptive.py": "samplers=same",
@@ -181,7 +184,10 @@ def shrink(c) -> Any:
   for ev in c.evaluators.values():
     if ev.get("attacks"):
       ev.attacks = {k: re.sub(r"steps=\d+", "steps=2", str(v)) for k, v in ev.attacks.items()}
-  if c.model.name == "resnet50":  # fixed depth and width; fewer pixels
+  if c.model.name in ("vgg13", "vgg13_bn"):  # one narrow conv per pool (still ends at 1x1)
+    c.model.kwargs.layers = (8, "M") * 5
+  if c.model.name == "resnet50":  # one bottleneck per stage; fewer pixels
+    c.model.kwargs.layers = (1, 1, 1, 1)
     c.data.image_size = 32
   c.eval_batch_size = 64
   c.num_steps = 2

@@ -437,8 +437,10 @@ def check_reproduce(args: list[str], where: str) -> None:
   given, positional = _parse_flags(args, known, where)
   assert len(positional) == 1, f"{where}: launch.reproduce takes one paper, got {positional}"
   assert positional[0] in papers.papers(), f"{where}: no paper {positional[0]!r}"
-  papers.load_paper(positional[0])
+  paper = papers.load_paper(positional[0])
   assert "workdir" in given, f"{where}: --workdir is required"
+  if "claims" in given:  # names claims of that paper
+    papers.select_claims(paper, given["claims"])
 
 
 def check_local_cluster(args: list[str], where: str) -> None:

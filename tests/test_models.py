@@ -46,6 +46,8 @@ def tiny_wrn():
     ("wrn", 10, (1, 32, 32, 3), dict(depth=40, width=2, dropout_rate=0.3), 2_243_546),
     # torchvision resnet50.
     ("resnet50", 1000, (1, 224, 224, 3), {}, 25_557_032),
+    # torchvision resnet101: ResNet(Bottleneck, [3, 4, 23, 3]).
+    ("resnet50", 1000, (1, 224, 224, 3), dict(layers=(3, 4, 23, 3)), 44_549_160),
     # He et al. 2016 with the final BN-ReLU; pytorch-cifar PreActResNet18 without it.
     ("preact_resnet18", 10, (1, 32, 32, 3), {}, 11_172_170),
     ("preact_resnet18", 10, (1, 32, 32, 3), dict(final_norm=False), 11_171_146),
@@ -90,6 +92,12 @@ def test_resnet50_stage_resolutions():
                                     [(56, 256), (28, 512), (14, 1024), (7, 2048)]):
     assert inter[f"layer{stage}_block{blocks}"]["__call__"][0].shape == (1, hw, hw, c)
   assert inter["conv1"]["__call__"][0].shape == (1, 112, 112, 64)
+
+
+@pytest.mark.parametrize("layers", [(3, 4, 6), (3, 4, 0, 3), (1.5, 1, 1, 1)])
+def test_resnet_layers_are_checked(layers):
+  with pytest.raises(ValueError, match=r"layers must be four block counts.*model.kwargs.layers"):
+    _init_shapes(get_model("resnet50", num_classes=10, layers=layers), (1, 32, 32, 3))
 
 
 @pytest.mark.parametrize("zero_init", [False, True])

@@ -128,12 +128,17 @@ class ResNet50(ImageClassifier):
 
   Attributes:
     zero_init_residual: initialise the last BN scale of each bottleneck to 0.
-    stochastic_depth_rate: in [0, 1); block ``i`` of 16 drops its residual
-      branch with probability ``rate * i / 16`` in train mode (``'dropout'``
-      rng); 0 (default) disables it.
+    stochastic_depth_rate: in [0, 1); block ``i`` of the ``sum(layers)``
+      (16) drops its residual branch with probability ``rate * i / 16`` in
+      train mode (``'dropout'`` rng); 0 (default) disables it.
+    layers: bottleneck blocks per stage, torchvision's ``ResNet(Bottleneck,
+      layers)``: ``(3, 4, 6, 3)`` is ResNet-50 (the default), ``(3, 4, 23,
+      3)`` ResNet-101; fewer blocks keep every code path (the tests' mock-data
+      runs use ``(1, 1, 1, 1)``).
   """
   zero_init_residual: bool = False
   stochastic_depth_rate: float = 0.0
+  layers: tuple[int, ...] = (3, 4, 6, 3)
   cbam: bool = False
   cbam_momentum: float = CBAM_MOMENTUM
 
@@ -144,7 +149,11 @@ class ResNet50(ImageClassifier):
     conv, bn = conv_and_bn(self, train)
     x = nn.relu(bn(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    stages = [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]
+    layers = tuple(self.layers)
+    if len(layers) != 4 or any(int(n) != n or n < 1 for n in layers):
+      raise ValueError(f"{type(self).__name__}: layers must be four block counts >= 1, e.g. "
+                       f"(3, 4, 6, 3) (config.model.kwargs.layers), got {self.layers!r}.")
+    stages = [(64, layers[0], 1), (128, layers[1], 2), (256, layers[2], 2), (512, layers[3], 2)]
     num_blocks, index, maps = sum(blocks for _, blocks, _ in stages), 0, {}
     for s, (width, blocks, stride) in enumerate(stages):
       for b in range(blocks):
