@@ -10,7 +10,7 @@ configured architecture, dropout, stochastic depth, augmentation,
 perturbations and losses.
 
 Test overrides shrink what only costs time -- WRN depth and width, ResNet-50's
-blocks per stage, VGG's convs, batch sizes, steps, attack iterations, tuning grids, sample sizes, selection
+blocks per stage, batch sizes, steps, attack iterations, tuning grids, sample sizes, selection
 thresholds -- never a code path. Variants whose datasets are all embedded are
 left to the end-to-end tests on the real embedded data.
 """
@@ -184,8 +184,6 @@ def shrink(c) -> Any:
   for ev in c.evaluators.values():
     if ev.get("attacks"):
       ev.attacks = {k: re.sub(r"steps=\d+", "steps=2", str(v)) for k, v in ev.attacks.items()}
-  if c.model.name in ("vgg13", "vgg13_bn"):  # one narrow conv per pool (still ends at 1x1)
-    c.model.kwargs.layers = (8, "M") * 5
   if c.model.name == "resnet50":  # one bottleneck per stage; fewer pixels
     c.model.kwargs.layers = (1, 1, 1, 1)
     c.data.image_size = 32
