@@ -180,19 +180,23 @@ def reuse_stages(paper: Paper, recipe: Any, seed_dir: str, others: Sequence[str]
   all (written aside, then renamed)."""
   mine = json.loads(recipe.to_json_best_effort())
   stages, base = mine["stages"], {k: v for k, v in mine.items() if k != "stages"}
+  recipes = {}  # each other run's recipe, read once; only those with this base config
+  for other in others:
+    try:
+      with open(os.path.join(other, "config.json"), encoding="utf-8") as f:
+        theirs = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if {k: v for k, v in theirs.items() if k != "stages"} == base:
+      recipes[other] = theirs["stages"]
   copied = []
   for name in sorted(length_independent(paper, stages)):
     if os.path.exists(os.path.join(seed_dir, name)):
       continue
-    for other in others:
+    needed = papers.stages_needed(stages, {name})
+    for other, theirs in recipes.items():
       src = os.path.join(other, name)
-      try:
-        with open(os.path.join(other, "config.json"), encoding="utf-8") as f:
-          theirs = json.load(f)
-      except (OSError, ValueError):
-        continue
-      same = ({k: v for k, v in theirs.items() if k != "stages"} == base and all(
-          theirs["stages"].get(m) == stages[m] for m in papers.stages_needed(stages, {name})))
+      same = all(theirs.get(m) == stages[m] for m in needed)
       if same and os.path.exists(os.path.join(src, "DONE.json")):
         os.makedirs(seed_dir, exist_ok=True)
         tmp = os.path.join(seed_dir, f".{name}.copying")

@@ -128,9 +128,10 @@ class ResNet50(ImageClassifier):
 
   Attributes:
     zero_init_residual: initialise the last BN scale of each bottleneck to 0.
-    stochastic_depth_rate: in [0, 1); block ``i`` of the ``sum(layers)``
-      (16) drops its residual branch with probability ``rate * i / 16`` in
-      train mode (``'dropout'`` rng); 0 (default) disables it.
+    stochastic_depth_rate: in [0, 1); block ``i`` of the ``n = sum(layers)``
+      (16 for ResNet-50) drops its residual branch with probability
+      ``rate * i / n`` in train mode (``'dropout'`` rng); 0 (default)
+      disables it.
     layers: bottleneck blocks per stage, torchvision's ``ResNet(Bottleneck,
       layers)``: ``(3, 4, 6, 3)`` is ResNet-50 (the default), ``(3, 4, 23,
       3)`` ResNet-101; fewer blocks keep every code path (the tests' mock-data
