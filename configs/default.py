@@ -204,18 +204,23 @@ def _from_stage(config, patterns) -> str | None:
   return stage if any(fnmatch.fnmatchcase(stage, p) for p in patterns) else None
 
 
-def with_finetune_lr(stages: dict, learning_rate: float, pretrain_stages) -> dict:
-  """A recipe's ``stages`` (a dict) with every stage that fine-tunes from one
-  of ``pretrain_stages`` (fnmatch patterns; its ``init_from.path`` is their
-  ``artifact:<stage>/checkpoint``) at ``learning_rate``; the rest unchanged.
-  The fine-tuning rate chosen on the target's validation split for a
-  pre-training length (``launch.pretrain_study``)."""
+def with_finetune_lr(stages: dict, learning_rate: float, pretrain_stages,
+                     arms=("*",)) -> dict:
+  """A recipe's ``stages`` (a dict) with every stage named by ``arms``
+  (fnmatch patterns) that fine-tunes from one of ``pretrain_stages`` (fnmatch
+  patterns; its ``init_from.path`` is their ``artifact:<stage>/checkpoint``) at
+  ``learning_rate``; the rest unchanged. The fine-tuning rate chosen on the
+  target's validation split for a pre-training length
+  (``launch.pretrain_study``); ``arms`` keeps it to the stages trained like
+  the arm it was chosen on."""
+  import fnmatch
   if not learning_rate > 0:
     raise ValueError(f"finetune_lr must be positive, got {learning_rate!r}.")
   out = {}
   for name, stage in stages.items():
     stage = merge(dict(stage), {})
-    if _from_stage(stage.get("config") or {}, pretrain_stages) is not None:
+    if (any(fnmatch.fnmatchcase(name, p) for p in arms)
+        and _from_stage(stage.get("config") or {}, pretrain_stages) is not None):
       stage["config"] = merge(stage["config"], {"optimizer": {"learning_rate": float(learning_rate)}})
     out[name] = stage
   return out

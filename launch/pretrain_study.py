@@ -47,6 +47,7 @@ from launch.papers import Paper
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
 LR_METRIC = "validation/nll"  # lower is better; accuracy breaks ties
 LR_FILE = "finetune_lr.json"
+SELECT_DIR = "select_lr"  # in pretrain_<length>/: the rate selection's run (seed 0)
 
 
 def parse_lengths(text: str) -> list[float | str]:
@@ -86,6 +87,7 @@ def lr_selection_recipe(paper: Paper, length: float | str, grid: Sequence[float]
     raise ValueError(f"{paper.name} names no tune_arm: no fine-tuning rate to select.")
   c = paper.recipe(0, quick, pretrain=length)
   stages = c.stages.to_dict()
+  papers.tuned_stages(paper, stages)
   arm = stages[paper.tune_arm]
   needed = papers.stages_needed(stages, {paper.tune_arm}) - {paper.tune_arm}
   out = {n: stages[n] for n in stages if n in needed}
@@ -117,7 +119,7 @@ def pick_lr(results: Mapping[str, float], grid: Sequence[float]) -> dict[str, An
 def select_lr(paper: Paper, sub: str, length: float | str, grid: Sequence[float],
               quick: bool = False, report_only: bool = False) -> dict[str, Any]:
   """Runs (or, ``report_only``, reads) the selection of ``length`` in
-  ``<sub>/select_lr`` and records it in ``<sub>/finetune_lr.json``; a
+  ``<sub>/select_lr`` (:data:`SELECT_DIR`) and records it in ``<sub>/finetune_lr.json``; a
   recorded choice from another grid is an error (the seeds ran with it)."""
   path = os.path.join(sub, LR_FILE)
   if os.path.exists(path):
@@ -131,18 +133,22 @@ def select_lr(paper: Paper, sub: str, length: float | str, grid: Sequence[float]
     raise ValueError(f"--report_only: no {path} (the selection has not run).")
   from jaxrobust import stages
   results = stages.run(lr_selection_recipe(paper, length, grid, quick),
-                       os.path.join(sub, "select_lr"))
+                       os.path.join(sub, SELECT_DIR))
   chosen = pick_lr(results, grid)
   files.write_json(path, chosen, what="fine-tuning rate")
   return chosen
 
 
-def check_lr_choice(sub: str, select: bool) -> None:
+def check_lr_choice(sub: str, select: bool, tuned: Sequence[str] = ()) -> None:
   """A length's seeds must all run with one fine-tuning rate: refuses to
-  select one for seeds that already ran without it, or to run without the
-  one already chosen."""
+  select one for seeds that already ran a ``tuned`` stage (those taking the
+  chosen rate, :func:`launch.papers.tuned_stages`) without it, or to run
+  without the one already chosen. Seeds that ran only their pre-training
+  (``--only_seed`` before the choice) took no rate."""
   chosen = os.path.exists(os.path.join(sub, LR_FILE))
-  ran = os.path.isdir(sub) and any(n.startswith("seed") for n in os.listdir(sub))
+  ran = os.path.isdir(sub) and any(
+      os.path.isdir(os.path.join(sub, n, t)) for n in os.listdir(sub) if n.startswith("seed")
+      for t in tuned)
   if chosen and not select:
     raise ValueError(f"{sub} ran with the fine-tuning rate chosen in {LR_FILE}; drop "
                      "--noselect_lr or use a new --workdir.")
@@ -164,20 +170,17 @@ def other_length_dirs(workdir: str, length: float | str) -> list[str]:
                 and os.path.isdir(os.path.join(workdir, n))) if os.path.isdir(workdir) else []
 
 
-def length_independent(paper: Paper, stages: Mapping[str, Any]) -> set[str]:
-  """The stages of a recipe (a dict) that take nothing from a pre-training
-  stage, directly or through others: the same at every length."""
-  pre = {n for n in stages if any(fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)}
-  return {n for n in stages if not papers.stages_needed(stages, {n}) & pre}
-
-
-def reuse_stages(paper: Paper, recipe: Any, seed_dir: str, others: Sequence[str]) -> list[str]:
-  """Copies into ``seed_dir`` every length-independent stage of ``recipe``
-  that one of ``others`` (the same seed's directories at other lengths) has
-  finished, when that run's recipe gave the stage and everything it needs the
-  same config (so the copy holds the numbers this run would compute: same
-  config, same seed); returns the stages copied. A copy lands whole or not at
-  all (written aside, then renamed)."""
+def reuse_stages(recipe: Any, seed_dir: str, others: Sequence[str]) -> list[str]:
+  """Copies into ``seed_dir`` every stage of ``recipe`` that one of
+  ``others`` (the same seed's runs elsewhere: other pre-training lengths,
+  this length's rate selection, a plain reproduction) has finished, when that
+  run's recipe had this base config and gave the stage and every stage it
+  needs the same config (so the copy holds the numbers this run would
+  compute: same configs, same seed). A stage downstream of pre-training
+  matches only where the pre-training's config (its length) and the rate are
+  the same; the stages no pre-training reaches (scratch arms, random-init
+  teachers) match at every length. Returns the stages copied; a copy lands
+  whole or not at all (written aside, then renamed)."""
   mine = json.loads(recipe.to_json_best_effort())
   stages, base = mine["stages"], {k: v for k, v in mine.items() if k != "stages"}
   recipes = {}  # each other run's recipe, read once; only those with this base config
@@ -190,7 +193,7 @@ def reuse_stages(paper: Paper, recipe: Any, seed_dir: str, others: Sequence[str]
     if {k: v for k, v in theirs.items() if k != "stages"} == base:
       recipes[other] = theirs["stages"]
   copied = []
-  for name in sorted(length_independent(paper, stages)):
+  for name in sorted(stages):
     if os.path.exists(os.path.join(seed_dir, name)):
       continue
     needed = papers.stages_needed(stages, {name})
@@ -281,9 +284,12 @@ def _lr_line(paper: Paper, labels: Sequence[str], lrs: Mapping[str, Any]) -> str
     sel = lrs.get(lab)
     parts.append(f"{lab}: {sel['finetune_lr']:g}" if sel else f"{lab}: the recipe's")
   grid = next(lrs[lab]["grid"] for lab in labels if lrs.get(lab))
-  return (f"Fine-tuning rate of every stage fine-tuning from a pre-training stage, chosen per "
-          f"length on the target's validation split (`{paper.tune_arm}`, seed 0, lowest "
-          f"{LR_METRIC} over {', '.join(f'{x:g}' for x in grid)}): " + "; ".join(parts) + ".")
+  which = ("every stage fine-tuning from a pre-training stage" if not paper.tuned_arms else
+           f"the stages trained like `{paper.tune_arm}` ({', '.join(paper.tuned_arms)}; other "
+           "stages fine-tuning from pre-training keep the recipe's rate)")
+  return (f"Fine-tuning rate of {which}, chosen per length on the target's validation split "
+          f"(`{paper.tune_arm}`, seed 0, lowest {LR_METRIC} over "
+          f"{', '.join(f'{x:g}' for x in grid)}): " + "; ".join(parts) + ".")
 
 
 def _cell(entry: Mapping[str, Any]) -> str:

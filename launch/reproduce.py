@@ -28,6 +28,7 @@ hyperparameters come from the recipes, chosen on validation splits.
 
 import os
 import sys
+from typing import Sequence
 
 from absl import app, flags
 
@@ -49,6 +50,11 @@ _SELECT_LR = flags.DEFINE_bool(
     "validation split (seed 0, --lr_grid) before the seeds run; --noselect_lr: the recipes' rates.")
 _LR_GRID = flags.DEFINE_string("lr_grid", "0.003,0.01,0.03,0.1,0.3",
                                "With --pretrain --select_lr: the fine-tuning rates tried.")
+_REUSE_FROM = flags.DEFINE_string(
+    "reuse_from", None, "Comma-separated workdirs of earlier runs of this paper (a plain "
+    "reproduction, another study's pretrain_<length>/): each seed copies their finished stages "
+    "whose configs, and those of every stage they need, equal its own, instead of re-running "
+    "them (same configs and seed, same numbers).")
 _CLAIMS = flags.DEFINE_string(
     "claims", None, "Only these claims: comma-separated claim numbers (as the report lists "
     "them) or pieces of their text, e.g. 'calibration,OOD'; runs only the stages their arms "
@@ -89,6 +95,10 @@ def _reproduce(argv):
       claims = papers.select_claims(paper, _CLAIMS.value)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+  reuse = [os.path.abspath(d) for d in (_REUSE_FROM.value or "").split(",") if d.strip()]
+  for d in reuse:
+    if not os.path.isdir(d):
+      raise app.UsageError(f"--reuse_from: {d} is not a directory.")
   lengths = None
   if _PRETRAIN.value is not None:
     from launch import pretrain_study
@@ -102,15 +112,23 @@ def _reproduce(argv):
                            "them: " + ", ".join(n for n in papers.papers()
                                                if papers.load_paper(n).pretrain_stages))
   if _ONLY_SEED.value is not None:
-    if _REPORT_ONLY.value or lengths is not None:
-      raise app.UsageError("--only_seed runs one seed of a plain reproduction; it does not go with "
-                           "--report_only or --pretrain.")
+    if _REPORT_ONLY.value or (lengths is not None and len(lengths) != 1):
+      raise app.UsageError("--only_seed runs one seed of a plain reproduction or of one --pretrain "
+                           "length; it does not go with --report_only or several lengths.")
     if not 0 <= _ONLY_SEED.value < _SEEDS.value:
       raise app.UsageError(f"--only_seed={_ONLY_SEED.value}: the seeds are 0 to "
                            f"{_SEEDS.value - 1} (--seeds={_SEEDS.value}).")
-    papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value, claims=claims)
-    print(f"seed {_ONLY_SEED.value} done; when every seed is, write the report with: python -m "
+    if lengths is None:
+      papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value, claims=claims,
+                       reuse_from=reuse)
+    else:
+      _one_seed_at_length(paper, workdir, lengths[0], _ONLY_SEED.value, grid, claims,
+                          _QUICK.value, _SELECT_LR.value, reuse)
+    print(f"seed {_ONLY_SEED.value} done; when every seed is, write the "
+          f"{'report' if lengths is None else 'study'} with: python -m "
           f"launch.reproduce {paper.name} --workdir {_WORKDIR.value} --report_only"
+          + (f" --pretrain {_PRETRAIN.value}" if lengths is not None else "")
+          + (" --noselect_lr" if lengths is not None and not _SELECT_LR.value else "")
           + (" --quick" if _QUICK.value else "") + (f" --seeds {_SEEDS.value}"
                                                     if _SEEDS.value != 3 else "")
           + (f" --claims '{_CLAIMS.value}'" if claims is not None else ""))
@@ -122,7 +140,7 @@ def _reproduce(argv):
   rounds = papers.QUICK_BOOTSTRAP if _QUICK.value else papers.BOOTSTRAP
   if lengths is None:
     if not _REPORT_ONLY.value:
-      papers.run_seeds(paper, workdir, seeds, _QUICK.value, claims=claims)
+      papers.run_seeds(paper, workdir, seeds, _QUICK.value, claims=claims, reuse_from=reuse)
     summary = papers.summarize(paper, workdir, seeds, bootstrap=rounds, claims=claims)
     print(papers.write_report(paper, summary, workdir, _QUICK.value, _CLAIMS.value))
     print(f"report: {os.path.join(workdir, 'report.md')}")
@@ -130,12 +148,7 @@ def _reproduce(argv):
   summaries, stages, lrs = {}, {}, {}
   for length in lengths:
     label = pretrain_study.default.pretrain_label(length)
-    sub = pretrain_study.length_dir(workdir, length)
-    try:
-      pretrain_study.check_lr_choice(sub, _SELECT_LR.value)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
-    os.makedirs(sub, exist_ok=True)
+    sub = _length_dir(paper, workdir, length, _QUICK.value, _SELECT_LR.value)
     lrs[label] = (pretrain_study.select_lr(paper, sub, length, grid, _QUICK.value,
                                            report_only=_REPORT_ONLY.value)
                   if _SELECT_LR.value else None)
@@ -145,13 +158,51 @@ def _reproduce(argv):
       papers.run_seeds(paper, sub, seeds, _QUICK.value, pretrain=length,
                        finetune_lr=lrs[label]["finetune_lr"] if lrs[label] else None,
                        claims=claims,
-                       reuse_from=pretrain_study.other_length_dirs(workdir, length))
+                       reuse_from=pretrain_study.other_length_dirs(workdir, length) + reuse)
     summaries[label] = papers.summarize(paper, sub, seeds, bootstrap=rounds, claims=claims)
     papers.write_report(paper, summaries[label], sub, _QUICK.value, _CLAIMS.value)
     stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)
   print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages, lrs),
                                    workdir, _CLAIMS.value))
   print(f"study: {os.path.join(workdir, 'pretrain_study.md')}")
+
+
+def _length_dir(paper, workdir: str, length: float | str, quick: bool, select: bool) -> str:
+  """``pretrain_<length>/``, made once its seeds' rate choice is consistent."""
+  from launch import papers, pretrain_study
+  sub = pretrain_study.length_dir(workdir, length)
+  tuned = papers.tuned_stages(paper, paper.recipe(0, quick, pretrain=length).stages.to_dict())
+  try:
+    pretrain_study.check_lr_choice(sub, select, tuned)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  os.makedirs(sub, exist_ok=True)
+  return sub
+
+
+def _one_seed_at_length(paper, workdir: str, length: float | str, seed: int,
+                        grid: Sequence[float], claims: Sequence[int] | None, quick: bool,
+                        select: bool, reuse: Sequence[str] = ()) -> None:
+  """``--only_seed k --pretrain L``: seed 0 chooses the length's rate (when
+  ``--select_lr``) and runs; another seed waits for no one: before the rate
+  is chosen it runs its pre-training (which no rate reaches) and exits 75,
+  to be run again once seed 0's process has written the choice."""
+  from launch import papers, pretrain_study
+  sub = _length_dir(paper, workdir, length, quick, select)
+  others = pretrain_study.other_length_dirs(workdir, length) + list(reuse)
+  lr = None
+  if select:
+    if seed != 0 and not os.path.exists(os.path.join(sub, pretrain_study.LR_FILE)):
+      papers.run_seeds(paper, sub, [seed], quick, pretrain=length, claims=claims,
+                       reuse_from=others, pretraining_only=True)
+      sys.stderr.write(
+          f"seed {seed}: pre-training done; the fine-tuning rate of this length is not chosen "
+          f"yet ({os.path.join(sub, pretrain_study.LR_FILE)}: the --only_seed 0 process chooses "
+          "it). Run this command again once it exists.\n")
+      sys.exit(75)  # EX_TEMPFAIL: not done, nothing wrong
+    lr = pretrain_study.select_lr(paper, sub, length, grid, quick)["finetune_lr"]
+  papers.run_seeds(paper, sub, [seed], quick, pretrain=length, finetune_lr=lr,
+                   claims=claims, reuse_from=others)
 
 
 if __name__ == "__main__":

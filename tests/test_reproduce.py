@@ -343,6 +343,7 @@ def test_pretrain_study_table_per_length(tmp_path):
   assert "| good beats bad (`good` vs `bad`) | **holds** +" in text
   assert "**does not hold** -" in text and "| **no** |" in text
   assert "over 0.03, 0.1): 2: 0.1; plateau: 0.03." in text
+  assert "Fine-tuning rate of every stage fine-tuning from a pre-training stage" in text
   assert "| plateau | pretrain | 11.0 (10.0–12.0) | 8.0 (7.0–9.0) | 0.8100 (0.8000–0.8200) |" in text
   # A study of some claims gives the others no row.
   paper2 = dataclasses.replace(paper, claims=(*paper.claims, reproduce.Claim(
@@ -353,23 +354,26 @@ def test_pretrain_study_table_per_length(tmp_path):
                                    str(tmp_path / "few"), claims="good")
   assert "--claims 'good'`. Only the claims named by `--claims` ran (1 of 2)" in few
   assert "| good beats bad" in few and "bad has higher NLL" not in few
+  assert "Fine-tuning rate of the stages trained like `good` (good; other stages fine-tuning " \
+         "from pre-training keep the recipe's rate)" in pretrain_study.write_study(
+             dataclasses.replace(paper, tune_arm="good", tuned_arms=("good",)), result,
+             str(tmp_path / "tuned"))
   on_disk = json.load(open(tmp_path / "pretrain_study.json"))
   assert on_disk["lengths"] == ["2", "plateau"] and on_disk["stopping_rule"]["patience"] == 3
 
 
-def test_stages_no_pretraining_reaches_are_copied_from_another_length(tmp_path):
+def test_finished_stages_with_the_same_configs_are_copied(tmp_path):
   """A study's stages that take nothing from a pre-training stage (zoph2020:
   random-init teachers, their students) are the same at every length: copied
-  from a length that finished them when its recipe gave them the same config,
-  never the stages downstream of pre-training, nothing from a differing run."""
+  from a length that finished them when its recipe gave them and what they
+  need the same config; a stage downstream of pre-training is not (the
+  pre-training's length differs), unfinished stages and another seed's runs
+  never are."""
   from launch import pretrain_study
   paper = reproduce.load_paper("zoph2020")
   two, eight = paper.recipe(0, False, pretrain=2), paper.recipe(0, False, pretrain=8)
-  free = pretrain_study.length_independent(paper, eight.stages.to_dict())
-  assert {"rand_s1", "labels_s1", "st_s1", "rand_s4", "st_s4", "joint_s4"} <= free
-  assert not free & {"pretrain_sup", "sup_s1", "sup_s4", "labels_sup_s4", "sup_st_s4"}
   src = tmp_path / "pretrain_2" / "seed0"
-  for name in ("rand_s1", "sup_s1", "st_s1"):
+  for name in ("rand_s1", "sup_s1", "st_s1", "pretrain_sup"):
     os.makedirs(src / name / "artifacts")
     json.dump({"results": {"test/accuracy": 0.5}}, open(src / name / "DONE.json", "w"))
   os.makedirs(src / "st_s4")  # started, not finished: not copied
@@ -377,12 +381,37 @@ def test_stages_no_pretraining_reaches_are_copied_from_another_length(tmp_path):
   dst = str(tmp_path / "pretrain_8" / "seed0")
   others = pretrain_study.other_length_dirs(str(tmp_path), 8)
   assert others == [str(tmp_path / "pretrain_2")]
-  assert pretrain_study.reuse_stages(paper, eight, dst, [src]) == ["rand_s1", "st_s1"]
+  assert pretrain_study.reuse_stages(eight, dst, [src]) == ["rand_s1", "st_s1"]
   assert os.path.exists(os.path.join(dst, "st_s1", "DONE.json"))
   assert not os.path.exists(os.path.join(dst, "sup_s1"))
-  assert pretrain_study.reuse_stages(paper, eight, dst, [src]) == []  # already there
+  assert pretrain_study.reuse_stages(eight, dst, [src]) == []  # already there
   other_seed = paper.recipe(1, False, pretrain=8)
-  assert pretrain_study.reuse_stages(paper, other_seed, str(tmp_path / "s1"), [src]) == []
+  assert pretrain_study.reuse_stages(other_seed, str(tmp_path / "s1"), [src]) == []
+  # The same length (a plain reproduction is length 2's recipe): downstream stages too.
+  assert pretrain_study.reuse_stages(two, str(tmp_path / "again"), [src]) == [
+      "pretrain_sup", "rand_s1", "st_s1", "sup_s1"]
+
+
+def test_seed0_copies_the_rate_selections_pretraining(monkeypatch, tmp_path):
+  """The rate selection runs seed 0's pre-training at the length: seed 0
+  copies it (the same config), other seeds and other lengths do not, and no
+  fine-tuning stage comes from there."""
+  from jaxrobust import stages
+  from launch import pretrain_study
+  paper = reproduce.load_paper("zoph2020")
+  sel = pretrain_study.lr_selection_recipe(paper, 8, (0.1, 0.3))
+  sub = tmp_path / "pretrain_8"
+  for name in sel.stages:
+    os.makedirs(sub / pretrain_study.SELECT_DIR / name)
+    json.dump({"results": {}}, open(sub / pretrain_study.SELECT_DIR / name / "DONE.json", "w"))
+  open(sub / pretrain_study.SELECT_DIR / "config.json", "w").write(sel.to_json_best_effort())
+  monkeypatch.setattr(stages, "run", lambda c, workdir: None)
+  reproduce.run_seeds(paper, str(sub), [0, 1], quick=False, pretrain=8, finetune_lr=0.3,
+                      reuse_from=[str(tmp_path / "pretrain_16")])
+  assert sorted(os.listdir(sub / "seed0")) == ["pretrain_sup"]
+  assert not os.path.exists(sub / "seed1")
+  assert pretrain_study.reuse_stages(paper.recipe(0, False, pretrain=16), str(tmp_path / "x"),
+                                     [str(sub / pretrain_study.SELECT_DIR)]) == []
 
 
 def test_pretrain_lengths_are_checked():
@@ -439,6 +468,96 @@ def test_finetune_lr_reaches_only_stages_fine_tuning_from_pretraining():
                                                        "artifact:adv_pretrain/checkpoint")
 
 
+def test_chosen_rate_reaches_only_the_papers_tuned_arms(monkeypatch, tmp_path):
+  """zoph2020's rate chosen on sup_s1 goes to the supervised fine-tuning arms;
+  sup_st_s4 (Noisy Student from the pre-trained model, which diverged at
+  sup_s1's rate) keeps the recipe's."""
+  from jaxrobust import stages
+  ran = {}
+  monkeypatch.setattr(stages, "run", lambda c, workdir: ran.setdefault(workdir, c))
+  paper = reproduce.load_paper("zoph2020")
+  assert paper.tune_arm in paper.tuned_arms
+  reproduce.run_seeds(paper, str(tmp_path), [0], quick=False, pretrain=2.0, finetune_lr=0.3)
+  got = ran[os.path.join(str(tmp_path), "seed0")].stages.to_dict()
+  whole = paper.recipe(0, False, pretrain=2.0).stages.to_dict()
+  lr = {n: got[n]["config"]["optimizer"]["learning_rate"] for n in ("sup_s1", "sup_s4",
+                                                                     "sup_st_s4")}
+  assert lr == {"sup_s1": 0.3, "sup_s4": 0.3,
+                "sup_st_s4": whole["sup_st_s4"]["config"]["optimizer"]["learning_rate"]}
+  assert lr["sup_st_s4"] == 0.1
+  assert {n: s for n, s in got.items() if n not in ("sup_s1", "sup_s4")} == {
+      n: s for n, s in whole.items() if n not in ("sup_s1", "sup_s4")}
+  assert reproduce.tuned_stages(paper, whole) == ["sup_s1", "sup_s4"]
+
+
+@pytest.mark.parametrize("tuned, match", [(("sup_s9",), "names no stage fine-tuning"),
+                                          (("sup_s4",), "tune_arm 'sup_s1' is not among")])
+def test_tuned_arms_are_checked(tuned, match):
+  import dataclasses
+  paper = dataclasses.replace(reproduce.load_paper("zoph2020"), tuned_arms=tuned)
+  with pytest.raises(ValueError, match=match):
+    reproduce.tuned_stages(paper, paper.recipe(0, False).stages.to_dict())
+
+
+@pytest.mark.parametrize("name", ["hendrycks2019", "zoph2020", "ngiam2018"])
+def test_every_papers_tune_arm_takes_its_chosen_rate(name):
+  paper = reproduce.load_paper(name)
+  tuned = reproduce.tuned_stages(paper, paper.recipe(0, False).stages.to_dict())
+  assert paper.tune_arm in tuned
+
+
+@pytest.mark.parametrize("name, claims, expected", [
+    ("zoph2020", None, {"pretrain_sup"}),
+    ("hendrycks2019", None, {"pretrain", "adv_pretrain"}),
+    ("hendrycks2019", "calibration", {"pretrain"}),
+])
+def test_pretraining_only_runs_the_pretraining_stages(monkeypatch, tmp_path, name, claims,
+                                                      expected):
+  from jaxrobust import stages
+  ran = {}
+  monkeypatch.setattr(stages, "run", lambda c, workdir: ran.setdefault(workdir, c))
+  paper = reproduce.load_paper(name)
+  reproduce.run_seeds(paper, str(tmp_path), [2], quick=False, pretrain=8, pretraining_only=True,
+                      claims=None if claims is None else reproduce.select_claims(paper, claims))
+  cut = ran[os.path.join(str(tmp_path), "seed2")].stages.to_dict()
+  assert set(cut) == expected
+  whole = paper.recipe(2, False, pretrain=8).stages.to_dict()
+  assert cut == {n: whole[n] for n in expected}
+
+
+def test_only_seed_at_one_pretraining_length(monkeypatch, tmp_path):
+  """--only_seed k --pretrain L: seed 0 chooses the rate and runs with it;
+  another seed before the choice runs only its pre-training and exits 75
+  (to be run again), and its pre-training does not count as a seed that
+  ran without the chosen rate; after the choice it runs with it."""
+  from launch import pretrain_study
+  from launch import reproduce as cli
+  calls = []
+  monkeypatch.setattr(reproduce, "run_seeds",
+                      lambda paper, sub, seeds, quick, **kw: calls.append((seeds, kw)))
+  def select(paper, sub, length, grid, quick=False, report_only=False):
+    json.dump({"finetune_lr": 0.3, "grid": list(grid)}, open(os.path.join(
+        sub, pretrain_study.LR_FILE), "w"))
+    return {"finetune_lr": 0.3}
+  monkeypatch.setattr(pretrain_study, "select_lr", select)
+  paper = reproduce.load_paper("zoph2020")
+  w = str(tmp_path)
+  with pytest.raises(SystemExit) as e:
+    cli._one_seed_at_length(paper, w, 8.0, 1, (0.1, 0.3), None, False, True)
+  assert e.value.code == 75
+  assert calls[-1] == ([1], {"pretrain": 8.0, "claims": None, "reuse_from": [],
+                             "pretraining_only": True})
+  os.makedirs(tmp_path / "pretrain_8" / "seed1" / "pretrain_sup")  # what seed 1 ran
+  cli._one_seed_at_length(paper, w, 8.0, 0, (0.1, 0.3), None, False, True)
+  assert calls[-1][0] == [0] and calls[-1][1]["finetune_lr"] == 0.3
+  cli._one_seed_at_length(paper, w, 8.0, 1, (0.1, 0.3), None, False, True)
+  assert calls[-1][0] == [1] and calls[-1][1]["finetune_lr"] == 0.3
+  # A seed that ran a tuned arm without the choice blocks selecting one.
+  os.makedirs(tmp_path / "pretrain_16" / "seed1" / "sup_s4")
+  with pytest.raises(Exception, match="ran with the recipes' fine-tuning rates"):
+    cli._one_seed_at_length(paper, w, 16.0, 0, (0.1, 0.3), None, False, True)
+
+
 def test_lr_selection_recipe_and_pick(tmp_path):
   from jaxrobust import stages as stages_lib
   from launch import pretrain_study
@@ -490,6 +609,9 @@ def test_transposed_table_and_negative_margin(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--only_seed", "3"], "--only_seed=3: the seeds are 0 to 2 (--seeds=3)."),
     (["--only_seed", "0", "--report_only"], "--only_seed runs one seed of a plain reproduction"),
+    (["--reuse_from", "/no/such/dir"], "--reuse_from: /no/such/dir is not a directory."),
+    (["--only_seed", "0", "--pretrain", "2,8"], "or of one --pretrain length; it does not go "
+                                               "with --report_only or several lengths."),
     (["--claims", "no such claim"], "--claims: 'no such claim' names none of zoph2020's claims: "
                                     "1: The student beats its teacher (S4);"),
 ])

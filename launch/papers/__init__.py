@@ -159,6 +159,10 @@ class Paper:
   # The arm whose fine-tuning rate is chosen on the target's validation split
   # per pre-training length (it fine-tunes from one of ``pretrain_stages``).
   tune_arm: str = ""
+  # The stages (fnmatch patterns) that take the rate chosen on ``tune_arm``:
+  # those trained like it. Empty: every stage fine-tuning from a pre-training
+  # stage. Others fine-tuning from one keep the recipe's rate.
+  tuned_arms: Sequence[str] = ()
 
 
 # --- metrics recomputed from a classification evaluator's saved predictions ------
@@ -255,17 +259,42 @@ def stages_needed(stages: Mapping[str, Any], roots: Sequence[str] | set[str]) ->
   return needed
 
 
+def tuned_stages(paper: Paper, stages: Mapping[str, Any]) -> list[str]:
+  """The stages of a recipe's ``stages`` (a dict) that take the fine-tuning
+  rate chosen on ``paper.tune_arm`` (:attr:`Paper.tuned_arms`); refuses
+  patterns naming no stage that fine-tunes from a pre-training stage, and a
+  ``tune_arm`` they leave out."""
+  import fnmatch
+  from configs import default
+  from_pre = [n for n, s in stages.items()
+              if default._from_stage((s or {}).get("config") or {}, paper.pretrain_stages)]
+  patterns = paper.tuned_arms or ("*",)
+  for p in patterns:
+    if not any(fnmatch.fnmatchcase(n, p) for n in from_pre):
+      raise ValueError(f"{paper.name}: tuned_arms pattern {p!r} names no stage fine-tuning from "
+                       f"a pre-training stage; those are: {', '.join(from_pre)}.")
+  tuned = [n for n in from_pre if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+  if paper.tune_arm and paper.tune_arm not in tuned:
+    raise ValueError(f"{paper.name}: tune_arm {paper.tune_arm!r} is not among the stages its "
+                     f"rate goes to (tuned_arms {', '.join(patterns)}).")
+  return tuned
+
+
 def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
               pretrain: float | str | None = None, finetune_lr: float | None = None,
-              claims: Sequence[int] | None = None, reuse_from: Sequence[str] = ()) -> None:
+              claims: Sequence[int] | None = None, reuse_from: Sequence[str] = (),
+              pretraining_only: bool = False) -> None:
   """Runs the recipe of every seed in ``<workdir>/seed<k>``; ``pretrain``: a
   pre-training length for the paper's recipe (papers with ``pretrain_stages``);
-  ``finetune_lr``: the rate of every stage fine-tuning from those stages;
+  ``finetune_lr``: the rate of the stages fine-tuning from those stages that
+  ``paper.tuned_arms`` names (all when it names none);
   ``claims`` (indices, :func:`select_claims`): only the stages those claims'
   arms need -- unchanged, so they give the numbers of the whole recipe;
-  ``reuse_from``: other pre-training lengths' directories, whose finished
-  stages that no pre-training stage reaches are copied, not re-run
-  (:func:`launch.pretrain_study.reuse_stages`)."""
+  ``reuse_from``: other workdirs (other pre-training lengths, a plain
+  reproduction), whose finished stages with the same configs are copied, not
+  re-run, as are those of this length's rate selection (seed 0)
+  (:func:`launch.pretrain_study.reuse_stages`); ``pretraining_only``: only
+  the pre-training stages (and what they need), which no rate reaches."""
   from configs import default
   from jaxrobust import stages
   if pretrain is not None and not paper.pretrain_stages:
@@ -276,19 +305,26 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
     recipe = (paper.recipe(seed, quick) if pretrain is None
               else paper.recipe(seed, quick, pretrain=pretrain))
     if finetune_lr is not None:
-      recipe.stages = default.with_finetune_lr(recipe.stages.to_dict(), finetune_lr,
-                                               paper.pretrain_stages)
-    if claims is not None:
+      tuned_stages(paper, recipe.stages.to_dict())
+      recipe.stages = default.with_finetune_lr(
+          recipe.stages.to_dict(), finetune_lr, paper.pretrain_stages, paper.tuned_arms or ("*",))
+    if claims is not None or pretraining_only:
+      import fnmatch
       every = recipe.stages.to_dict()
-      keep = stages_needed(every, claim_arms(paper, claims))
+      keep = stages_needed(every, claim_arms(paper, claims) if claims is not None else set(every))
+      if pretraining_only:
+        keep = stages_needed(every, {n for n in keep if any(
+            fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)})
       recipe.stages = {n: s for n, s in every.items() if n in keep}
     if reuse_from:
       from launch import pretrain_study
-      copied = pretrain_study.reuse_stages(paper, recipe, os.path.join(workdir, f"seed{seed}"),
-                                           [os.path.join(d, f"seed{seed}") for d in reuse_from])
+      copied = pretrain_study.reuse_stages(
+          recipe, os.path.join(workdir, f"seed{seed}"),
+          [os.path.join(workdir, pretrain_study.SELECT_DIR)]
+          + [os.path.join(d, f"seed{seed}") for d in reuse_from])
       if copied:
-        print(f"seed {seed}: {len(copied)} stage(s) no pre-training stage reaches, copied from "
-              f"another length: {', '.join(copied)}", flush=True)
+        print(f"seed {seed}: {len(copied)} finished stage(s) with the same configs copied, not "
+              f"run: {', '.join(copied)}", flush=True)
     stages.run(recipe, os.path.join(workdir, f"seed{seed}"))
     print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
 
