@@ -120,6 +120,9 @@ class Predictor:
     self.batch_size = batch_size
     self.batch_sharding = batch_sharding
     self._compiled: dict[Any, Callable] = {}
+    # The scores each entry was compiled for: a plain function's key is its
+    # id, which another function could reuse once the first were freed.
+    self._pinned: dict[Any, tuple] = {}
 
   def _fn(self, fields: tuple[str, ...], perturb, perturb_key: str,
           scores: Mapping[str, ScoreMethod]) -> Callable:
@@ -130,6 +133,7 @@ class Predictor:
         raise ValueError(f"predict: unknown field(s) {unknown}; fields are {BASE_FIELDS} or "
                          f"a score name ({sorted(scores)}).")
       self._compiled[key] = jax.jit(_per_batch(self.module, fields, perturb, scores, None))
+      self._pinned[key] = tuple(scores.values())
     return self._compiled[key]
 
   def __call__(self, variables: Any, source: Any, *, fields: Sequence[str] = ("logits",),

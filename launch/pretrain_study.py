@@ -310,10 +310,11 @@ def _mean(values: Sequence[Any], fmt: str) -> str:
 
 
 def write_study(paper: Paper, result: Mapping[str, Any], workdir: str,
-                claims: str | None = None) -> str:
+                claims: str | None = None, quick: bool = False,
+                seeds: Sequence[int] | None = None) -> str:
   """``pretrain_study.md`` and ``.json`` in ``workdir``; returns the markdown.
   ``claims``: the ``--claims`` the study ran with (the claims it left out get
-  no row)."""
+  no row); ``quick``, ``seeds``: its mode and seeds (shown with its command)."""
   labels = result["lengths"]
   rows = [c for c in result["claims"]
           if any(c["lengths"][lab]["verdict"] != "not run" for lab in labels)]
@@ -322,7 +323,12 @@ def write_study(paper: Paper, result: Mapping[str, Any], workdir: str,
           for lab in labels]
   lines = [f"# Pre-training length: {result['title']}", "",
            f"`python -m launch.reproduce {paper.name} --workdir {workdir} --pretrain "
-           f"{','.join(labels)}" + (f" --claims '{claims}'" if claims else "") + "`. "
+           f"{','.join(labels)}" + (" --quick" if quick else "")
+           + (f" --seeds {len(seeds)}" if seeds is not None and len(seeds) != 3 else "")
+           + (f" --claims '{claims}'" if claims else "") + "`"
+           + (f": {len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds is not None else "")
+           + (" — **quick mode: reduced training, not the reference numbers**" if quick else "")
+           + ". "
            + (f"Only the claims named by `--claims` ran ({len(rows)} of "
               f"{len(result['claims'])}), and only the stages their arms need. " if claims else "")
            + "Each length's runs and full report: "

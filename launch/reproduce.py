@@ -163,7 +163,7 @@ def _reproduce(argv):
     papers.write_report(paper, summaries[label], sub, _QUICK.value, _CLAIMS.value)
     stages[label] = pretrain_study.pretrain_stages(paper, sub, seeds)
   print(pretrain_study.write_study(paper, pretrain_study.study(paper, summaries, stages, lrs),
-                                   workdir, _CLAIMS.value))
+                                   workdir, _CLAIMS.value, _QUICK.value, seeds))
   print(f"study: {os.path.join(workdir, 'pretrain_study.md')}")
 
 

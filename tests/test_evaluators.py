@@ -89,6 +89,27 @@ def test_predictor_compiles_once_per_fields_and_scores(data_dir):
   assert not np.allclose(logits[0], logits[1])  # each evaluation used its own variables
 
 
+def test_a_plain_score_function_keeps_its_compiled_entry_to_itself(data_dir):
+  """A plain logit function names its compiled function by its id: the
+  predictor keeps the function alive, so no later function can take that id
+  (and the first one's compiled scores); two functions give their own."""
+  import gc
+  import weakref
+  _, modules, state, batch_sharding = _setup(data_dir)
+  src = pipeline.load_split("digits", "validation", data_dir=str(data_dir))
+  predictor = predict_lib.Predictor(modules["classifier"], batch_size=64,
+                                    batch_sharding=batch_sharding)
+  variables = state.classifier.variables
+  first = lambda z: z.max(-1)  # noqa: E731
+  a = predictor(variables, src, fields=("s",), scores={"s": first})["s"]
+  alive = weakref.ref(first)
+  del first
+  gc.collect()
+  assert alive() is not None
+  b = predictor(variables, src, fields=("s",), scores={"s": lambda z: -z.max(-1)})["s"]
+  np.testing.assert_allclose(b, -a, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_evaluators_of_one_round_share_predictions_and_compile_once(data_dir):
   """A classification evaluator and two OOD evaluators with the same scores

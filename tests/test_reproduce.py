@@ -351,8 +351,11 @@ def test_pretrain_study_table_per_length(tmp_path):
   sums = {lab: reproduce.summarize(paper2, str(tmp_path / f"pretrain_{lab}"), [0, 1, 2],
                                    bootstrap=50, claims=[0]) for lab in ("2", "plateau")}
   few = pretrain_study.write_study(paper2, pretrain_study.study(paper2, sums, stages, lrs),
-                                   str(tmp_path / "few"), claims="good")
-  assert "--claims 'good'`. Only the claims named by `--claims` ran (1 of 2)" in few
+                                   str(tmp_path / "few"), claims="good", quick=True,
+                                   seeds=[0, 1])
+  assert ("--pretrain 2,plateau --quick --seeds 2 --claims 'good'`: 2 seeds (0, 1) — **quick "
+          "mode: reduced training, not the reference numbers**. Only the claims named by "
+          "`--claims` ran (1 of 2)") in few
   assert "| good beats bad" in few and "bad has higher NLL" not in few
   assert "Fine-tuning rate of the stages trained like `good` (good; other stages fine-tuning " \
          "from pre-training keep the recipe's rate)" in pretrain_study.write_study(
@@ -556,6 +559,18 @@ def test_only_seed_at_one_pretraining_length(monkeypatch, tmp_path):
   os.makedirs(tmp_path / "pretrain_16" / "seed1" / "sup_s4")
   with pytest.raises(Exception, match="ran with the recipes' fine-tuning rates"):
     cli._one_seed_at_length(paper, w, 16.0, 0, (0.1, 0.3), None, False, True)
+
+
+def test_artifact_caches_never_answer_for_another_object():
+  """An entry is used only for the object it was computed from: another
+  object with the same id (the first freed: another length of a study) gets
+  its own value, not the stale one, which had given another arm's numbers."""
+  cache = reproduce.arts_cache()
+  a, b = {"x": 1}, {"x": 2}
+  assert reproduce.cached(cache, a, "v", lambda: a["x"]) == 1
+  assert reproduce.cached(cache, a, "v", lambda: -1) == 1  # computed once
+  cache[(id(b), "v")] = (a, 1)  # what a freed object's entry looks like to b
+  assert reproduce.cached(cache, b, "v", lambda: b["x"]) == 2
 
 
 def test_lr_selection_recipe_and_pick(tmp_path):

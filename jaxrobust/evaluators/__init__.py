@@ -107,6 +107,7 @@ class EvalContext:
                 if getattr(s, "fit", None) is not None}
       self._round[key] = self.predictor(variables, source, fields=fields, perturb=perturb,
                                         perturb_key=perturb_key, scores=scores, fitted=fitted)
+      self._round[("pinned", key)] = (source, scores)  # the objects whose ids are in the key
     return self._round[key]
 
   def fitted(self, state: Any, score: Any) -> Any:

@@ -167,19 +167,40 @@ class Paper:
 
 # --- metrics recomputed from a classification evaluator's saved predictions ------
 
-_PER_EXAMPLE: dict[tuple[int, str], np.ndarray] = {}
+_ARTS_CACHES: list[dict] = []
+
+
+def arts_cache() -> dict:
+  """A cache of values computed from one arm's loaded artifacts, for
+  :func:`cached`; :func:`summarize` empties every such cache when it starts."""
+  cache: dict = {}
+  _ARTS_CACHES.append(cache)
+  return cache
+
+
+def cached(cache: dict, arts: Mapping[str, Any], what: str, compute: Callable[[], Any]) -> Any:
+  """``compute()`` once per artifacts object and ``what``. The entry keeps
+  the object itself and is used only for that object: an id alone can be
+  reused by the artifacts of another arm once the first is freed (another
+  length of a study), which returned that arm's numbers."""
+  entry = cache.get((id(arts), what))
+  if entry is None or entry[0] is not arts:
+    entry = cache[(id(arts), what)] = (arts, compute())
+  return entry[1]
+
+
+_PER_EXAMPLE = arts_cache()
 
 
 def _per_example(arts: Mapping[str, Any], what: str) -> np.ndarray:
   """Per-example correctness or NLL from ``predictions_test`` (cached)."""
-  key = (id(arts), what)
-  if key not in _PER_EXAMPLE:
+  def compute():
     from scipy import special
     p = arts["predictions_test"]
     logp = special.log_softmax(p["logits"].astype(np.float64), axis=1)
-    _PER_EXAMPLE[key] = ((logp.argmax(1) == p["label"]).astype(np.float64) if what == "correct"
-                         else -logp[np.arange(len(p["label"])), p["label"]])
-  return _PER_EXAMPLE[key]
+    return ((logp.argmax(1) == p["label"]).astype(np.float64) if what == "correct"
+            else -logp[np.arange(len(p["label"])), p["label"]])
+  return cached(_PER_EXAMPLE, arts, what, compute)
 
 
 def _by_size(what: str):
@@ -326,7 +347,8 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
         print(f"seed {seed}: {len(copied)} finished stage(s) with the same configs copied, not "
               f"run: {', '.join(copied)}", flush=True)
     stages.run(recipe, os.path.join(workdir, f"seed{seed}"))
-    print(f"seed {seed}: done in {time.time() - t:.0f} s", flush=True)
+    print(f"seed {seed}: {'pre-training ' if pretraining_only else ''}done in "
+          f"{time.time() - t:.0f} s", flush=True)
 
 
 def _results_path(workdir: str, seed: int, arm: str) -> str | None:
@@ -417,6 +439,8 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
   OOD set, :data:`OOD_GROUPS`); claim verdicts, over all sets and per group;
   ceiling effects. ``claims`` (indices): judge only those, the others are
   "not run"."""
+  for cache in _ARTS_CACHES:
+    cache.clear()
   ran = [arm for arm in paper.arms if all(_results_path(workdir, s, arm) for s in seeds)]
   if not ran:
     raise ValueError(f"no arm of {paper.name} has finished in every seed of {workdir} "

@@ -29,7 +29,7 @@ from configs import default
 from configs.recipes import label_noise as label_noise_recipe
 from configs.recipes import pretrain_finetune
 from jaxrobust.methods import adversarial, transfer
-from launch.papers import OOD_GROUP_OF, Claim, Metric, Paper
+from launch.papers import OOD_GROUP_OF, Claim, Metric, Paper, arts_cache, cached
 
 OOD_SETS = ("gaussian", "rademacher", "blobs", "photo")
 QUICK_OOD_SETS = ("gaussian", "photo")
@@ -44,7 +44,7 @@ IMBALANCE_METHODS = {"ce": ("dataset", "shuffle", "CE"),
 NO_OOD = {"ood": {"sets": {}}, "ood_all": {"sets": {}}}
 # Arm-name suffix -> how the arm starts: from scratch or from the glyphs model.
 INITS = {"scratch": "scratch", "pre": "pre-trained"}
-_CACHE: dict[int, dict[str, np.ndarray]] = {}
+_DERIVED = arts_cache()
 
 
 def _tag(kind: str, strength: float) -> str:
@@ -147,21 +147,22 @@ def _sets(arts: Mapping[str, Any]) -> list[str]:
 
 
 def _derived(arts: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  key = id(arts)
-  if key not in _CACHE:
-    p = arts["predictions_test"]
-    z = p["logits"].astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    d = {"correct": (logp.argmax(1) == p["label"]).astype(np.float64),
-         "conf": np.exp(logp.max(1)),
-         "nll": -logp[np.arange(len(p["label"])), p["label"]], "label": p["label"]}
-    for name in ("msp", "energy") if "ood_all_scores_test" in arts else ():
-      d[f"in_{name}"] = arts["ood_all_scores_test"][name]
-      for s in _sets(arts):
-        d[f"{s}_{name}"] = arts[f"ood_all_scores_{s}"][name]
-    _CACHE[key] = d
-  return _CACHE[key]
+  return cached(_DERIVED, arts, "derived", lambda: _derive(arts))
+
+
+def _derive(arts: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  p = arts["predictions_test"]
+  z = p["logits"].astype(np.float64)
+  z = z - z.max(1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+  d = {"correct": (logp.argmax(1) == p["label"]).astype(np.float64),
+       "conf": np.exp(logp.max(1)),
+       "nll": -logp[np.arange(len(p["label"])), p["label"]], "label": p["label"]}
+  for name in ("msp", "energy") if "ood_all_scores_test" in arts else ():
+    d[f"in_{name}"] = arts["ood_all_scores_test"][name]
+    for s in _sets(arts):
+      d[f"{s}_{name}"] = arts[f"ood_all_scores_{s}"][name]
+  return d
 
 
 def _auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
