@@ -28,7 +28,10 @@ artifacts with ``ctx.artifacts.save(name, arrays)``; later stages read them as
 stage's checkpoint is ``'artifact:<stage>/checkpoint'``.
 
 **Restart.** A finished stage writes ``<workdir>/<stage>/DONE.json`` (its
-results) atomically and is skipped when the recipe is run again; an interrupted
+results, and the task, options and merged config it ran with) atomically and
+is skipped when the recipe is run again; a stage recorded with another task,
+options or config is an error naming the keys that differ, before any stage
+runs (its results would not be this config's); an interrupted
 ``train`` stage resumes from its own checkpoint; other tasks run again from the
 start. SIGTERM (:mod:`jaxrobust.preemption`) stops a training stage after its
 current step with a checkpoint, and any other stage when it has finished and
@@ -130,6 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"),
                      json.loads(config.to_json_best_effort()), what="config")
+  for name, (task, options, merged) in plan.items():
+    _check_record(workdir, name, _made(task, options, merged))
   results: dict[str, float] = {}
   with preemption.watching():
     for i, (name, (task, options, merged)) in enumerate(plan.items()):
@@ -151,6 +156,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return results
 
 
+def _made(task: str, options: Mapping[str, Any], merged: ml_collections.ConfigDict
+          ) -> dict[str, Any]:
+  """How a stage is made, as its ``DONE.json`` records it (plain JSON)."""
+  return json.loads(json.dumps({"task": task, "options": options,
+                                "config": json.loads(merged.to_json_best_effort())},
+                               sort_keys=True, default=repr))
+
+
+def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(x, Mapping):
+    return {k: v for key, value in x.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: x}
+
+
+def _check_record(workdir: str, name: str, made: Mapping[str, Any]) -> None:
+  """A finished stage recorded with another task, options or config: one
+  error naming the differing keys (records without ``made`` predate it)."""
+  done = os.path.join(workdir, name, DONE)
+  if not os.path.exists(done):
+    return
+  with open(done, encoding="utf-8") as f:
+    recorded = json.load(f).get("made")
+  if recorded is None or recorded == made:
+    return
+  old, new = _flat(recorded), _flat(made)
+  keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+  shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now"
+                    for k in keys[:5]) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+  raise ValueError(
+      f"config.stages.{name}: {done} records a finished stage made differently ({shown}). "
+      f"A finished stage is skipped, so its results would not be this config's: use a new "
+      f"workdir, or delete {os.path.dirname(done)} to run the stage again.")
+
+
 def _run_stage(workdir: str, names: list[str], name: str, task: str, options: dict,
                merged: ml_collections.ConfigDict) -> dict[str, float]:
   """One stage: skipped when its record exists, else run and recorded."""
@@ -168,7 +207,8 @@ def _run_stage(workdir: str, names: list[str], name: str, task: str, options: di
                      runtime=("ctx",))
     stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
     if jax.process_index() == 0:
-      files.write_json(done, {"task": task, "results": stage_results}, what="stage record")
+      files.write_json(done, {"task": task, "results": stage_results,
+                              "made": _made(task, options, merged)}, what="stage record")
     if jax.process_count() > 1:  # the stage's artifacts, written by process 0, are in place
       multihost_utils.sync_global_devices(f"jaxrobust stage {name} done")
   return stage_results

@@ -161,6 +161,38 @@ def length_dir(workdir: str, length: float | str) -> str:
   return os.path.join(workdir, f"pretrain_{default.pretrain_label(length)}")
 
 
+def checked_length_dir(paper: Paper, workdir: str, length: float | str, quick: bool,
+                       select: bool) -> str:
+  """``pretrain_<length>/``, made once its seeds' rate choice is consistent
+  (:func:`check_lr_choice`: a ValueError otherwise)."""
+  sub = length_dir(workdir, length)
+  tuned = papers.tuned_stages(paper, paper.recipe(0, quick, pretrain=length).stages.to_dict())
+  check_lr_choice(sub, select, tuned)
+  os.makedirs(sub, exist_ok=True)
+  return sub
+
+
+def one_seed_at_length(paper: Paper, workdir: str, sub: str, length: float | str, seed: int,
+                       grid: Sequence[float], claims: Sequence[int] | None, quick: bool,
+                       select: bool, reuse: Sequence[str] = ()) -> bool:
+  """``--only_seed k --pretrain L`` in ``sub`` (:func:`checked_length_dir`):
+  seed 0 chooses the length's rate (when ``select``) and runs; another seed
+  waits for no one: before the rate is chosen it runs its pre-training (which
+  no rate reaches) and returns False, to be run again once seed 0's process
+  has written the choice. True when the seed's recipe ran."""
+  others = other_length_dirs(workdir, length) + list(reuse)
+  lr = None
+  if select:
+    if seed != 0 and not os.path.exists(os.path.join(sub, LR_FILE)):
+      papers.run_seeds(paper, sub, [seed], quick, pretrain=length, claims=claims,
+                       reuse_from=others, pretraining_only=True)
+      return False
+    lr = select_lr(paper, sub, length, grid, quick)["finetune_lr"]
+  papers.run_seeds(paper, sub, [seed], quick, pretrain=length, finetune_lr=lr,
+                   claims=claims, reuse_from=others)
+  return True
+
+
 def other_length_dirs(workdir: str, length: float | str) -> list[str]:
   """The study's other ``pretrain_<length>/`` directories in ``workdir``
   (lengths run in this command or by another process)."""

@@ -28,7 +28,6 @@ hyperparameters come from the recipes, chosen on validation splits.
 
 import os
 import sys
-from typing import Sequence
 
 from absl import app, flags
 
@@ -122,8 +121,15 @@ def _reproduce(argv):
       papers.run_seeds(paper, workdir, [_ONLY_SEED.value], _QUICK.value, claims=claims,
                        reuse_from=reuse)
     else:
-      _one_seed_at_length(paper, workdir, lengths[0], _ONLY_SEED.value, grid, claims,
-                          _QUICK.value, _SELECT_LR.value, reuse)
+      sub = _length_dir(paper, workdir, lengths[0], _QUICK.value, _SELECT_LR.value)
+      if not pretrain_study.one_seed_at_length(paper, workdir, sub, lengths[0], _ONLY_SEED.value,
+                                               grid, claims, _QUICK.value, _SELECT_LR.value,
+                                               reuse):
+        sys.stderr.write(
+            f"seed {_ONLY_SEED.value}: pre-training done; the fine-tuning rate of this length is "
+            f"not chosen yet ({os.path.join(sub, pretrain_study.LR_FILE)}: the --only_seed 0 "
+            "process chooses it). Run this command again once it exists.\n")
+        sys.exit(75)  # EX_TEMPFAIL: not done, nothing wrong
     print(f"seed {_ONLY_SEED.value} done; when every seed is, write the "
           f"{'report' if lengths is None else 'study'} with: python -m "
           f"launch.reproduce {paper.name} --workdir {_WORKDIR.value} --report_only"
@@ -168,41 +174,11 @@ def _reproduce(argv):
 
 
 def _length_dir(paper, workdir: str, length: float | str, quick: bool, select: bool) -> str:
-  """``pretrain_<length>/``, made once its seeds' rate choice is consistent."""
-  from launch import papers, pretrain_study
-  sub = pretrain_study.length_dir(workdir, length)
-  tuned = papers.tuned_stages(paper, paper.recipe(0, quick, pretrain=length).stages.to_dict())
+  from launch import pretrain_study
   try:
-    pretrain_study.check_lr_choice(sub, select, tuned)
+    return pretrain_study.checked_length_dir(paper, workdir, length, quick, select)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  os.makedirs(sub, exist_ok=True)
-  return sub
-
-
-def _one_seed_at_length(paper, workdir: str, length: float | str, seed: int,
-                        grid: Sequence[float], claims: Sequence[int] | None, quick: bool,
-                        select: bool, reuse: Sequence[str] = ()) -> None:
-  """``--only_seed k --pretrain L``: seed 0 chooses the length's rate (when
-  ``--select_lr``) and runs; another seed waits for no one: before the rate
-  is chosen it runs its pre-training (which no rate reaches) and exits 75,
-  to be run again once seed 0's process has written the choice."""
-  from launch import papers, pretrain_study
-  sub = _length_dir(paper, workdir, length, quick, select)
-  others = pretrain_study.other_length_dirs(workdir, length) + list(reuse)
-  lr = None
-  if select:
-    if seed != 0 and not os.path.exists(os.path.join(sub, pretrain_study.LR_FILE)):
-      papers.run_seeds(paper, sub, [seed], quick, pretrain=length, claims=claims,
-                       reuse_from=others, pretraining_only=True)
-      sys.stderr.write(
-          f"seed {seed}: pre-training done; the fine-tuning rate of this length is not chosen "
-          f"yet ({os.path.join(sub, pretrain_study.LR_FILE)}: the --only_seed 0 process chooses "
-          "it). Run this command again once it exists.\n")
-      sys.exit(75)  # EX_TEMPFAIL: not done, nothing wrong
-    lr = pretrain_study.select_lr(paper, sub, length, grid, quick)["finetune_lr"]
-  papers.run_seeds(paper, sub, [seed], quick, pretrain=length, finetune_lr=lr,
-                   claims=claims, reuse_from=others)
 
 
 if __name__ == "__main__":

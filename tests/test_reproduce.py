@@ -409,8 +409,8 @@ def test_seed0_copies_the_rate_selections_pretraining(monkeypatch, tmp_path):
     json.dump({"results": {}}, open(sub / pretrain_study.SELECT_DIR / name / "DONE.json", "w"))
   open(sub / pretrain_study.SELECT_DIR / "config.json", "w").write(sel.to_json_best_effort())
   monkeypatch.setattr(stages, "run", lambda c, workdir: None)
-  reproduce.run_seeds(paper, str(sub), [0, 1], quick=False, pretrain=8, finetune_lr=0.3,
-                      reuse_from=[str(tmp_path / "pretrain_16")])
+  # One length alone: no other run to reuse from, the selection is still there.
+  reproduce.run_seeds(paper, str(sub), [0, 1], quick=False, pretrain=8, finetune_lr=0.3)
   assert sorted(os.listdir(sub / "seed0")) == ["pretrain_sup"]
   assert not os.path.exists(sub / "seed1")
   assert pretrain_study.reuse_stages(paper.recipe(0, False, pretrain=16), str(tmp_path / "x"),
@@ -534,7 +534,6 @@ def test_only_seed_at_one_pretraining_length(monkeypatch, tmp_path):
   (to be run again), and its pre-training does not count as a seed that
   ran without the chosen rate; after the choice it runs with it."""
   from launch import pretrain_study
-  from launch import reproduce as cli
   calls = []
   monkeypatch.setattr(reproduce, "run_seeds",
                       lambda paper, sub, seeds, quick, **kw: calls.append((seeds, kw)))
@@ -545,20 +544,23 @@ def test_only_seed_at_one_pretraining_length(monkeypatch, tmp_path):
   monkeypatch.setattr(pretrain_study, "select_lr", select)
   paper = reproduce.load_paper("zoph2020")
   w = str(tmp_path)
-  with pytest.raises(SystemExit) as e:
-    cli._one_seed_at_length(paper, w, 8.0, 1, (0.1, 0.3), None, False, True)
-  assert e.value.code == 75
+
+  def one_seed(length, seed):
+    sub = pretrain_study.checked_length_dir(paper, w, length, False, True)
+    return pretrain_study.one_seed_at_length(paper, w, sub, length, seed, (0.1, 0.3), None,
+                                             False, True)
+  assert one_seed(8.0, 1) is False  # the CLI exits 75
   assert calls[-1] == ([1], {"pretrain": 8.0, "claims": None, "reuse_from": [],
                              "pretraining_only": True})
   os.makedirs(tmp_path / "pretrain_8" / "seed1" / "pretrain_sup")  # what seed 1 ran
-  cli._one_seed_at_length(paper, w, 8.0, 0, (0.1, 0.3), None, False, True)
+  assert one_seed(8.0, 0) is True
   assert calls[-1][0] == [0] and calls[-1][1]["finetune_lr"] == 0.3
-  cli._one_seed_at_length(paper, w, 8.0, 1, (0.1, 0.3), None, False, True)
+  assert one_seed(8.0, 1) is True
   assert calls[-1][0] == [1] and calls[-1][1]["finetune_lr"] == 0.3
   # A seed that ran a tuned arm without the choice blocks selecting one.
   os.makedirs(tmp_path / "pretrain_16" / "seed1" / "sup_s4")
-  with pytest.raises(Exception, match="ran with the recipes' fine-tuning rates"):
-    cli._one_seed_at_length(paper, w, 16.0, 0, (0.1, 0.3), None, False, True)
+  with pytest.raises(ValueError, match="ran with the recipes' fine-tuning rates"):
+    one_seed(16.0, 0)
 
 
 def test_artifact_caches_never_answer_for_another_object():

@@ -103,6 +103,37 @@ def test_finished_stages_are_skipped_on_restart(tmp_path, data_dir):
   assert stamps == {s: os.path.getmtime(tmp_path / s / stages.DONE) for s in ("a", "b")}
 
 
+def test_a_finished_stage_made_differently_is_an_error_not_skipped(tmp_path, data_dir):
+  """Skipping a finished stage whose record was made by another config would
+  report that config's numbers as this one's: one error naming the stage and
+  the differing keys, before any stage runs."""
+  c = _tiny(data_dir)
+  c.stages = {"a": {"task": "train"},
+              "b": {"task": "predict", "after": ("a",), "checkpoint": "artifact:a/checkpoint",
+                    "split": "test"}}
+  stages.run(c, str(tmp_path))
+  record = json.load(open(tmp_path / "b" / stages.DONE))
+  assert record["made"]["options"]["split"] == "test"
+  assert record["made"]["config"]["optimizer"]["learning_rate"] == c.optimizer.learning_rate
+  changed = _tiny(data_dir)
+  changed.stages = {"a": {"task": "train", "config": {"optimizer": {"learning_rate": 0.5}}},
+                    "b": {"task": "predict", "after": ("a",),
+                          "checkpoint": "artifact:a/checkpoint", "split": "validation"}}
+  stamp = os.path.getmtime(tmp_path / "b" / stages.DONE)
+  with _no_compilation(), pytest.raises(ValueError, match=r"config\.stages\.a: .*"
+                                        r"config\.optimizer\.learning_rate.*0\.5 now.*new workdir"):
+    stages.run(changed, str(tmp_path))
+  assert os.path.getmtime(tmp_path / "b" / stages.DONE) == stamp
+  del changed.stages.a.config  # only b's option differs now
+  with pytest.raises(ValueError, match=r"config\.stages\.b: .*options\.split: 'test' there, "
+                                       r"'validation' now"):
+    stages.run(changed, str(tmp_path))
+  # A record from before the stage's recipe was recorded is trusted, as before.
+  json.dump({"task": record["task"], "results": record["results"]},
+            open(tmp_path / "b" / stages.DONE, "w"))
+  assert stages.run(changed, str(tmp_path))["b/predictions/num_examples"] > 0
+
+
 def _no_compilation():
   return mock.patch.object(step_lib, "make_train_step",
                            side_effect=AssertionError("compiled before the error"))
@@ -145,7 +176,7 @@ def test_missing_artifact_and_wrong_matrix_shape_fail_before_the_stage_compiles(
       finally:
         # base trained (one step, traced once); corrected failed before building one.
         assert [n for _, n in made] == [1]
-  c = _recipe(data_dir)
+  c = _recipe(data_dir, matrix_size=3)  # the finished stages as they were made
   c.stages.corrected.config.constants = {"C": "artifact:matrix/D"}
   with pytest.raises(artifacts_lib.ArtifactError,
                      match=r"config.constants.C: 'artifact:matrix/D': stage 'matrix' has no "

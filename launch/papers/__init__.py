@@ -337,8 +337,8 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
         keep = stages_needed(every, {n for n in keep if any(
             fnmatch.fnmatchcase(n, p) for p in paper.pretrain_stages)})
       recipe.stages = {n: s for n, s in every.items() if n in keep}
-    if reuse_from:
-      from launch import pretrain_study
+    if pretrain is not None or reuse_from:
+      from launch import pretrain_study  # the length's rate selection ran seed 0's pre-training
       copied = pretrain_study.reuse_stages(
           recipe, os.path.join(workdir, f"seed{seed}"),
           [os.path.join(workdir, pretrain_study.SELECT_DIR)]
