@@ -57,6 +57,7 @@ import ml_collections
 
 from jaxrobust import artifacts as artifacts_lib
 from jaxrobust import config as config_lib
+from jaxrobust import distributed
 from jaxrobust import files
 from jaxrobust import preemption
 from jaxrobust import trainer
@@ -133,13 +134,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"),
                      json.loads(config.to_json_best_effort()), what="config")
-  for name, (task, options, merged) in plan.items():
-    _check_record(workdir, name, _made(task, options, merged))
+  made = {name: _made(task, options, merged) for name, (task, options, merged) in plan.items()}
+  for name in plan:
+    _check_record(workdir, name, made[name])
   results: dict[str, float] = {}
   with preemption.watching():
     for i, (name, (task, options, merged)) in enumerate(plan.items()):
-      results.update({f"{name}/{k}": v for k, v in _run_stage(workdir, names, name, task, options,
-                                                               merged).items()})
+      results.update({f"{name}/{k}": v for k, v in _run_stage(
+          workdir, names, name, task, options, merged, made[name]).items()})
       # One process stops between stages on SIGTERM; several stop together
       # inside the next stage's loop (the trainer's sync point).
       if preemption.requested() and i + 1 < len(names) and jax.process_count() == 1:
@@ -164,12 +166,6 @@ def _made(task: str, options: Mapping[str, Any], merged: ml_collections.ConfigDi
                                sort_keys=True, default=repr))
 
 
-def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(x, Mapping):
-    return {k: v for key, value in x.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: x}
-
-
 def _check_record(workdir: str, name: str, made: Mapping[str, Any]) -> None:
   """A finished stage recorded with another task, options or config: one
   error naming the differing keys (records without ``made`` predate it)."""
@@ -180,10 +176,9 @@ def _check_record(workdir: str, name: str, made: Mapping[str, Any]) -> None:
     recorded = json.load(f).get("made")
   if recorded is None or recorded == made:
     return
-  old, new = _flat(recorded), _flat(made)
-  keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
-  shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now"
-                    for k in keys[:5]) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+  diffs = distributed.config_differences(recorded, made)
+  shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in diffs[:5]) + (
+      f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
   raise ValueError(
       f"config.stages.{name}: {done} records a finished stage made differently ({shown}). "
       f"A finished stage is skipped, so its results would not be this config's: use a new "
@@ -191,7 +186,7 @@ def _check_record(workdir: str, name: str, made: Mapping[str, Any]) -> None:
 
 
 def _run_stage(workdir: str, names: list[str], name: str, task: str, options: dict,
-               merged: ml_collections.ConfigDict) -> dict[str, float]:
+               merged: ml_collections.ConfigDict, made: Mapping[str, Any]) -> dict[str, float]:
   """One stage: skipped when its record exists, else run and recorded."""
   stage_dir = os.path.join(workdir, name)
   done = os.path.join(stage_dir, DONE)
@@ -208,7 +203,7 @@ def _run_stage(workdir: str, names: list[str], name: str, task: str, options: di
     stage_results = {k: float(v) for k, v in (fn(ctx) or {}).items()}
     if jax.process_index() == 0:
       files.write_json(done, {"task": task, "results": stage_results,
-                              "made": _made(task, options, merged)}, what="stage record")
+                              "made": made}, what="stage record")
     if jax.process_count() > 1:  # the stage's artifacts, written by process 0, are in place
       multihost_utils.sync_global_devices(f"jaxrobust stage {name} done")
   return stage_results

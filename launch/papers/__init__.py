@@ -326,9 +326,9 @@ def run_seeds(paper: Paper, workdir: str, seeds: Sequence[int], quick: bool,
     recipe = (paper.recipe(seed, quick) if pretrain is None
               else paper.recipe(seed, quick, pretrain=pretrain))
     if finetune_lr is not None:
-      tuned_stages(paper, recipe.stages.to_dict())
-      recipe.stages = default.with_finetune_lr(
-          recipe.stages.to_dict(), finetune_lr, paper.pretrain_stages, paper.tuned_arms or ("*",))
+      every = recipe.stages.to_dict()
+      recipe.stages = default.with_finetune_lr(every, finetune_lr, paper.pretrain_stages,
+                                               tuned_stages(paper, every))
     if claims is not None or pretraining_only:
       import fnmatch
       every = recipe.stages.to_dict()
