@@ -496,7 +496,6 @@ def test_chosen_rate_reaches_only_the_papers_tuned_arms(monkeypatch, tmp_path):
 @pytest.mark.parametrize("tuned, match", [(("sup_s9",), "names no stage fine-tuning"),
                                           (("sup_s4",), "tune_arm 'sup_s1' is not among")])
 def test_tuned_arms_are_checked(tuned, match):
-  import dataclasses
   paper = dataclasses.replace(reproduce.load_paper("zoph2020"), tuned_arms=tuned)
   with pytest.raises(ValueError, match=match):
     reproduce.tuned_stages(paper, paper.recipe(0, False).stages.to_dict())
