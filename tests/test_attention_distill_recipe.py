@@ -30,6 +30,9 @@ def test_plan_arms_factors_and_low_resolution_evaluation():
   _, _, alone = plan["student_2"]
   assert "teacher" not in alone.modules and set(alone.losses) == {"cross_entropy"}
   assert plan["teacher"][2].evaluators.classification.pp == ""
+  # No stage scores OOD sets (A-SKD reports none), the teacher included: its
+  # evaluators come from the base config, where {"sets": {}} must not merge away.
+  assert all(not cfg.evaluators.ood.sets for _, _, cfg in plan.values())
   assert set(stages.stage_configs(recipe.get_config("mode=askd,factors=4"))) == {
       "teacher", "askd_4"}
 

@@ -198,10 +198,11 @@ def get_config(arg=None):
     c.progress_bar = False
     num_pairs = min(num_pairs, 200)
   for key, ev in evaluators(verify, 1, num_pairs).items():
-    if key in c.evaluators:
-      c.evaluators[key].update(ev)
-    else:
+    if key not in c.evaluators:
       c.evaluators[key] = ev
+      continue
+    for field, value in ev.items():  # assigned, not merged: "sets": {} must empty the OOD sets
+      c.evaluators[key][field] = value
   model = {"name": c.model.name, "kwargs": dict(c.model.kwargs),
            "heads": dict(c.model.heads)}
   teacher_modules = attention_distill.student_modules("artifact:teacher/checkpoint", model)
