@@ -64,7 +64,7 @@ take 0.9, the decay of the network's other BatchNorms), ``batch_size`` (128), ``
 import dataclasses
 
 from configs import default
-from jaxrobust.config import base_config, parse_arg
+from jaxrobust.config import base_config, merge, parse_arg
 from jaxrobust.methods import attention_distill
 
 VARIANTS = ("embedded", "digits", "face")
@@ -197,12 +197,7 @@ def get_config(arg=None):
     c.plots = False
     c.progress_bar = False
     num_pairs = min(num_pairs, 200)
-  for key, ev in evaluators(verify, 1, num_pairs).items():
-    if key not in c.evaluators:
-      c.evaluators[key] = ev
-      continue
-    for field, value in ev.items():  # assigned, not merged: "sets": {} must empty the OOD sets
-      c.evaluators[key][field] = value
+  c = merge(c, {"evaluators": evaluators(verify, 1, num_pairs)}, "config")
   model = {"name": c.model.name, "kwargs": dict(c.model.kwargs),
            "heads": dict(c.model.heads)}
   teacher_modules = attention_distill.student_modules("artifact:teacher/checkpoint", model)
