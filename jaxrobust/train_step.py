@@ -372,5 +372,19 @@ def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device]) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a pmap-replicated pytree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first device's copy of a pmap-replicated pytree.
+
+  Waits for the steps that produce ``tree``, then reads each leaf's first
+  local shard: indexing (``x[0]``) would queue one program over every device
+  per leaf behind the steps still in flight, and XLA:CPU with forced host
+  devices (jax 0.10.2) aborts in its all-reduce rendezvous when many programs
+  queue so (seen once, a test worker aborting here on a loaded machine; see
+  :func:`jaxrobust.trainer.train_and_evaluate`)."""
+  def first(x):
+    if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.ndim
+        and len(x.addressable_shards) > 1):
+      shard = min(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+      everywhere = NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+      return jax.device_put(shard.data.reshape(x.shape[1:]), everywhere)
+    return x[0]
+  return jax.tree.map(first, jax.block_until_ready(tree))
