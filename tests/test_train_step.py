@@ -155,6 +155,25 @@ def test_pmap_equals_single_device():
   _assert_close(step_lib.unreplicate(state), reference)
 
 
+def test_unreplicate_takes_the_first_copy_and_places_it_on_every_device():
+  devices = jax.local_devices()
+  # Copies that differ, on a mesh whose device order is reversed: the first
+  # copy is the one at index 0 of the device axis, not the first device's shard.
+  stacked = {"w": np.arange(8 * 6, dtype=np.float32).reshape(8, 2, 3),
+             "step": np.arange(8, dtype=np.int32)}
+  reversed_axis = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(devices[::-1]), ("batch",)), jax.sharding.PartitionSpec("batch"))
+  tree = jax.device_put(stacked, reversed_axis)
+  out = step_lib.unreplicate(tree)
+  np.testing.assert_array_equal(out["w"], stacked["w"][0])
+  assert out["step"].shape == () and int(out["step"]) == 0
+  for leaf in jax.tree.leaves(out):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(devices)
+  # What the pmap path hands the evaluators: usable with arrays sharded over the devices.
+  batch = jax.device_put(np.ones((8, 3), np.float32), reversed_axis)
+  np.testing.assert_allclose(jax.jit(lambda w, b: b @ w[0])(out["w"], batch), np.full(8, 3.0))
+
+
 def test_step_metrics_are_reported():
   _, steps = _single_device()
   first = steps[0]
