@@ -62,6 +62,7 @@ from jax.sharding import NamedSharding
 from jaxrobust import attacks
 from jaxrobust import generated as generated_lib
 from jaxrobust import losses as losses_lib
+from jaxrobust import sharding as sharding_lib
 from jaxrobust.data import pp as pp_lib
 from jaxrobust.modules import Module, split_trainable, unflat
 from jaxrobust.train_state import ModuleState, TrainState
@@ -372,10 +373,11 @@ def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device]) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a pmap-replicated pytree.
+  """The copy at index 0 of the device axis of a pmap-replicated pytree,
+  placed on every device of its mesh.
 
-  Waits for the steps that produce ``tree``, then reads each leaf's first
-  local shard: indexing (``x[0]``) would queue one program over every device
+  Waits for the steps that produce ``tree``, then reads each leaf's shard at
+  index 0: indexing (``x[0]``) would queue one program over every device
   per leaf behind the steps still in flight, and XLA:CPU with forced host
   devices (jax 0.10.2) aborts in its all-reduce rendezvous when many programs
   queue so (seen once, a test worker aborting here on a loaded machine; see
@@ -384,7 +386,7 @@ def unreplicate(tree: Any) -> Any:
     if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.ndim
         and len(x.addressable_shards) > 1):
       shard = min(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-      everywhere = NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
-      return jax.device_put(shard.data.reshape(x.shape[1:]), everywhere)
+      return jax.device_put(shard.data.reshape(x.shape[1:]),
+                            sharding_lib.replicated(x.sharding.mesh))
     return x[0]
   return jax.tree.map(first, jax.block_until_ready(tree))
