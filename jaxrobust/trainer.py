@@ -123,7 +123,9 @@ def initial_state(run: Run, checkpointer: ckpt_lib.Checkpointer
     return state, step
   loss_stats = sorted(run.abstract.loss_stats)
   state = jax.jit(lambda r: state_lib.create_state(run.modules, r, loss_stats),
-                  out_shardings=run.state_shardings)(jax.random.PRNGKey(run.config.seed))
+                  out_shardings=run.state_shardings,
+                  compiler_options=state_lib.init_compiler_options(run.mesh)
+                  )(jax.random.PRNGKey(run.config.seed))
   for name in run.modules:
     state = _init_from(run, name, state)
   return state, 0
