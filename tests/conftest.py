@@ -16,8 +16,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # of the run (pytest_sessionfinish), so every run starts cold, as CI does.
 # xdist workers inherit the controller's environment, hence its run id.
 os.environ.setdefault("JAXROBUST_TEST_RUN", str(os.getpid()))
-JAX_CACHE = os.path.join(tempfile.gettempdir(),
-                         f"jaxrobust-tests-xla-cache-{os.environ['JAXROBUST_TEST_RUN']}")
+# The run's temporary files go under one directory of its own, also removed
+# at the end: tfds makes an empty temporary directory (and never removes it)
+# every time it builds a builder for a dataset not prepared in its data_dir,
+# which the tests do hundreds of times. pytest's own tmp_path directories stay
+# where pytest keeps (and prunes) them.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+RUN_TMP = os.environ.setdefault(
+    "JAXROBUST_TEST_TMP", os.path.join(tempfile.gettempdir(),
+                                       f"jaxrobust-tests-{os.environ['JAXROBUST_TEST_RUN']}"))
+os.makedirs(RUN_TMP, exist_ok=True)
+os.environ["TMPDIR"] = tempfile.tempdir = RUN_TMP
+JAX_CACHE = os.path.join(RUN_TMP, "xla-cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
@@ -34,7 +44,8 @@ def data_dir(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  """The controller (not an xdist worker) removes the run's compilation cache."""
+  """The controller (not an xdist worker) removes the run's temporary
+  directory and compilation cache."""
   del exitstatus
   if not hasattr(session.config, "workerinput"):
-    shutil.rmtree(JAX_CACHE, ignore_errors=True)
+    shutil.rmtree(RUN_TMP, ignore_errors=True)
