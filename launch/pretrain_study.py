@@ -296,7 +296,8 @@ def study(paper: Paper, summaries: Mapping[str, Mapping[str, Any]],
     for label in labels:
       entry = summaries[label]["claims"][i]
       per[label] = {k: entry[k] for k in ("verdict", "difference", "seed_ci95", "test_ci95",
-                                          "seeds_in_direction", "per_seed") if k in entry}
+                                          "seeds_in_direction", "per_seed", "unfinished")
+                    if k in entry}
     ran = [v["verdict"] for v in per.values() if v["verdict"] != "not run"]
     claims.append({"claim": c.text, "metric": c.metric, "better": c.better, "worse": c.worse,
                    "lengths": per, "verdicts_agree": len(set(ran)) <= 1 if ran else None})
@@ -326,7 +327,8 @@ def _lr_line(paper: Paper, labels: Sequence[str], lrs: Mapping[str, Any]) -> str
 
 def _cell(entry: Mapping[str, Any]) -> str:
   if entry["verdict"] == "not run":
-    return "not run"
+    return f"unfinished ({', '.join(entry['unfinished'])})" if entry.get("unfinished") \
+        else "not run"
   s = f"**{entry['verdict']}** {entry['difference']:+.4f}"
   if "seed_ci95" in entry:
     s += f" [{entry['seed_ci95'][0]:+.4f}, {entry['seed_ci95'][1]:+.4f}]"
@@ -349,7 +351,8 @@ def write_study(paper: Paper, result: Mapping[str, Any], workdir: str,
   no row); ``quick``, ``seeds``: its mode and seeds (shown with its command)."""
   labels = result["lengths"]
   rows = [c for c in result["claims"]
-          if any(c["lengths"][lab]["verdict"] != "not run" for lab in labels)]
+          if any(c["lengths"][lab]["verdict"] != "not run" or c["lengths"][lab].get("unfinished")
+                 for lab in labels)]
   rule = result["stopping_rule"]
   head = [f"pre-training {lab} epochs" if lab != default.PLATEAU else "until plateau"
           for lab in labels]

@@ -171,6 +171,36 @@ def test_arms_a_mode_does_not_run_are_left_out_and_their_claims_not_run(tmp_path
   assert "**not run** — extra beats bad" in text and "| **extra**" not in text
 
 
+def test_arms_of_an_unfinished_run_are_named_not_taken_for_a_mode_that_skips_them(tmp_path):
+  """A report of a run still going (or interrupted): an arm in a seed's
+  recipe without results is "unfinished" in the report, its claims and the
+  pre-training study's cell -- not "not part of this run (quick mode)"."""
+  from launch import pretrain_study
+  _write_runs(tmp_path, 0.9, 0.6)
+  paper = _paper((reproduce.Claim("good beats bad", "test/accuracy", "good", "bad"),
+                  reproduce.Claim("late beats bad", "test/accuracy", "late", "bad"),
+                  reproduce.Claim("skipped beats bad", "test/accuracy", "skipped", "bad")))
+  paper = reproduce.dataclasses.replace(
+      paper, arms={**paper.arms, "late": "still running", "skipped": "not in this mode"})
+  for s in range(3):
+    json.dump({"stages": {"good": {}, "bad": {}, "late": {}}},
+              open(tmp_path / f"seed{s}" / "config.json", "w"))
+  os.makedirs(tmp_path / "seed1" / "late")
+  json.dump({"test/accuracy": 0.99}, open(tmp_path / "seed1" / "late" / "results.json", "w"))
+  assert reproduce.unfinished_arms(paper, str(tmp_path), [0, 1, 2]) == {"late": [0, 2]}
+  summary = reproduce.summarize(paper, str(tmp_path), [0, 1, 2])
+  assert [c["verdict"] for c in summary["claims"]] == ["holds", "not run", "not run"]
+  assert summary["claims"][1]["unfinished"] == ["late"] and "unfinished" not in summary["claims"][2]
+  text = reproduce.write_report(paper, summary, str(tmp_path), quick=False)
+  assert "**Incomplete run:** late (seeds 0, 2) has not finished" in text
+  assert "2. **not run** — late beats bad: late has not finished in every seed" in text
+  assert "3. **not run** — skipped beats bad: skipped or bad is not part of this run" in text
+  study = pretrain_study.write_study(paper, pretrain_study.study(paper, {"8": summary}),
+                                     str(tmp_path))
+  assert "| late beats bad (`late` vs `bad`) | unfinished (late) |" in study
+  assert "skipped beats bad" not in study
+
+
 def test_claims_select_by_number_or_text_and_name_the_claims_otherwise():
   paper = reproduce.load_paper("hendrycks2019")
   assert reproduce.select_claims(paper, "calibration, OOD") == [0, 1, 2, 3]

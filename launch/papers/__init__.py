@@ -17,7 +17,9 @@ It **holds** when the mean difference is in the claimed direction and every
 interval excludes 0, is **inconclusive** when the direction is right but an
 interval includes 0, and **does not hold** when the mean difference goes the
 other way. Arms that a mode does not run (``--quick`` runs fewer) are left out
-of the tables, and their claims are marked **not run**.
+of the tables, and their claims are marked **not run**; so are the arms of a
+run not yet finished (a report of a run still going), which the report names
+(:func:`unfinished_arms`: in a seed's recipe, without results).
 """
 
 from __future__ import annotations
@@ -361,6 +363,26 @@ def _results_path(workdir: str, seed: int, arm: str) -> str | None:
   return None
 
 
+def _recipe_stages(workdir: str, seed: int) -> set[str]:
+  """The stage names of the recipe a seed's run was started with (its
+  ``config.json``), empty when it has not started."""
+  path = os.path.join(workdir, f"seed{seed}", "config.json")
+  if not os.path.exists(path):
+    return set()
+  with open(path, encoding="utf-8") as f:
+    return set(json.load(f).get("stages") or ())
+
+
+def unfinished_arms(paper: Paper, workdir: str, seeds: Sequence[int]) -> dict[str, list[int]]:
+  """Arms whose stage is in a seed's recipe but has no results there yet (an
+  interrupted or still running reproduction) -> those seeds. Arms a mode does
+  not run (``--quick``, ``--claims``) are not in the recipe, hence not here."""
+  stages = {s: _recipe_stages(workdir, s) for s in seeds}
+  out = {arm: [s for s in seeds if arm in stages[s] and not _results_path(workdir, s, arm)]
+         for arm in paper.arms}
+  return {arm: missing for arm, missing in out.items() if missing}
+
+
 def _load_arm(workdir: str, seed: int, arm: str) -> tuple[dict[str, float], dict[str, Any]]:
   stage = os.path.join(workdir, f"seed{seed}", arm)
   path = _results_path(workdir, seed, arm)
@@ -469,15 +491,22 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
         boot[(arm, m.key)] = dist
         row["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
       table[arm][m.key] = row
+  unfinished = unfinished_arms(paper, workdir, seeds)
   judged_claims = []
   for i, c in enumerate(paper.claims):
     sign = 1.0 if metrics[c.metric].higher_is_better else -1.0
     head = {"claim": c.text, "source": c.source, "metric": c.metric, "better": c.better,
             "worse": c.worse}
     arms = {a for _, a, _ in c.side("better") + c.side("worse")}
-    # An arm this mode does not run (quick), or a claim --claims leaves out.
-    if any(a not in table for a in arms) or (claims is not None and i not in claims):
+    # A claim --claims leaves out, an arm this mode does not run (quick), or
+    # one that has not finished in every seed (the run is incomplete).
+    if claims is not None and i not in claims:
       judged_claims.append({**head, "verdict": "not run"})
+      continue
+    if any(a not in table for a in arms):
+      waiting = sorted(a for a in arms if a not in table and a in unfinished)
+      judged_claims.append({**head, "verdict": "not run",
+                            **({"unfinished": waiting} if waiting else {})})
       continue
     judged = _judge(c, sign, table, boot)
     if judged is None:  # an arm ran but did not report the metric
@@ -491,6 +520,7 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
     judged_claims.append(entry)
   summary = {"paper": paper.name, "title": paper.title, "seeds": list(seeds), "table": table,
              "claims": judged_claims, "bootstrap_rounds": bootstrap if rounds else 0,
+             "unfinished": unfinished,
              "ood_groups": {g: list(sets) for g, (_, sets) in OOD_GROUPS.items()}}
   summary["ceilings"] = ceiling_notes(paper, summary)
   return summary
@@ -515,8 +545,15 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
            + f"`: {len(summary['seeds'])} seeds "
            f"({', '.join(map(str, summary['seeds']))})" + (" — **quick mode: reduced training, "
                                                             "not the reference numbers**" if quick
-                                                            else "") + ".", "",
-           "## Protocol", "", paper.protocol, "",
+                                                            else "") + ".", ""]
+  if summary.get("unfinished"):
+    lines += ["**Incomplete run:** " + "; ".join(
+        f"{arm} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        for arm, seeds in summary["unfinished"].items())
+        + " ha" + ("ve" if len(summary["unfinished"]) > 1 else "s") + " not finished, so "
+        "their rows and the claims that need them are missing from this report; the same "
+        "command resumes the run.", ""]
+  lines += ["## Protocol", "", paper.protocol, "",
            "## Results", "",
            "Mean ± std over seeds (training randomness)" + (
                ", then in brackets the 95% interval of the seed mean over test examples "
@@ -552,7 +589,9 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
   for n, c in enumerate(summary["claims"], 1):  # numbered as --claims takes them
     if c["verdict"] == "not run":
       lines.append(f"{n}. **not run** — {c['claim']}: " + (
-          "not among this run's --claims." if claims else
+          "not among this run's --claims." if claims and not c.get("unfinished") else
+          f"{' and '.join(c['unfinished'])} ha{'ve' if len(c['unfinished']) > 1 else 's'} not "
+          "finished in every seed (incomplete run)." if c.get("unfinished") else
           f"{c['better']} or {c['worse']} is not part of this run (quick mode)."))
       continue
     ci = ""
