@@ -504,7 +504,7 @@ def summarize(paper: Paper, workdir: str, seeds: Sequence[int], *,
       judged_claims.append({**head, "verdict": "not run"})
       continue
     if any(a not in table for a in arms):
-      waiting = sorted(a for a in arms if a not in table and a in unfinished)
+      waiting = sorted(arms & unfinished.keys())  # an unfinished arm is never in the table
       judged_claims.append({**head, "verdict": "not run",
                             **({"unfinished": waiting} if waiting else {})})
       continue
@@ -589,9 +589,9 @@ def write_report(paper: Paper, summary: Mapping[str, Any], workdir: str, quick: 
   for n, c in enumerate(summary["claims"], 1):  # numbered as --claims takes them
     if c["verdict"] == "not run":
       lines.append(f"{n}. **not run** — {c['claim']}: " + (
-          "not among this run's --claims." if claims and not c.get("unfinished") else
           f"{' and '.join(c['unfinished'])} ha{'ve' if len(c['unfinished']) > 1 else 's'} not "
           "finished in every seed (incomplete run)." if c.get("unfinished") else
+          "not among this run's --claims." if claims else
           f"{c['better']} or {c['worse']} is not part of this run (quick mode)."))
       continue
     ci = ""
